@@ -1,0 +1,30 @@
+# Every target installs what it needs on a fresh clone: `make demo`, `make test`, `make bench`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.router-tune-installed
+
+.PHONY: setup test test-slow demo bench clean
+
+setup: $(STAMP)
+
+# torch first, and only if missing: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+demo: $(STAMP)
+	PATH=$(VENV)/bin:$$PATH bash scripts/demo.sh
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py --out bench
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache

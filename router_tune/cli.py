@@ -1,0 +1,55 @@
+"""The `router-tune` command line: one sub-command per step of the router-tuning workflow.
+
+    router-tune inspect MODEL          what is in a MoE checkpoint, are its routers sane
+    router-tune train RECIPE.yaml      train only the routers (also under `accelerate launch -m router_tune`)
+    router-tune eval MODEL             held-out perplexity and routing report
+    router-tune export RUN --out DIR   a verified model, router-only delta or PEFT adapter
+    router-tune apply SOURCE ROUTERS   splice a router-only delta into a copy of its source
+
+Each sub-command lives in its own module, imported only when chosen so that `--help`
+stays fast; the module provides `add_arguments(parser)` and `run(args) -> int`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from router_tune.errors import RouterTuneError
+
+COMMANDS = {
+    "inspect": ("router_tune.inspection", "Describe a MoE checkpoint and check the health of its routers."),
+    "train": ("router_tune.train_command", "Train only the routers of a MoE model from a recipe."),
+    "eval": ("router_tune.evaluate", "Held-out perplexity and routing report, optionally against another model."),
+    "export": ("router_tune.export", "Export a trained run as a full model, a router-only delta or a PEFT adapter."),
+    "apply": ("router_tune.apply_command", "Splice a router-only delta into a copy of its source model."),
+}
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="router-tune", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:  # only the chosen command's module is imported
+            importlib.import_module(module_name).add_arguments(sp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except RouterTuneError as err:
+        print(f"router-tune {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"router-tune {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,115 @@
+"""Tiny but real MoE checkpoints for the tests (mergekit's "picollama" idea).
+
+Each factory writes a directory that `from_pretrained` loads: config, safetensors weights
+and a small byte-level BPE tokenizer trained on this repository's own source text.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast,
+    Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+)
+
+HIDDEN, LAYERS, EXPERTS, TOP_K = 32, 2, 4, 2
+COMMON = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def make_tokenizer(out: Path, vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (every string encodes) trained on the package's own code."""
+    text = [p.read_text() for p in sorted(Path(__file__).parent.parent.glob("router_tune/*.py"))]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="</s>")
+    fast.save_pretrained(out)
+    return fast
+
+
+def _save(model, out: Path, fused: bool = False) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, save_original_format=not fused)
+    make_tokenizer(out)
+    return out
+
+
+def mixtral(out: Path, *, fused: bool = False, seed: int = 0, experts: int = EXPERTS, dtype=torch.float32,
+            identical_experts: bool = False, gate_init: str = "normal") -> Path:
+    """A Mixtral MoE. gate_init: "normal" (std 0.02, sane), "random" (mergekit's torch.randn: saturated)
+    or "copied" (one gate shared by every layer, as mergekit's cheap_embed mode makes)."""
+    torch.manual_seed(seed)
+    config = MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=experts, num_experts_per_tok=TOP_K,
+                           vocab_size=320, bos_token_id=1, eos_token_id=2)
+    model = MixtralForCausalLM(config).to(dtype)
+    with torch.no_grad():
+        first_gate = model.model.layers[0].mlp.gate.weight
+        for layer in model.model.layers:
+            if identical_experts:
+                layer.mlp.experts.gate_up_proj[:] = layer.mlp.experts.gate_up_proj[0]
+                layer.mlp.experts.down_proj[:] = layer.mlp.experts.down_proj[0]
+            if gate_init == "random":
+                layer.mlp.gate.weight.copy_(torch.randn_like(layer.mlp.gate.weight) * 4)
+            elif gate_init == "copied":
+                layer.mlp.gate.weight.copy_(first_gate)
+    return _save(model, out, fused)
+
+
+def qwen2_moe(out: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = Qwen2MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                            num_experts=EXPERTS, num_experts_per_tok=TOP_K, vocab_size=320, norm_topk_prob=True,
+                            bos_token_id=1, eos_token_id=2)
+    return _save(Qwen2MoeForCausalLM(config), out)
+
+
+def qwen3_moe(out: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(**COMMON, head_dim=8, intermediate_size=64, moe_intermediate_size=32, num_experts=EXPERTS,
+                            num_experts_per_tok=TOP_K, vocab_size=320, bos_token_id=1, eos_token_id=2)
+    return _save(Qwen3MoeForCausalLM(config), out)
+
+
+def dense_llama(out: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = LlamaConfig(**COMMON, intermediate_size=64, vocab_size=320, bos_token_id=1, eos_token_id=2)
+    return _save(LlamaForCausalLM(config), out)
+
+
+def truncate_weights(model_dir: Path) -> Path:
+    """Cut the first safetensors file in half, as an interrupted download leaves it."""
+    shard = sorted(model_dir.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    return shard
+
+
+def to_pickle_only(model_dir: Path) -> Path:
+    """Replace the safetensors weights by a legacy pickle `pytorch_model.bin`."""
+    shard = sorted(model_dir.glob("*.safetensors"))[0]
+    torch.save(load_file(shard), model_dir / "pytorch_model.bin")
+    for f in model_dir.glob("*.safetensors*"):
+        f.unlink()
+    return model_dir
+
+
+def with_remote_code(model_dir: Path) -> Path:
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomMoeForCausalLM"}
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    (model_dir / "modeling_custom.py").write_text("raise RuntimeError('remote code must not run in tests')\n")
+    return model_dir
+
+
+__all__ = ["mixtral", "qwen2_moe", "qwen3_moe", "dense_llama", "truncate_weights", "to_pickle_only",
+           "with_remote_code", "make_tokenizer"]
