@@ -43,8 +43,12 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    parser = build_parser(command if command in COMMANDS else None)
+    args, extra = parser.parse_known_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
+    if extra and not getattr(module, "ACCEPTS_OVERRIDES", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra  # `train` takes any recipe key as --key value
     try:
         return int(module.run(args) or 0)
     except RouterTuneError as err:

@@ -1,0 +1,82 @@
+"""The LM cross-entropy without the full logits tensor.
+
+A causal LM's logits are [tokens, vocab]: for a 32k vocabulary and 2k-token sequences that
+is the largest activation of the step, and transformers keeps it (plus an fp32 copy) for
+backward. Router training never updates the LM head, so the gradient the loss sends back
+is only d(loss)/d(hidden) = (softmax - onehot) @ W. We compute it chunk by chunk in the
+forward pass and keep only that [tokens, hidden] gradient (Liger's fused linear
+cross-entropy, simplified for a frozen head): peak memory is one chunk of logits.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class _FrozenHeadCrossEntropySum(torch.autograd.Function):
+    """sum_t CE(hidden_t @ W^T, target_t) with the gradient w.r.t. hidden computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            y = targets[start:start + chunk]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(y.shape[0], device=y.device)
+            loss = loss + (lse - logits[rows, y]).sum()
+            if grad_hidden is not None:
+                # softmax - onehot, in place on the chunk's logits to avoid another [chunk, vocab] tensor
+                probs = logits.sub_(lse.unsqueeze(-1)).exp_()
+                probs[rows, y] -= 1.0
+                grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden if grad_hidden is not None else hidden.new_empty(0))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None
+
+
+def lm_loss_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Summed next-token cross-entropy of a causal LM, from its final hidden states.
+
+    Args:
+        hidden: [batch, seq, hidden] output of the final norm (what the LM head reads).
+        head: the frozen LM head (no bias; `weight` [vocab, hidden]).
+        labels: [batch, seq]; position t is the target of position t-1, -100 is ignored.
+        chunk_tokens: tokens per chunk of logits.
+
+    Returns:
+        The fp32 sum over target tokens (divide by the global target count yourself).
+    """
+    if head.weight.requires_grad or getattr(head, "bias", None) is not None:
+        raise ValueError("lm_loss_sum needs a frozen, bias-free LM head")
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1).to(h.device)
+    keep = (y != IGNORE_INDEX).nonzero().squeeze(-1)  # skip padding and cut document starts entirely
+    return _FrozenHeadCrossEntropySum.apply(h.index_select(0, keep), head.weight, y.index_select(0, keep),
+                                            max(1, chunk_tokens))
+
+
+@contextlib.contextmanager
+def lm_head_as_identity(model: nn.Module) -> Iterator[nn.Linear]:
+    """Make `model(...)` return final hidden states as `logits`, yielding the real head.
+
+    The forward still goes through the (possibly DDP-wrapped) model, so data-parallel
+    gradient hooks on the routers fire as usual; only the frozen head is skipped.
+    """
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(nn.Identity())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(head)

@@ -1,0 +1,355 @@
+"""RouterTrainer: a `transformers.Trainer` that trains only the routers of a frozen MoE.
+
+    from router_tune import RouterTrainer, load_recipe
+    trainer = RouterTrainer(args=load_recipe("recipes/demo.yaml"))
+    trainer.train()
+
+What it changes in the stock Trainer (everything else — accelerate launch, gradient
+accumulation, mixed precision, DeepSpeed/FSDP, progress bars, `report_to` — is inherited):
+- model set-up: all but the routers frozen, routers in fp32, the model's own aux loss off;
+- `compute_loss`: CE / global target tokens + aux_coef * aux + z_coef * z, without the
+  stock path's inflation of a model-added aux loss by world size and accumulation
+  (transformers #48690), and the CE computed chunk-wise from hidden states (lm_loss.py);
+- routing statistics per micro-batch, logged every `routing_log_every` steps;
+- checkpoints hold the routers (+ optimizer, scheduler, RNG, trainer state) only;
+- a non-finite loss skips its optimizer step; SIGINT / SIGTERM save and stop cleanly.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, Trainer, TrainerCallback
+
+from router_tune import losses
+from router_tune.config import RouterTuneConfig
+from router_tune.errors import RouterTuneError
+from router_tune.lm_loss import lm_head_as_identity, lm_loss_sum
+from router_tune.moe import (
+    describe_moe, expert_fingerprints, freeze_all_but_routers, identical_expert_groups, load_moe,
+    load_router_state_dict, router_state_dict, routers_to_fp32,
+)
+from router_tune.stats import RoutingStats
+from router_tune.telemetry import RoutingTelemetry, format_routing_table, tensorboard_writer
+
+logger = logging.getLogger(__name__)
+
+ROUTERS_FILE = "routers.safetensors"
+RUN_INFO_FILE = "router_tune.json"
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class RouterTrainer(Trainer):
+    """Router-only training of a Mixtral / Qwen2-MoE / Qwen3-MoE model.
+
+    Args:
+        model: a loaded MoE model, a path or hub id, or None to load `args.model_name_or_path`.
+        args: the `RouterTuneConfig` (a `TrainingArguments`).
+        train_dataset: blocks with `input_ids`, `labels` and optionally `attention_mask`,
+            `position_ids`, `token_mask`, `source_id`; built from `args.datasets` when None.
+        source_names: names of the `source_id` values of a given train_dataset (for the
+            source x expert matrix).
+        processing_class: the tokenizer; read from the model directory when None.
+        Other arguments are those of `transformers.Trainer`.
+
+    Raises:
+        RouterTuneError: the model is not a supported MoE, data or recipe problems.
+    """
+
+    def __init__(self, model=None, args: RouterTuneConfig | None = None, train_dataset=None,
+                 processing_class=None, data_collator=None, callbacks=None, source_names=None, **kwargs):
+        if args is None:
+            raise RouterTuneError("RouterTrainer needs `args`: a RouterTuneConfig, e.g. load_recipe('recipes/demo.yaml').")
+        if model is None or isinstance(model, (str, os.PathLike)):
+            model, self.moe = load_moe(model or args.model_name_or_path,
+                                       dtype=TORCH_DTYPES.get(args.model_dtype, "auto"),
+                                       allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+        else:
+            self.moe = describe_moe(model)
+        self.fingerprints = expert_fingerprints(model)
+        _warn_identical_experts(self.fingerprints, self.moe)
+        routers_to_fp32(model, jitter=args.router_jitter)
+        self.param_counts = freeze_all_but_routers(model)
+        # We add the balancing loss ourselves, once, with the right scaling.
+        model.config.router_aux_loss_coef = 0.0
+        model.config.output_router_logits = False
+
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(self.moe.source or args.model_name_or_path)
+        self.source_names: list[str] = list(source_names or [])
+        if train_dataset is None and args.datasets:
+            from router_tune.data import build_train_dataset, check_block_size, parse_sources, source_names
+            specs = parse_sources(args.datasets)
+            check_block_size(args.block_size, model.config)
+            self.source_names = source_names(specs)
+            train_dataset = build_train_dataset(specs, processing_class, args.block_size, seed=args.seed,
+                                                eval_fraction=args.eval_fraction, max_bad_records=args.max_bad_records)
+        if data_collator is None:
+            from router_tune.data import collate_blocks
+            data_collator = collate_blocks
+
+        callbacks = [RouterTrainingCallback(self)] + list(callbacks or [])
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                         data_collator=data_collator, callbacks=callbacks, **kwargs)
+        # compute_loss already normalises over the whole accumulated, all-rank batch.
+        self.loss_is_scaled_for_ga = True
+        self.routing_stats = RoutingStats(len(self.moe.routers), self.moe.num_experts, self.moe.top_k,
+                                          sources=self.source_names, layer_ids=self.moe.moe_layers)
+        self.telemetry = RoutingTelemetry(args.output_dir, args.report_to)
+        self._window = _LossWindow()
+        self._step_counts: torch.Tensor | None = None
+        self._skip_optimizer_step = False
+        self.nonfinite_steps = 0
+        self._nonfinite_in_a_row = 0
+        self._interrupted = False
+
+    # ---- loss ----------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        source_id = inputs.pop("source_id", None)
+        # Packed blocks mark real tokens in `token_mask` (an attention_mask would switch off
+        # transformers' packed-sequence masking, see data/packing.py); padded batches in attention_mask.
+        token_mask = inputs.pop("token_mask", None)
+        unwrapped = self.accelerator.unwrap_model(model)
+        chunked = self.args.ce_chunk_tokens > 0 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        with lm_head_as_identity(unwrapped) if chunked else contextlib.nullcontext() as head:
+            outputs = model(**inputs, output_router_logits=True, use_cache=False)
+        if chunked:
+            ce_sum = lm_loss_sum(outputs.logits, head, labels, self.args.ce_chunk_tokens)
+        else:
+            logits = outputs.logits[:, :-1].float()
+            ce_sum = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                       labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+        router_logits = outputs.router_logits
+        mask = token_mask if token_mask is not None else inputs.get("attention_mask")
+        mask = mask.reshape(-1) if mask is not None else None
+
+        targets = (labels[:, 1:] != -100).sum()
+        ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps) if model.training else 1
+        if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
+            num_items_in_batch, scale = targets * ga, 1
+        else:  # global target count: DDP averages gradients over ranks, so undo that for the CE
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        lm = ce_sum / torch.as_tensor(num_items_in_batch, device=ce_sum.device).clamp_min(1)
+
+        counts = None
+        if self.args.aux_loss_reduce == "global" and model.training:
+            counts = losses.all_reduce_counts(losses.selection_counts(router_logits, self.moe.top_k, mask))
+            if self._step_counts is not None:
+                counts = counts + self._step_counts
+            self._step_counts = counts
+        aux = losses.load_balancing_loss(router_logits, self.moe.top_k, mask, self.args.aux_loss_scope, counts)
+        z = losses.router_z_loss(router_logits, mask)
+        loss = lm * scale + (self.args.router_aux_loss_coef * aux + self.args.router_z_loss_coef * z) / ga
+
+        if model.training:
+            self._window.add(ce_sum.detach(), targets, aux.detach(), z.detach())
+            with_sources = source_id is not None and self.source_names
+            tokens = source_id.repeat_interleave(labels.shape[1]) if with_sources else None
+            self.routing_stats.update(router_logits, mask, tokens)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The stock step, except that a non-finite loss is not back-propagated and its
+        optimizer step is skipped (the decision is taken on all ranks together)."""
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        del inputs
+        finite = torch.isfinite(loss.detach()).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            self._skip_optimizer_step = True
+            # A zero loss on the routers alone keeps DDP's gradient hooks in step on every rank.
+            loss = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        inner_step = optimizer.step
+
+        def step(*args, **kwargs):  # skip updates whose gradients came from a non-finite loss
+            self._step_counts = None  # a new optimizer step starts a new global-batch count
+            if self._skip_optimizer_step:
+                self._skip_optimizer_step = False
+                self.nonfinite_steps += 1
+                self._nonfinite_in_a_row += 1
+                if self._nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+                    raise RouterTuneError(
+                        f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss (step "
+                        f"{self.state.global_step + 1}); stopping. The last checkpoint in {self.args.output_dir} is "
+                        "intact: resume from it with a lower learning_rate, or check the data for empty blocks.")
+                logger.warning("non-finite loss: optimizer step %d skipped (%d so far)",
+                               self.state.global_step + 1, self.nonfinite_steps)
+                return None
+            self._nonfinite_in_a_row = 0
+            return inner_step(*args, **kwargs)
+
+        optimizer.step = step
+        return optimizer
+
+    # ---- logging ---------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._window.micro_batches:  # a training log: add the parts of the loss
+            logs.update(self._window.flush())
+            logs["nonfinite_steps"] = self.nonfinite_steps
+        super().log(logs, start_time)
+
+    def log_routing(self) -> None:
+        """Reduce the routing statistics over ranks and log them (all ranks must call this)."""
+        if self.routing_stats.micro_batches == 0:  # equal on every rank: no collective mismatch
+            return
+        self.routing_stats.reduce()
+        summary = self.routing_stats.summary()
+        self.routing_stats.reset()
+        if self.is_world_process_zero():  # media (histograms, heatmaps) from the main process only
+            scalars = self.telemetry.record(summary, self.state.global_step,
+                                            tb_writer=tensorboard_writer(self.callback_handler.callbacks))
+        else:
+            scalars = summary.scalars()
+        self.log(scalars)
+
+    # ---- router-only checkpoints ----------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the routers and the run description instead of the whole model."""
+        if not self.args.should_save:
+            return
+        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        routers = router_state_dict(unwrapped)
+        if state_dict is not None:  # FSDP / DeepSpeed gathered the full state dict for us
+            routers = {n: state_dict[n].detach().float().cpu() for n in routers if n in state_dict} or routers
+        save_file(routers, str(output_dir / ROUTERS_FILE),
+                  metadata={"format": "router_tune.routers", "source_model": str(self.moe.source)})
+        (output_dir / RUN_INFO_FILE).write_text(json.dumps(self.run_info(), indent=2))
+
+    def run_info(self) -> dict[str, Any]:
+        return {
+            "source_model": self.args.model_name_or_path or self.moe.source,
+            "source_dir": self.moe.source,
+            "architecture": self.moe.architecture,
+            "layout": self.moe.layout,
+            "num_experts": self.moe.num_experts,
+            "top_k": self.moe.top_k,
+            "moe_layers": self.moe.moe_layers,
+            "fingerprints": self.fingerprints,
+            "global_step": self.state.global_step,
+            "nonfinite_steps": self.nonfinite_steps,
+            "trainable_parameters": self.param_counts.trainable,
+            "total_parameters": self.param_counts.total,
+            "sources": self.source_names,
+            "recipe": self.args.public_dict(),
+        }
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        path = Path(resume_from_checkpoint) / ROUTERS_FILE
+        if not path.is_file():
+            raise RouterTuneError(f"{resume_from_checkpoint} is not a router_tune checkpoint (no {ROUTERS_FILE}). "
+                                  "Pass a checkpoint-N directory of a router_tune run, or true for the latest.")
+        load_router_state_dict(self.accelerator.unwrap_model(model or self.model), load_file(str(path)))
+
+    def train(self, *args, **kwargs):
+        with _stop_on_signals(self):
+            result = super().train(*args, **kwargs)
+        if self.is_world_process_zero():
+            plots = self.telemetry.save_plots(self.state.log_history)
+            if self.telemetry.last_summary is not None:
+                print(format_routing_table(self.telemetry.last_summary))
+            logger.info("plots: %s", ", ".join(str(p) for p in plots))
+        return result
+
+
+class RouterTrainingCallback(TrainerCallback):
+    """Routing logs every `routing_log_every` steps and a clean stop after SIGINT / SIGTERM."""
+
+    def __init__(self, trainer: RouterTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if state.global_step % args.routing_log_every == 0 or state.global_step >= state.max_steps:
+            trainer.log_routing()
+        if _any_rank(trainer._interrupted):
+            logger.warning("interrupted: saving a checkpoint at step %d and stopping", state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class _LossWindow:
+    """Sums of the loss parts since the last log, kept on device (no host sync per step)."""
+
+    def __init__(self):
+        self.micro_batches = 0
+
+    def add(self, ce_sum, targets, aux, z):
+        if self.micro_batches == 0:
+            self.ce, self.targets, self.aux, self.z = ce_sum, targets, aux, z
+        else:
+            self.ce, self.targets = self.ce + ce_sum, self.targets + targets
+            self.aux, self.z = self.aux + aux, self.z + z
+        self.micro_batches += 1
+
+    def flush(self) -> dict[str, float]:
+        n = self.micro_batches
+        out = {"lm_loss": (self.ce / self.targets.clamp_min(1)).item(), "aux_loss": (self.aux / n).item(),
+               "z_loss": (self.z / n).item()}
+        self.micro_batches = 0
+        return out
+
+
+def _any_rank(flag: bool) -> bool:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: RouterTrainer):
+    """SIGINT / SIGTERM set a flag; the callback saves a checkpoint at the end of the step and stops."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        trainer._interrupted = True
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _warn_identical_experts(fingerprints, info) -> None:
+    groups = identical_expert_groups(fingerprints)
+    if all(len(g) == 1 for layer in groups for g in layer):
+        return
+    all_same = all(len(layer) == 1 for layer in groups)
+    if all_same and info.normalizes_topk:
+        logger.warning("All experts of every layer are identical: router training cannot change this model's "
+                       "outputs (top-k weights sum to 1), only its load balance.")
+    else:
+        logger.warning("Some layers have identical experts: %s", groups)

@@ -1,0 +1,204 @@
+"""RouterTrainer: what is trained, the loss it optimises, accumulation, resume, NaN steps."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from router_tune.config import load_recipe
+from router_tune.errors import RouterTuneError
+from router_tune.moe import router_param_names
+from router_tune.trainer import RouterTrainer
+
+BLOCK = 32
+
+
+def text_blocks(model_dir: Path, n: int, block: int = BLOCK) -> Dataset:
+    """Real text (this package's source) tokenized and cut into `n` blocks, two sources."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = "\n".join(p.read_text() for p in sorted(Path(__file__).parent.parent.glob("router_tune/*.py")))
+    ids = tok(text)["input_ids"]
+    rows = [{"input_ids": ids[i * block:(i + 1) * block], "labels": ids[i * block:(i + 1) * block],
+             "position_ids": list(range(block)), "token_mask": [1] * block, "source_id": i % 2}
+            for i in range(n)]
+    return Dataset.from_list(rows)
+
+
+def make_trainer(model_dir, out, *, steps=4, batch=4, ga=1, lr=1e-2, data=None, **kw) -> RouterTrainer:
+    defaults = dict(router_aux_loss_coef=0.01, router_z_loss_coef=0.001, routing_log_every=2, logging_steps=1,
+                    save_steps=1000, seed=0, data_seed=0, use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant",
+                    warmup_steps=0, eval_before_after=False)
+    defaults.update(kw)
+    args = load_recipe(None, model_name_or_path=str(model_dir), output_dir=str(out), max_steps=steps,
+                       per_device_train_batch_size=batch, gradient_accumulation_steps=ga, learning_rate=lr,
+                       **defaults)
+    return RouterTrainer(args=args, train_dataset=data if data is not None else text_blocks(model_dir, 64),
+                         source_names=["even", "odd"])
+
+
+def source_tensors(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_only_routers_change(mixtral_legacy, tmp_path):
+    before = source_tensors(mixtral_legacy)
+    trainer = make_trainer(mixtral_legacy, tmp_path / "run")
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    routers = set(router_param_names(trainer.model))
+    assert routers == {f"model.layers.{i}.mlp.gate.weight" for i in range(2)}
+    for name, tensor in before.items():
+        if name in routers:
+            assert not torch.equal(after[name].detach().float(), tensor), f"router {name} did not train"
+            assert after[name].dtype == torch.float32
+        else:
+            assert torch.equal(after[name].detach(), tensor), f"frozen {name} changed"
+
+
+def test_qwen2_shared_expert_gate_trains(qwen2_moe, tmp_path):
+    before = source_tensors(qwen2_moe)
+    trainer = make_trainer(qwen2_moe, tmp_path / "run", steps=2)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n, t in before.items() if not torch.equal(after[n].detach().float(), t)}
+    assert changed == {f"model.layers.{i}.mlp.{g}.weight" for i in range(2) for g in ("gate", "shared_expert_gate")}
+
+
+def _switch_aux(logits_per_layer, top_k):
+    """Independent Switch loss per layer (f normalised by top_k), mean over layers."""
+    values = []
+    for logits in logits_per_layer:
+        probs = logits.float().softmax(-1)
+        tokens, experts = probs.shape
+        f = torch.zeros(experts)
+        for row in probs.topk(top_k, dim=-1).indices:
+            for e in row:
+                f[e] += 1
+        f /= tokens * top_k
+        values.append(experts * (f * probs.mean(0)).sum())
+    return torch.stack(values).mean()
+
+
+def test_loss_is_ce_plus_weighted_aux_and_z(mixtral_legacy, tmp_path):
+    trainer = make_trainer(mixtral_legacy, tmp_path / "run", router_aux_loss_coef=0.1, router_z_loss_coef=0.01,
+                           aux_loss_reduce="micro")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    batch["labels"][0, :5] = -100
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
+
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], output_router_logits=True)
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    rl = out.router_logits
+    aux = _switch_aux(rl, 2)
+    z = torch.stack([torch.logsumexp(l.float(), -1).square().mean() for l in rl]).mean()
+    assert torch.allclose(loss, ce + 0.1 * aux + 0.01 * z, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_big_batch(mixtral_legacy, tmp_path):
+    data = text_blocks(mixtral_legacy, 16)
+    runs = {}
+    for name, batch, ga in (("1x8", 8, 1), ("4x2", 2, 4)):
+        trainer = make_trainer(mixtral_legacy, tmp_path / name, steps=2, batch=batch, ga=ga, data=data,
+                               aux_loss_reduce="global", router_aux_loss_coef=0.0)
+        trainer.train()
+        runs[name] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    for n in runs["1x8"]:
+        torch.testing.assert_close(runs["1x8"][n], runs["4x2"][n], rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_holds_routers_only_and_resume_is_exact(mixtral_legacy, tmp_path):
+    full = make_trainer(mixtral_legacy, tmp_path / "full", steps=6, save_steps=3)
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-3"
+    names = {p.name for p in ckpt.iterdir()}
+    assert "routers.safetensors" in names and "optimizer.pt" in names and "router_tune.json" in names
+    assert not any(n.startswith("model") for n in names), names
+    with safe_open(ckpt / "routers.safetensors", "pt") as f:
+        assert set(f.keys()) == set(router_param_names(full.model))
+    model_bytes = sum(p.stat().st_size for p in Path(mixtral_legacy).glob("*.safetensors"))
+    assert (ckpt / "routers.safetensors").stat().st_size < model_bytes / 50
+
+    resumed = make_trainer(mixtral_legacy, tmp_path / "full", steps=6, save_steps=3)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    final_full = load_file(tmp_path / "full" / "checkpoint-6" / "routers.safetensors")
+    for n, p in resumed.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), final_full[n], rtol=0, atol=1e-7)
+
+
+def test_nonfinite_loss_skips_the_step(mixtral_legacy, tmp_path, monkeypatch):
+    trainer = make_trainer(mixtral_legacy, tmp_path / "run", steps=4)
+    original = RouterTrainer.compute_loss
+    snapshots = {}
+
+    def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = original(self, model, inputs, return_outputs, num_items_in_batch)
+        step = self.state.global_step
+        snapshots[step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss * float("nan") if step == 1 else loss
+
+    monkeypatch.setattr(RouterTrainer, "compute_loss", poisoned)
+    trainer.train()
+    assert trainer.nonfinite_steps == 1
+    for n, p in snapshots[1].items():
+        assert torch.equal(p, snapshots[2][n]), "the poisoned step changed the routers"
+        assert torch.isfinite(p).all()
+    assert not all(torch.equal(p, snapshots[3][n]) for n, p in snapshots[2].items())
+
+
+def test_consecutive_nonfinite_losses_stop_the_run(mixtral_legacy, tmp_path, monkeypatch):
+    trainer = make_trainer(mixtral_legacy, tmp_path / "run", steps=10, max_nonfinite_steps=2)
+    original = RouterTrainer.compute_loss
+    monkeypatch.setattr(RouterTrainer, "compute_loss", lambda self, *a, **k: original(self, *a, **k) * float("inf"))
+    with pytest.raises(RouterTuneError, match="2 consecutive steps had a non-finite loss"):
+        trainer.train()
+
+
+def test_secrets_never_reach_run_files(mixtral_legacy, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRET_in_env")
+    monkeypatch.setenv("WANDB_API_KEY", "SECRET_wandb_key")
+    trainer = make_trainer(mixtral_legacy, tmp_path / "run", steps=2, save_steps=1, hub_token="hf_SECRET_hub")
+    trainer.train()
+    trainer.save_model()
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".txt", ".md", ".yaml"):
+            assert "SECRET" not in path.read_text(), path
+    info = json.loads((tmp_path / "run" / "router_tune.json").read_text())
+    assert "hub_token" not in info["recipe"]
+    assert info["recipe"]["learning_rate"] == 1e-2
+
+
+def test_unknown_recipe_key_names_closest(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: x\nrouter_aux_loss_coeff: 0.1\n")
+    with pytest.raises(RouterTuneError, match="router_aux_loss_coeff.*Did you mean `router_aux_loss_coef`"):
+        load_recipe(recipe)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("router_aux_loss_coef: 0.1\n", "model_name_or_path` is missing"),
+    ("model_name_or_path: x\naux_loss_scope: global\n", "aux_loss_scope"),
+    ("model_name_or_path: x\nrouter_z_loss_coef: -1\n", "router_z_loss_coef` must be >= 0"),
+    ("- a\n- b\n", "must be a mapping"),
+])
+def test_bad_recipes(tmp_path, body, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(body)
+    with pytest.raises(RouterTuneError, match=message):
+        load_recipe(recipe)
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).parent.parent.glob("recipes/*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe):
+    config = load_recipe(recipe)
+    assert config.model_name_or_path and config.datasets
