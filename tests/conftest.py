@@ -78,3 +78,9 @@ def copy_of(tmp_path):
         shutil.copytree(src, dst)
         return dst
     return _copy
+
+
+@pytest.fixture(scope="session")
+def qwen3_identical(models_root):
+    """Qwen3-MoE with identical experts and norm_topk_prob=False: the router still scales the output."""
+    return factories.qwen3_moe(models_root / "qwen3-identical", identical_experts=True)

@@ -72,11 +72,18 @@ def qwen2_moe(out: Path, seed: int = 0) -> Path:
     return _save(Qwen2MoeForCausalLM(config), out)
 
 
-def qwen3_moe(out: Path, seed: int = 0) -> Path:
+def qwen3_moe(out: Path, seed: int = 0, identical_experts: bool = False) -> Path:
+    """A Qwen3-MoE with the default norm_topk_prob=False (top-k weights not renormalised)."""
     torch.manual_seed(seed)
     config = Qwen3MoeConfig(**COMMON, head_dim=8, intermediate_size=64, moe_intermediate_size=32, num_experts=EXPERTS,
                             num_experts_per_tok=TOP_K, vocab_size=320, bos_token_id=1, eos_token_id=2)
-    return _save(Qwen3MoeForCausalLM(config), out)
+    model = Qwen3MoeForCausalLM(config)
+    if identical_experts:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.experts.gate_up_proj[:] = layer.mlp.experts.gate_up_proj[0]
+                layer.mlp.experts.down_proj[:] = layer.mlp.experts.down_proj[0]
+    return _save(model, out)
 
 
 def dense_llama(out: Path, seed: int = 0) -> Path:
