@@ -1,7 +1,9 @@
 """RouterTrainer: what is trained, the loss it optimises, accumulation, resume, NaN steps."""
 from __future__ import annotations
 
+import argparse
 import json
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,9 @@ BLOCK = 32
 
 
 def text_blocks(model_dir: Path, n: int, block: int = BLOCK) -> Dataset:
-    """Real text (this package's source) tokenized and cut into `n` blocks, two sources."""
+    """Real text (stdlib sources: stable across runs) tokenized and cut into `n` blocks, two sources."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    text = "\n".join(p.read_text() for p in sorted(Path(__file__).parent.parent.glob("router_tune/*.py")))
+    text = "\n".join(Path(m.__file__).read_text() for m in (argparse, textwrap))
     ids = tok(text)["input_ids"]
     rows = [{"input_ids": ids[i * block:(i + 1) * block], "labels": ids[i * block:(i + 1) * block],
              "position_ids": list(range(block)), "token_mask": [1] * block, "source_id": i % 2}
