@@ -61,7 +61,8 @@ class RouterTuneConfig(TrainingArguments):
         default="auto", metadata={"help": "Rescale saturated routers before training: auto (only when the mean top-1 "
                                           "probability exceeds 0.9), off, or a target row norm as a number."})
     routing_log_every: int = field(
-        default=50, metadata={"help": "Steps between expert-usage logs (histograms, heatmaps, balance scalars)."})
+        default=50, metadata={"help": "Steps between expert-usage logs (histograms, heatmaps, balance scalars); "
+                                      "0 collects no routing statistics at all."})
     model_dtype: str = field(
         default="auto", metadata={"help": "Weights dtype for the frozen model: auto (as stored), bfloat16, float16, "
                                           "float32. Routers always compute in float32."})
@@ -118,8 +119,8 @@ class RouterTuneConfig(TrainingArguments):
                 problems.append(f"`router_rescale` must be auto, off or a positive number, got {self.router_rescale!r}.")
         if self.model_dtype not in ("auto", "bfloat16", "float16", "float32"):
             problems.append(f"`model_dtype` must be auto, bfloat16, float16 or float32, got {self.model_dtype!r}.")
-        if self.routing_log_every < 1:
-            problems.append(f"`routing_log_every` must be >= 1, got {self.routing_log_every}.")
+        if self.routing_log_every < 0:
+            problems.append(f"`routing_log_every` must be >= 0 (0 = off), got {self.routing_log_every}.")
         if self.datasets is not None and (not isinstance(self.datasets, list) or not self.datasets):
             problems.append("`datasets` must be a non-empty list of sources, e.g. "
                             "[{source: redpajama, path: DIR, weight: 0.7}].")

@@ -21,8 +21,9 @@ USAGE_START_END_SIZE = (14.0, 6.0)   # 1400 x 600 px
 SOURCE_EXPERT_SIZE = (8.0, 4.0)      # 800 x 400 px
 LOSS_CURVES_SIZE = (14.0, 4.0)       # 1400 x 400 px
 BALANCE_SIZE = (10.0, 4.0)           # 1000 x 400 px
-# Above this many cells a number per cell is unreadable at these sizes; colour alone remains.
-MAX_ANNOTATED_CELLS = 640
+# Beyond these a number per cell is unreadable at the sizes above; colour alone remains.
+MAX_ANNOTATED_EXPERTS = 16
+MAX_ANNOTATED_ROWS = 32
 LOSS_KEYS = ("lm_loss", "aux_loss", "z_loss")
 BALANCE_KEYS = ("routing/mean/max_load", "routing/mean/entropy")
 
@@ -54,9 +55,10 @@ def _heatmap(ax, matrix: np.ndarray, rows: Sequence[str], vmax: float, title: st
     ax.set_xlabel("expert")
     if n_experts <= 32:
         ax.set_xticks(range(n_experts))
-    if n_rows <= 48:
-        ax.set_yticks(range(n_rows), labels=list(rows))
-    if matrix.size <= MAX_ANNOTATED_CELLS:
+    # Row labels are layer ids (not always 0..L-1) or source names: thin them, never drop them.
+    every = -(-n_rows // 48)
+    ax.set_yticks(range(0, n_rows, every), labels=list(rows)[::every])
+    if n_experts <= MAX_ANNOTATED_EXPERTS and n_rows <= MAX_ANNOTATED_ROWS:
         fontsize = 8 if matrix.size <= 128 else 6
         for (r, e), value in np.ndenumerate(matrix):
             # Dark text on the bright (yellow) end of viridis, light text elsewhere.

@@ -14,7 +14,7 @@ How `RouterTrainer` uses it (main process only, every `routing_log_every` steps)
 The scalars go through `Trainer.log` because that is the one path that reaches every `report_to`
 integration (callbacks run after WandbCallback, so keys added in `on_log` never reach wandb);
 there they appear as `train/routing/...` (transformers' `rewrite_logs` adds `train/`). Media
-cannot travel that way (TensorBoardCallback drops non-numbers, MLflow rejects them), so they
+cannot travel that way (TensorBoardCallback and MLflowCallback drop non-numbers), so they
 are written to the wandb run and the tensorboard writer directly.
 """
 from __future__ import annotations

@@ -10,6 +10,7 @@ then prints the plan: trainable parameters, tokens per step, steps, estimated me
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def plan(config) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from router_tune.checkpoint import resolve_checkpoint
-    from router_tune.data import check_block_size, parse_sources, preview_blocks, source_names
+    from router_tune.data import build_train_dataset, check_block_size, parse_sources, source_names
     from router_tune.moe import adapter_for, describe_moe, freeze_all_but_routers
 
     path = resolve_checkpoint(config.model_name_or_path, allow_pickle=config.allow_pickle,
@@ -59,7 +60,13 @@ def plan(config) -> dict:
     specs = parse_sources(config.datasets)
     check_block_size(config.block_size, model_config)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    blocks = preview_blocks(specs, tokenizer, config.block_size, max_bad_records=config.max_bad_records)
+    # every local record is checked, then the first blocks are really tokenized and packed
+    train = build_train_dataset(specs, tokenizer, config.block_size, seed=config.seed,
+                                eval_fraction=config.eval_fraction, max_bad_records=config.max_bad_records)
+    names = source_names(specs)
+    blocks = dict.fromkeys(names, 0)
+    for block in itertools.islice(train, 16):
+        blocks[names[block["source_id"]]] += 1
     world = max(1, config.world_size)
     tokens_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world * config.block_size
     weight_bytes = counts.total * (torch.finfo(info.dtype).bits // 8 if config.model_dtype == "auto"
@@ -83,7 +90,7 @@ def format_plan(p: dict) -> str:
             ("routing", f"{p['moe_layers']} MoE layers x {p['experts']} experts, top-{p['top_k']}"),
             ("trainable", f"{p['trainable_parameters']:,} of {p['total_parameters']:,} parameters "
                           f"({p['trainable_percent']:.4f}%)"),
-            ("data", ", ".join(f"{s} ({n} blocks checked)" for s, n in p["first_blocks_per_source"].items())),
+            ("data", ", ".join(f"{s} ({n} of the first 16 blocks)" for s, n in p["first_blocks_per_source"].items())),
             ("tokens/step", f"{p['tokens_per_step']:,} ({p['processes']} process(es), block {p['block_size']})"),
             ("steps", f"{p['max_steps']:,} ({p['total_tokens']:,} tokens)"),
             ("memory", f"~{p['estimated_weight_memory_gb']} GB for weights and optimizer, plus activations"),

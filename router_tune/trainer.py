@@ -155,9 +155,10 @@ class RouterTrainer(Trainer):
 
         if model.training:
             self._window.add(ce_sum.detach(), targets, aux.detach(), z.detach())
-            with_sources = source_id is not None and self.source_names
-            tokens = source_id.repeat_interleave(labels.shape[1]) if with_sources else None
-            self.routing_stats.update(router_logits, mask, tokens)
+            if self.args.routing_log_every:
+                with_sources = source_id is not None and self.source_names
+                tokens = source_id.repeat_interleave(labels.shape[1]) if with_sources else None
+                self.routing_stats.update(router_logits, mask, tokens)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -286,7 +287,8 @@ class RouterTrainingCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
-        if state.global_step % args.routing_log_every == 0 or state.global_step >= state.max_steps:
+        every = args.routing_log_every
+        if every and (state.global_step % every == 0 or state.global_step >= state.max_steps):
             trainer.log_routing()
         if _any_rank(trainer._interrupted):
             logger.warning("interrupted: saving a checkpoint at step %d and stopping", state.global_step)

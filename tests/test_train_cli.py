@@ -1,0 +1,100 @@
+"""`router-tune train` end to end on a tiny MoE with the bundled samples: dry run, training,
+checkpoints, plots, and a clean stop on SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from router_tune.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "router_tune" / "assets" / "samples"
+
+
+def write_recipe(tmp_path: Path, model_dir: Path, **overrides) -> Path:
+    recipe = {
+        "model_name_or_path": str(model_dir),
+        "datasets": [
+            {"source": "redpajama", "path": str(SAMPLES / "redpajama"), "weight": 0.75, "max_documents": 200},
+            {"source": "wizard_vicuna", "path": str(SAMPLES / "wizard_vicuna"), "weight": 0.25,
+             "max_documents": 200},
+        ],
+        "block_size": 64, "per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 1e-2,
+        "save_steps": 2, "logging_steps": 1, "routing_log_every": 2, "output_dir": str(tmp_path / "run"),
+        "use_cpu": True, "eval_before_after": False, "dataloader_num_workers": 0,
+    }
+    recipe.update(overrides)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_dry_run_reads_no_weights(mixtral_legacy, tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run must not load weights")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    recipe = write_recipe(tmp_path, mixtral_legacy)
+    assert main(["train", str(recipe), "--dry-run", "--max_steps", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: nothing trained" in out
+    assert "256 of" in out  # 2 MoE layers x 4 experts x 32 hidden
+    assert "7 (" in out and "redpajama" in out and "wizard_vicuna" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_writes_routers_checkpoints_and_plots(mixtral_legacy, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, mixtral_legacy)
+    assert main(["train", str(recipe)]) == 0
+    run = tmp_path / "run"
+    assert (run / "routers.safetensors").is_file()
+    assert {p.name for p in run.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
+    info = json.loads((run / "router_tune.json").read_text())
+    assert info["global_step"] == 4 and info["sources"] == ["redpajama", "wizard_vicuna"]
+    assert (run / "plots" / "loss_curves.png").is_file()
+    assert (run / "plots" / "usage_start_end.png").is_file()
+    out = capsys.readouterr().out
+    assert "finished at step 4" in out
+
+
+def test_bad_override_is_a_clear_error(mixtral_legacy, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, mixtral_legacy)
+    assert main(["train", str(recipe), "--learnig_rate", "1"]) == 1
+    assert "Did you mean `learning_rate`" in capsys.readouterr().err
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(mixtral_legacy, tmp_path):
+    recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=10_000, save_steps=10_000, routing_log_every=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "router_tune", "train", str(recipe)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # wait for the first training log, then interrupt
+            if "'loss'" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        output = proc.stdout.read()
+        assert proc.wait(timeout=120) == 0, output
+    finally:
+        proc.kill()
+    checkpoints = list((tmp_path / "run").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "routers.safetensors").is_file()
+    assert int(checkpoints[0].name.split("-")[1]) < 10_000
+    assert "stopped early (interrupted)" in output and "--resume_from_checkpoint" in output
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "does-not-exist.yaml"], "does not exist"),
+])
+def test_missing_recipe(argv, message, capsys):
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
