@@ -58,8 +58,9 @@ class RouterTuneConfig(TrainingArguments):
     router_jitter: float = field(
         default=0.0, metadata={"help": "Multiplicative uniform noise (1 +- jitter) on router inputs while training."})
     router_rescale: str = field(
-        default="auto", metadata={"help": "Rescale saturated routers before training: auto (only when the mean top-1 "
-                                          "probability exceeds 0.9), off, or a target row norm as a number."})
+        default="auto", metadata={"help": "Rescale saturated routers before training (their softmax gives no gradient): "
+                                          "auto (layers whose mean top-1 probability exceeds 0.9, to a logit std of "
+                                          "1), off, or a number: every layer to that logit std."})
     routing_log_every: int = field(
         default=50, metadata={"help": "Steps between expert-usage logs (histograms, heatmaps, balance scalars); "
                                       "0 collects no routing statistics at all."})

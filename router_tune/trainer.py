@@ -17,6 +17,7 @@ accumulation, mixed precision, DeepSpeed/FSDP, progress bars, `report_to` — is
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from router_tune.moe import (
     describe_moe, expert_fingerprints, freeze_all_but_routers, identical_expert_groups, load_moe,
     load_router_state_dict, router_state_dict, routers_to_fp32,
 )
+from router_tune.rescale import rescale_routers
 from router_tune.stats import RoutingStats
 from router_tune.telemetry import RoutingTelemetry, format_routing_table, tensorboard_writer
 
@@ -96,6 +98,12 @@ class RouterTrainer(Trainer):
         if data_collator is None:
             from router_tune.data import collate_blocks
             data_collator = collate_blocks
+
+        self.router_rescaling = []
+        if args.router_rescale != "off" and train_dataset is not None:
+            # measured on the first training blocks, before any step
+            first = list(itertools.islice(iter(train_dataset), max(1, args.per_device_train_batch_size)))
+            self.router_rescaling = rescale_routers(model, self.moe, data_collator(first), args.router_rescale)
 
         callbacks = [RouterTrainingCallback(self)] + list(callbacks or [])
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
@@ -255,6 +263,7 @@ class RouterTrainer(Trainer):
             "fingerprints": self.fingerprints,
             "global_step": self.state.global_step,
             "nonfinite_steps": self.nonfinite_steps,
+            "router_rescaling": self.router_rescaling,
             "trainable_parameters": self.param_counts.trainable,
             "total_parameters": self.param_counts.total,
             "sources": self.source_names,

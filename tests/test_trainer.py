@@ -204,3 +204,22 @@ def test_bad_recipes(tmp_path, body, message):
 def test_shipped_recipes_load(recipe):
     config = load_recipe(recipe)
     assert config.model_name_or_path and config.datasets
+
+
+def test_saturated_routers_are_rescaled_keeping_their_ranking(mixtral_saturated, tmp_path):
+    from router_tune.rescale import measure_routers
+
+    data = text_blocks(mixtral_saturated, 8)
+    plain = make_trainer(mixtral_saturated, tmp_path / "off", data=data, router_rescale="off")
+    batch = plain.data_collator([data[i] for i in range(4)])
+    before = measure_routers(plain.model, batch)
+    assert min(m["top1"] for m in before) > 0.9  # the fixture really is saturated
+
+    trainer = make_trainer(mixtral_saturated, tmp_path / "auto", data=data)
+    after = measure_routers(trainer.model, batch)
+    assert [c["layer"] for c in trainer.router_rescaling] == [0, 1]
+    for m in after:
+        assert m["top1"] < 0.9 and abs(m["logit_std"] - 1.0) < 0.15
+    for ref_plain, ref in zip(plain.moe.routers, trainer.moe.routers):
+        ratio = ref.module.weight / ref_plain.module.weight
+        torch.testing.assert_close(ratio, torch.full_like(ratio, ratio.flatten()[0].item()))  # one factor per layer
