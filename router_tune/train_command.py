@@ -24,7 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML (see recipes/), e.g. recipes/demo.yaml")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate recipe, model and data and print the plan; train nothing")
-    parser.epilog = "Any recipe key can follow as --key value, e.g. --learning_rate 3e-4 --max_steps 100."
+    from router_tune.recipe_keys import keys_text
+
+    parser.epilog = ("Any recipe key can follow as --key value, e.g. --learning_rate 3e-4 --max_steps 100.\n\n"
+                     + keys_text())
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 

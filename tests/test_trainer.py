@@ -202,8 +202,14 @@ def test_bad_recipes(tmp_path, body, message):
 
 @pytest.mark.parametrize("recipe", sorted(Path(__file__).parent.parent.glob("recipes/*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(recipe):
-    config = load_recipe(recipe)
+    from router_tune.data import parse_sources
+
+    config = load_recipe(recipe, use_cpu=True)  # GPU recipes (bf16) validate here on the CPU
     assert config.model_name_or_path and config.datasets
+    assert parse_sources(config.datasets)
+    header = recipe.read_text().splitlines()[:12]
+    assert any("router-tune train recipes/" in line or "router_tune train recipes/" in line for line in header), \
+        "every recipe starts with the command that runs it"
 
 
 def test_saturated_routers_are_rescaled_keeping_their_ranking(mixtral_saturated, tmp_path):
@@ -223,3 +229,10 @@ def test_saturated_routers_are_rescaled_keeping_their_ranking(mixtral_saturated,
     for ref_plain, ref in zip(plain.moe.routers, trainer.moe.routers):
         ratio = ref.module.weight / ref_plain.module.weight
         torch.testing.assert_close(ratio, torch.full_like(ratio, ratio.flatten()[0].item()))  # one factor per layer
+
+
+def test_recipe_key_docs_are_current():
+    from router_tune.recipe_keys import keys_markdown
+
+    doc = Path(__file__).parent.parent / "docs" / "recipe-keys.md"
+    assert doc.read_text() == keys_markdown(), "run: python -m router_tune.recipe_keys > docs/recipe-keys.md"
