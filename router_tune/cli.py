@@ -20,7 +20,7 @@ from router_tune.errors import RouterTuneError
 COMMANDS = {
     "inspect": ("router_tune.inspection", "Describe a MoE checkpoint and check the health of its routers."),
     "train": ("router_tune.train_command", "Train only the routers of a MoE model from a recipe."),
-    "eval": ("router_tune.evaluate", "Held-out perplexity and routing report, optionally against another model."),
+    "eval": ("router_tune.eval_command", "Held-out perplexity and routing report, optionally against another model."),
     "export": ("router_tune.export", "Export a trained run as a full model, a router-only delta or a PEFT adapter."),
     "apply": ("router_tune.apply_command", "Splice a router-only delta into a copy of its source model."),
 }

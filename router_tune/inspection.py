@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "activations (see router_tune.inspection.training_memory for the formula).")
     parser.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id")
     parser.add_argument("--sample-text", metavar="FILE", help="text to route for the routing statistics "
-                        f"(default: the package's sample if shipped, else a built-in paragraph)")
+                        "(default: the package's sample if shipped, else a built-in paragraph)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights (can run code)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")

@@ -278,14 +278,50 @@ class RouterTrainer(Trainer):
         load_router_state_dict(self.accelerator.unwrap_model(model or self.model), load_file(str(path)))
 
     def train(self, *args, **kwargs):
+        """The stock `train`, plus the held-out evaluation before and after (eval/report.*),
+        the run plots and the routing table at the end."""
+        evaluation = self._evaluation_blocks()
+        # Before super().train(): on resume the checkpoint is loaded inside it, and "before"
+        # must describe the source model's routers.
+        before = self._evaluate(evaluation, "before training") if evaluation else None
         with _stop_on_signals(self):
             result = super().train(*args, **kwargs)
+        if evaluation:
+            after = self._evaluate(evaluation, f"step {self.state.global_step}")
+            if self.is_world_process_zero():
+                from router_tune.report import format_comparison, write_report
+                results = {"before": before, "after": after}
+                write_report(Path(self.args.output_dir) / "eval", results,
+                             title=f"router_tune evaluation: {self.args.output_dir}",
+                             meta={"global_step": self.state.global_step})
+                print(format_comparison(results))
         if self.is_world_process_zero():
             plots = self.telemetry.save_plots(self.state.log_history)
             if self.telemetry.last_summary is not None:
                 print(format_routing_table(self.telemetry.last_summary))
             logger.info("plots: %s", ", ".join(str(p) for p in plots))
         return result
+
+
+    def _evaluation_blocks(self) -> dict | None:
+        """Held-out blocks of the recipe's sources; None when the run has no before/after evaluation.
+
+        Skipped under FSDP / DeepSpeed (sharded weights): run `router-tune eval OUTPUT_DIR` after.
+        """
+        args = self.args
+        if not (args.eval_before_after and args.datasets) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return None
+        from router_tune.data import build_eval_blocks, parse_sources
+        return build_eval_blocks(parse_sources(args.datasets), self.processing_class, args.block_size,
+                                 eval_fraction=args.eval_fraction, max_blocks=args.eval_max_blocks,
+                                 max_bad_records=args.max_bad_records)
+
+    def _evaluate(self, blocks: dict, label: str):
+        """Every rank evaluates the same blocks (identical results, no collective to wait on)."""
+        from router_tune.evaluate import evaluate_model
+        return evaluate_model(self.accelerator.unwrap_model(self.model), blocks, top_k=self.moe.top_k,
+                              batch_size=self.args.per_device_eval_batch_size, label=label,
+                              progress=self.is_world_process_zero())
 
 
 class RouterTrainingCallback(TrainerCallback):

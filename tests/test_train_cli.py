@@ -52,8 +52,9 @@ def test_dry_run_reads_no_weights(mixtral_legacy, tmp_path, capsys, monkeypatch)
     assert not (tmp_path / "run").exists()
 
 
-def test_train_writes_routers_checkpoints_and_plots(mixtral_legacy, tmp_path, capsys):
-    recipe = write_recipe(tmp_path, mixtral_legacy)
+def test_train_writes_routers_checkpoints_plots_and_report(mixtral_legacy, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, mixtral_legacy, eval_before_after=True, eval_max_blocks=4, eval_fraction=0.2,
+                          block_size=128)
     assert main(["train", str(recipe)]) == 0
     run = tmp_path / "run"
     assert (run / "routers.safetensors").is_file()
@@ -64,6 +65,13 @@ def test_train_writes_routers_checkpoints_and_plots(mixtral_legacy, tmp_path, ca
     assert (run / "plots" / "usage_start_end.png").is_file()
     out = capsys.readouterr().out
     assert "finished at step 4" in out
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["global_step"] == 4
+    for name in ("before", "after"):
+        assert set(report[name]["perplexity"]) == {"redpajama", "wizard_vicuna", "overall"}
+    assert report["before"]["tokens"] == report["after"]["tokens"]  # the same held-out blocks
+    assert report["before"]["perplexity"] != report["after"]["perplexity"]  # the routers changed the model
+    assert (run / "eval" / "report.md").is_file()
 
 
 def test_bad_override_is_a_clear_error(mixtral_legacy, tmp_path, capsys):

@@ -1,0 +1,212 @@
+"""Held-out perplexity and routing statistics of a model (`router-tune eval` is eval_command.py).
+
+Library use (what RouterTrainer does at the start and end of training):
+
+    blocks = build_eval_blocks(parse_sources(args.datasets), tokenizer, args.block_size,
+                               eval_fraction=args.eval_fraction, max_blocks=args.eval_max_blocks)
+    before = evaluate_model(model, blocks, label="before training")
+    ...
+    write_report(Path(args.output_dir) / "eval", {"before": before, "after": after})
+
+Perplexity is token-weighted: exp(summed next-token cross-entropy / number of target tokens),
+per source and over all sources, on the held-out documents the training pipeline never yields
+(data.split.is_heldout). The routing statistics come from the same forward passes.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from router_tune.errors import RouterTuneError
+from router_tune.stats import RoutingStats, RoutingSummary
+
+SAMPLES = Path(__file__).parent / "assets" / "samples"
+DEFAULT_SAMPLES = [{"source": "redpajama", "path": str(SAMPLES / "redpajama")},
+                   {"source": "wizard_vicuna", "path": str(SAMPLES / "wizard_vicuna"), "template": "vicuna_v1.1"}]
+# Tokens per chunk of logits in the cross-entropy: bounds memory at one [chunk, vocab] fp32 tensor.
+CE_CHUNK_TOKENS = 4096
+
+
+@dataclass
+class EvalResult:
+    """Held-out evaluation of one model.
+
+    Attributes:
+        perplexity: {source: ppl, "overall": ppl}, token-weighted.
+        loss: {source: mean CE in nats, "overall": ...}.
+        tokens: {source: target tokens, "overall": ...} (tokens whose next-token loss was counted).
+        routing: routing statistics over the real tokens of the same blocks.
+        model: where the model came from (a path, hub id or run description).
+    """
+    perplexity: dict[str, float]
+    loss: dict[str, float]
+    tokens: dict[str, int]
+    routing: RoutingSummary
+    model: str = ""
+    blocks: dict[str, int] = field(default_factory=dict)
+
+    def balance(self) -> dict[str, float]:
+        """Routing means over MoE layers: max_load (1 = balanced), token entropy (nats), dead experts (sum)."""
+        r = self.routing
+        return {"max_load": float(r.max_load.mean()), "entropy": float(r.token_entropy.mean()),
+                "dead": int(r.dead.sum())}
+
+    def to_dict(self) -> dict:
+        """Plain JSON types. `balance` is derived (ignored by from_dict), for readers of report.json."""
+        return {"model": self.model, "perplexity": dict(self.perplexity), "loss": dict(self.loss),
+                "tokens": dict(self.tokens), "blocks": dict(self.blocks), "balance": self.balance(),
+                "routing": self.routing.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvalResult":
+        return cls(perplexity=dict(data["perplexity"]), loss=dict(data["loss"]), tokens=dict(data["tokens"]),
+                   routing=RoutingSummary.from_dict(data["routing"]), model=data.get("model", ""),
+                   blocks=dict(data.get("blocks") or {}))
+
+
+@contextlib.contextmanager
+def _output_head(model: nn.Module):
+    """Yield the frozen LM head with `model(...)` returning hidden states, or None when the head is
+    not a bias-free Linear (then the model's own logits are used)."""
+    from router_tune.lm_loss import lm_head_as_identity
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        yield None
+        return
+    # lm_loss_sum insists on a frozen head (it never computes the head's gradient); nothing
+    # is back-propagated here, so freezing it for the duration changes nothing.
+    grad = head.weight.requires_grad
+    head.weight.requires_grad_(False)
+    try:
+        with lm_head_as_identity(model) as real_head:
+            yield real_head
+    finally:
+        head.weight.requires_grad_(grad)
+
+
+def _ce_sum(outputs, head, labels: torch.Tensor) -> torch.Tensor:
+    from router_tune.lm_loss import lm_loss_sum
+    if head is not None:
+        return lm_loss_sum(outputs.logits, head, labels, CE_CHUNK_TOKENS)
+    logits = outputs.logits[:, :-1].float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
+                                       ignore_index=-100, reduction="sum")
+
+
+def evaluate_model(model: nn.Module, eval_blocks: dict[str, list[dict]], *, top_k: int | None = None,
+                   batch_size: int = 8, device: torch.device | str | None = None, label: str = "",
+                   progress: bool = True) -> EvalResult:
+    """Held-out perplexity per source and overall, and routing statistics over the same tokens.
+
+    Args:
+        model: a loaded (unwrapped) MoE causal LM; put in eval mode, its training flag is restored.
+        eval_blocks: {source: blocks} from `build_eval_blocks` (packed blocks without attention_mask).
+        top_k: experts per token for the routing statistics (default: the model's).
+        batch_size: blocks per forward pass.
+        device: where batches go (default: the device of the model's first parameter).
+        label: stored as `EvalResult.model`.
+        progress: show a tqdm bar over batches.
+
+    Single-process: every caller evaluates all blocks and nothing is reduced across ranks.
+
+    Raises:
+        RouterTuneError: no blocks, or a source without a single target token.
+    """
+    from tqdm.auto import tqdm
+
+    from router_tune.data import collate_blocks
+    from router_tune.moe import describe_moe
+
+    if not eval_blocks or not any(eval_blocks.values()):
+        raise RouterTuneError("no evaluation blocks: give at least one source with held-out documents.")
+    info = describe_moe(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    sources = list(eval_blocks)
+    stats = RoutingStats(len(info.routers), info.num_experts, top_k or info.top_k, sources=sources,
+                         device=device, layer_ids=info.moe_layers)
+    ce = {s: torch.zeros((), dtype=torch.float64) for s in sources}
+    targets = dict.fromkeys(sources, 0)
+    batches = [(s, eval_blocks[s][i:i + batch_size]) for s in sources for i in range(0, len(eval_blocks[s]), batch_size)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _output_head(model) as head:
+            for source, blocks in tqdm(batches, desc="eval", unit="batch", disable=not progress):
+                batch = {k: v.to(device) for k, v in collate_blocks(blocks).items()}
+                # Packed blocks: position_ids restart per document and no attention_mask / KV cache,
+                # so transformers masks across documents (see data/packing.py).
+                outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                                output_router_logits=True)
+                ce[source] += _ce_sum(outputs, head, batch["labels"]).double().cpu()
+                targets[source] += int((batch["labels"][:, 1:] != -100).sum())
+                # Every block of the batch belongs to this source; its index in `sources` is the id.
+                ids = torch.full((batch["input_ids"].numel(),), sources.index(source), dtype=torch.long, device=device)
+                stats.update(outputs.router_logits, batch["token_mask"].reshape(-1), ids)
+    finally:
+        model.train(was_training)
+    empty = [s for s in sources if targets[s] == 0]
+    if empty:
+        raise RouterTuneError(f"held-out blocks of {', '.join(empty)} hold no target token (every label is -100): "
+                              "evaluate more or longer blocks (max_blocks, block_size), add documents, or for chat data "
+                              "check that the template marks assistant turns.")
+    loss = {s: float(ce[s]) / targets[s] for s in sources}
+    loss["overall"] = float(sum(ce.values())) / sum(targets.values())
+    tokens = {**targets, "overall": sum(targets.values())}
+    return EvalResult(perplexity={k: math.exp(v) for k, v in loss.items()}, loss=loss, tokens=tokens,
+                      routing=stats.summary(), model=label, blocks={s: len(b) for s, b in eval_blocks.items()})
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A router_tune run, checkpoint-N or router delta directory (holds routers.safetensors)."""
+    from router_tune.router_files import ROUTERS_FILE
+    return Path(path, ROUTERS_FILE).is_file()
+
+
+def load_for_eval(model_or_run: str | Path, *, routers: str | Path | None = None, dtype="auto",
+                  allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Load a model to evaluate: a checkpoint directory or hub id, or a router_tune run.
+
+    Args:
+        model_or_run: a model directory / hub id, or a run directory, one of its checkpoint-N
+            directories or a router delta (routers.safetensors + router_tune.json): then the source
+            model recorded in router_tune.json (`source_dir`, else `source_model`) is loaded and the
+            trained routers are copied in.
+        routers: a routers.safetensors file or run directory whose routers replace the model's.
+        dtype: weights dtype for a plain model; a run loads in its recipe's `model_dtype`.
+
+    Returns:
+        (model, tokenizer, MoeInfo, label): label says what was loaded, for reports.
+
+    Raises:
+        RouterTuneError: missing path, not a supported MoE, routers that do not fit the model.
+    """
+    from transformers import AutoTokenizer
+
+    from router_tune.moe import load_moe, load_router_state_dict
+    from router_tune.router_files import read_trained_routers
+    from router_tune.trainer import TORCH_DTYPES
+
+    trained, label = None, str(model_or_run)
+    source: str | Path = model_or_run
+    if is_run_dir(model_or_run):
+        trained = read_trained_routers(model_or_run)
+        source = trained.source_dir()
+        dtype = TORCH_DTYPES.get(trained.fingerprints_dtype, "auto")
+        step = trained.meta.get("global_step")
+        label = f"{model_or_run} (routers{f' at step {step}' if step is not None else ''} on {trained.source_model})"
+    elif not Path(str(model_or_run)).expanduser().exists() and str(model_or_run).startswith((".", "/", "~")):
+        raise RouterTuneError(f"{model_or_run} does not exist: pass a model directory, a hub id, or a router_tune "
+                              "run directory (it holds routers.safetensors and router_tune.json).")
+    model, info = load_moe(source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    for extra in (trained, read_trained_routers(routers) if routers is not None else None):
+        if extra is not None:
+            load_router_state_dict(model, extra.tensors)
+    if routers is not None:
+        label += f" + routers {routers}"
+    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    return model, tokenizer, info, label
