@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import os
 import signal
@@ -28,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Trainer, TrainerCallback
 
 from router_tune import losses
@@ -40,13 +38,12 @@ from router_tune.moe import (
     load_router_state_dict, router_state_dict, routers_to_fp32,
 )
 from router_tune.rescale import rescale_routers
+from router_tune.router_files import TrainedRouters, read_trained_routers, write_router_delta
 from router_tune.stats import RoutingStats
 from router_tune.telemetry import RoutingTelemetry, format_routing_table, tensorboard_writer
 
 logger = logging.getLogger(__name__)
 
-ROUTERS_FILE = "routers.safetensors"
-RUN_INFO_FILE = "router_tune.json"
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -238,18 +235,15 @@ class RouterTrainer(Trainer):
     # ---- router-only checkpoints ----------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the routers and the run description instead of the whole model."""
+        """Write the routers and the run description (a router-only delta) instead of the whole model."""
         if not self.args.should_save:
             return
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        routers = router_state_dict(unwrapped)
+        routers = router_state_dict(self.accelerator.unwrap_model(self.model))
         if state_dict is not None:  # FSDP / DeepSpeed gathered the full state dict for us
             routers = {n: state_dict[n].detach().float().cpu() for n in routers if n in state_dict} or routers
-        save_file(routers, str(output_dir / ROUTERS_FILE),
-                  metadata={"format": "router_tune.routers", "source_model": str(self.moe.source)})
-        (output_dir / RUN_INFO_FILE).write_text(json.dumps(self.run_info(), indent=2))
+        write_router_delta(output_dir, TrainedRouters(output_dir, output_dir, routers, self.run_info()))
 
     def run_info(self) -> dict[str, Any]:
         return {
@@ -271,11 +265,8 @@ class RouterTrainer(Trainer):
         }
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        path = Path(resume_from_checkpoint) / ROUTERS_FILE
-        if not path.is_file():
-            raise RouterTuneError(f"{resume_from_checkpoint} is not a router_tune checkpoint (no {ROUTERS_FILE}). "
-                                  "Pass a checkpoint-N directory of a router_tune run, or true for the latest.")
-        load_router_state_dict(self.accelerator.unwrap_model(model or self.model), load_file(str(path)))
+        trained = read_trained_routers(resume_from_checkpoint)
+        load_router_state_dict(self.accelerator.unwrap_model(model or self.model), trained.tensors)
 
     def train(self, *args, **kwargs):
         """The stock `train`, plus the held-out evaluation before and after (eval/report.*),
