@@ -236,3 +236,16 @@ def test_recipe_key_docs_are_current():
 
     doc = Path(__file__).parent.parent / "docs" / "recipe-keys.md"
     assert doc.read_text() == keys_markdown(), "run: python -m router_tune.recipe_keys > docs/recipe-keys.md"
+
+
+def test_activation_checkpointing_gives_the_same_routers(mixtral_legacy, tmp_path):
+    """Frozen embeddings + recomputed activations must still send gradients to every router."""
+    data = text_blocks(mixtral_legacy, 8)
+    runs = []
+    for checkpointing in (False, True):
+        trainer = make_trainer(mixtral_legacy, tmp_path / str(checkpointing), steps=2, data=data,
+                               activation_checkpointing=checkpointing)
+        trainer.train()
+        runs.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-5, atol=1e-7)
