@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer, Trainer, TrainerCallback
 
-from router_tune import losses
+from router_tune import data, losses
 from router_tune.config import RouterTuneConfig
 from router_tune.errors import RouterTuneError
 from router_tune.lm_loss import lm_head_as_identity, lm_loss_sum
@@ -86,15 +86,13 @@ class RouterTrainer(Trainer):
             processing_class = AutoTokenizer.from_pretrained(self.moe.source or args.model_name_or_path)
         self.source_names: list[str] = list(source_names or [])
         if train_dataset is None and args.datasets:
-            from router_tune.data import build_train_dataset, check_block_size, parse_sources, source_names
-            specs = parse_sources(args.datasets)
-            check_block_size(args.block_size, model.config)
-            self.source_names = source_names(specs)
-            train_dataset = build_train_dataset(specs, processing_class, args.block_size, seed=args.seed,
-                                                eval_fraction=args.eval_fraction, max_bad_records=args.max_bad_records)
-        if data_collator is None:
-            from router_tune.data import collate_blocks
-            data_collator = collate_blocks
+            specs = data.parse_sources(args.datasets)
+            data.check_block_size(args.block_size, model.config)
+            self.source_names = data.source_names(specs)
+            train_dataset = data.build_train_dataset(specs, processing_class, args.block_size, seed=args.seed,
+                                                     eval_fraction=args.eval_fraction,
+                                                     max_bad_records=args.max_bad_records)
+        data_collator = data_collator or data.collate_blocks
 
         self.router_rescaling = []
         if args.router_rescale != "off" and train_dataset is not None:
@@ -302,10 +300,9 @@ class RouterTrainer(Trainer):
         args = self.args
         if not (args.eval_before_after and args.datasets) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return None
-        from router_tune.data import build_eval_blocks, parse_sources
-        return build_eval_blocks(parse_sources(args.datasets), self.processing_class, args.block_size,
-                                 eval_fraction=args.eval_fraction, max_blocks=args.eval_max_blocks,
-                                 max_bad_records=args.max_bad_records)
+        return data.build_eval_blocks(data.parse_sources(args.datasets), self.processing_class, args.block_size,
+                                      eval_fraction=args.eval_fraction, max_blocks=args.eval_max_blocks,
+                                      max_bad_records=args.max_bad_records)
 
     def _evaluate(self, blocks: dict, label: str):
         """Every rank evaluates the same blocks (identical results, no collective to wait on)."""

@@ -249,3 +249,19 @@ def test_activation_checkpointing_gives_the_same_routers(mixtral_legacy, tmp_pat
         runs.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
     for name in runs[0]:
         torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_padded_blocks_of_your_own_keep_padding_out_of_routing(mixtral_legacy, tmp_path):
+    """A user's own padded blocks (input_ids, labels, attention_mask) train with the default
+    collator, and padding reaches neither the loss nor the routing statistics."""
+    rows = []
+    for row in text_blocks(mixtral_legacy, 8):
+        pad = 8 if row["source_id"] else 0
+        ids = row["input_ids"][:BLOCK - pad] + [2] * pad
+        rows.append({"input_ids": ids, "labels": ids[:BLOCK - pad] + [-100] * pad,
+                     "attention_mask": [1] * (BLOCK - pad) + [0] * pad})
+    trainer = make_trainer(mixtral_legacy, tmp_path / "run", steps=1, batch=8, data=Dataset.from_list(rows))
+    trainer.train()
+    real_tokens = sum(sum(r["attention_mask"]) for r in rows)
+    summary = trainer.telemetry.last_summary  # the window logged at the last step
+    assert summary.tokens == real_tokens

@@ -74,5 +74,9 @@ def pack_documents(batch: dict, block_size: int, pad_id: int, source_id: int) ->
 
 
 def collate_blocks(blocks: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack blocks into int64 tensors: [B, block_size] for token fields, [B] for source_id."""
-    return {key: torch.tensor([b[key] for b in blocks], dtype=torch.long) for key in BLOCK_KEYS}
+    """Stack blocks into int64 tensors: [B, block_size] for token fields, [B] for source_id.
+
+    Blocks of this pipeline carry every BLOCK_KEYS field; blocks made elsewhere need only
+    `input_ids` and `labels` (plus an `attention_mask` when they are padded)."""
+    keys = [k for k in (*BLOCK_KEYS, "attention_mask") if k in blocks[0]]
+    return {key: torch.tensor([b[key] for b in blocks], dtype=torch.long) for key in keys}
