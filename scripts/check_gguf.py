@@ -35,8 +35,9 @@ def converter() -> Path:
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(sdist) as tar:
             prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+            wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")  # the script, its package, gguf-py
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and
-                       (m.name.endswith("convert_hf_to_gguf.py") or "/gguf-py/" in m.name)]
+                       m.name[len(prefix):].startswith(wanted)]
             for m in members:
                 m.name = m.name[len(prefix):]
             tar.extractall(CACHE, members=members, filter="data")
@@ -64,7 +65,7 @@ def main() -> int:
 
     tree = converter()
     outfile = args.outfile or Path(tempfile.mkdtemp()) / "model-f32.gguf"
-    env = {"PYTHONPATH": str(tree / "gguf-py"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    env = {"PYTHONPATH": f"{tree}:{tree / 'gguf-py'}", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(args.model), "--outfile", str(outfile),
                     "--outtype", "f32"], check=True, env=env)
 
