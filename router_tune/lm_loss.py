@@ -29,12 +29,17 @@ class _FrozenHeadCrossEntropySum(torch.autograd.Function):
             h = hidden[start:start + chunk]
             y = targets[start:start + chunk]
             logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(y.shape[0], device=y.device)
-            loss = loss + (lse - logits[rows, y]).sum()
+            target_logit = logits[rows, y]
+            # logsumexp by hand, in place: torch.logsumexp would allocate a second [chunk, vocab]
+            # tensor for exp(x - max), doubling the peak of the loss.
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(dim=-1, keepdim=True)
+            loss = loss + (total.log().squeeze(-1) + top.squeeze(-1) - target_logit).sum()
             if grad_hidden is not None:
-                # softmax - onehot, in place on the chunk's logits to avoid another [chunk, vocab] tensor
-                probs = logits.sub_(lse.unsqueeze(-1)).exp_()
+                # softmax - onehot, still in the chunk's logits buffer
+                probs.div_(total)
                 probs[rows, y] -= 1.0
                 grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else hidden.new_empty(0))

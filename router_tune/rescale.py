@@ -16,6 +16,7 @@ import logging
 import torch
 from torch import nn
 
+from router_tune.lm_loss import lm_head_as_identity
 from router_tune.moe import MoeInfo
 
 logger = logging.getLogger(__name__)
@@ -26,11 +27,16 @@ DEFAULT_TARGET_STD = 1.0
 
 @torch.no_grad()
 def measure_routers(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, float]]:
-    """Per MoE layer: mean top-1 probability and logit standard deviation on `batch`."""
+    """Per MoE layer: mean top-1 probability and logit standard deviation on `batch`.
+
+    The frozen LM head is skipped: its [batch, seq, vocab] logits would be the largest tensor of
+    the whole run (training computes the CE in chunks) and are not needed here.
+    """
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
     was_training = model.training
     model.eval()
-    out = model(**inputs, output_router_logits=True, use_cache=False)
+    with lm_head_as_identity(model):
+        out = model(**inputs, output_router_logits=True, use_cache=False)
     model.train(was_training)
     mask = batch.get("token_mask", batch.get("attention_mask"))
     keep = mask.reshape(-1).bool() if mask is not None else slice(None)
