@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from router_tune.errors import RouterTuneError
-from router_tune.evaluate import DEFAULT_SAMPLES, evaluate_model, is_run_dir, load_for_eval
+from router_tune.evaluate import DEFAULT_SAMPLES, evaluate_model, evaluate_oracle, is_run_dir, load_for_eval
 from router_tune.report import format_comparison, write_report
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -42,8 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="blocks per forward pass (8)")
     parser.add_argument("--eval-fraction", type=float, metavar="F", help="share of documents held out; must "
                         "equal the training run's to evaluate on unseen data (default: the recipe's, else 0.05)")
+    parser.add_argument("--oracle", metavar="SOURCE=EXPERT,...", type=_oracle_mapping,
+                        help="also measure oracle routing: each source sent to its own expert (e.g. "
+                             "code=0,python_docs=1,book=2,chat=3 for the demo), the bound router training approaches")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights (can run code)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
+
+
+def _oracle_mapping(text: str) -> dict[str, int]:
+    try:
+        return {source: int(expert) for source, expert in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SOURCE=EXPERT pairs separated by commas, got {text!r}") from None
 
 
 def _recipe_defaults() -> dict:
@@ -153,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
           f"({', '.join(f'{s}: {len(b)}' for s, b in blocks.items())})")
     top_k, dtype = info.top_k, info.dtype
     result = evaluate_model(model, blocks, top_k=top_k, batch_size=args.batch_size, label=label)
+    oracle = (evaluate_oracle(model, blocks, args.oracle, top_k=top_k, batch_size=args.batch_size)
+              if args.oracle else None)
     del model, info  # one model in memory at a time (MoeInfo holds references to the router modules)
     results = {"model": result}
     if compare is not None:
@@ -165,9 +177,26 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (Path(args.model) / "eval" if trained else Path("eval-report"))
     step = trained.meta.get("global_step") if trained else None
     meta = {"global_step": step} if step is not None else {}
+    if oracle:
+        meta["oracle"] = oracle
     report = write_report(out, results, title=f"router_tune evaluation: {args.model}", meta=meta)
     print(format_comparison(results))
+    if oracle:
+        print(format_oracle(results, oracle))
     figures = json.loads(report.read_text())["figures"]
     print(f"\nreport: {report.parent / 'report.md'}\n        {report}\nfigures: "
           + ", ".join(str(report.parent / f) for f in figures))
     return 0
+
+
+def format_oracle(results: dict, oracle: dict) -> str:
+    """Oracle perplexities and, with a before/after pair, the share of the gap router training closed."""
+    lines = ["oracle routing (each source to its own expert): " + ", ".join(
+        f"{s} {p:.2f}" for s, p in oracle["perplexity"].items())]
+    if "before" in results and "after" in results:
+        before, after = results["before"].perplexity["overall"], results["after"].perplexity["overall"]
+        best = oracle["perplexity"]["overall"]
+        if before > best:
+            lines.append(f"router training closed {100 * (before - after) / (before - best):.0f}% of the gap from "
+                         f"{before:.2f} (before) to the oracle's {best:.2f}: now {after:.2f}")
+    return "\n".join(lines)

@@ -210,3 +210,48 @@ def load_for_eval(model_or_run: str | Path, *, routers: str | Path | None = None
         label += f" + routers {routers}"
     tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     return model, tokenizer, info, label
+
+
+@contextlib.contextmanager
+def forced_routing(model: nn.Module, expert: int):
+    """Send every token of every MoE layer to `expert` alone (weight 1; the other top-k slots get
+    weight 0): the oracle that routes a domain to the expert fine-tuned on it."""
+    from router_tune.moe import find_routers
+
+    def force(module, args, output):
+        logits, scores, indices = output
+        indices = torch.remainder(torch.arange(indices.shape[-1], device=indices.device) + expert,
+                                  logits.shape[-1]).expand_as(indices)
+        scores = torch.zeros_like(scores)
+        scores[..., 0] = 1.0
+        return logits, scores, indices
+
+    handles = [ref.module.register_forward_hook(force) for ref in find_routers(model)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def evaluate_oracle(model: nn.Module, eval_blocks: dict[str, list[dict]], expert_of_source: dict[str, int], *,
+                    top_k: int | None = None, batch_size: int = 8) -> dict:
+    """Held-out perplexity when each source is routed to its own expert (`expert_of_source`).
+
+    Returns {"perplexity": {source..., "overall"}, "experts": expert_of_source}: the upper bound
+    that router training on a domain-expert merge approaches.
+    """
+    missing = sorted(set(eval_blocks) - set(expert_of_source))
+    if missing:
+        raise RouterTuneError(f"no oracle expert given for source(s) {', '.join(missing)}: pass every source, "
+                              "e.g. --oracle code=0,python_docs=1")
+    losses, tokens = {}, {}
+    for source, blocks in eval_blocks.items():
+        with forced_routing(model, expert_of_source[source]):
+            result = evaluate_model(model, {source: blocks}, top_k=top_k, batch_size=batch_size,
+                                    label=f"oracle {source}", progress=False)
+        losses[source], tokens[source] = result.loss[source], result.tokens[source]
+    total = sum(tokens.values())
+    perplexity = {s: math.exp(loss) for s, loss in losses.items()}
+    perplexity["overall"] = math.exp(sum(losses[s] * tokens[s] for s in losses) / total)
+    return {"perplexity": perplexity, "experts": dict(expert_of_source)}

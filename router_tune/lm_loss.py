@@ -23,11 +23,15 @@ class _FrozenHeadCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        # Ignored positions are kept and weighted 0 rather than selected out: selecting needs the
+        # count on the host (a GPU sync per micro-batch), and packed blocks have almost none.
+        valid = targets != IGNORE_INDEX
+        safe_targets = targets.masked_fill(~valid, 0)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
-            y = targets[start:start + chunk]
+            y, keep = safe_targets[start:start + chunk], valid[start:start + chunk]
             logits = (h @ weight.T).float()
             rows = torch.arange(y.shape[0], device=y.device)
             target_logit = logits[rows, y]
@@ -36,11 +40,13 @@ class _FrozenHeadCrossEntropySum(torch.autograd.Function):
             top = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(top).exp_()
             total = probs.sum(dim=-1, keepdim=True)
-            loss = loss + (total.log().squeeze(-1) + top.squeeze(-1) - target_logit).sum()
+            token_loss = total.log().squeeze(-1) + top.squeeze(-1) - target_logit
+            loss = loss + torch.where(keep, token_loss, 0.0).sum()
             if grad_hidden is not None:
-                # softmax - onehot, still in the chunk's logits buffer
+                # softmax - onehot, still in the chunk's logits buffer; ignored rows get no gradient
                 probs.div_(total)
                 probs[rows, y] -= 1.0
+                probs.mul_(keep.unsqueeze(-1))
                 grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else hidden.new_empty(0))
         return loss
@@ -67,9 +73,7 @@ def lm_loss_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chu
         raise ValueError("lm_loss_sum needs a frozen, bias-free LM head")
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
-    keep = (y != IGNORE_INDEX).nonzero().squeeze(-1)  # skip padding and cut document starts entirely
-    return _FrozenHeadCrossEntropySum.apply(h.index_select(0, keep), head.weight, y.index_select(0, keep),
-                                            max(1, chunk_tokens))
+    return _FrozenHeadCrossEntropySum.apply(h, head.weight, y, max(1, chunk_tokens))
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ are found by module class and weight shape, never by name: "gate" also matches
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,3 +332,34 @@ def identical_expert_groups(fingerprints: list[list[str]]) -> list[list[list[int
             groups.setdefault(digest, []).append(e)
         out.append([g for g in groups.values() if len(g) > 1])
     return out
+
+
+class RouterLogitsCapture:
+    """Collects every router's logits during one forward pass, in layer order.
+
+    What `output_router_logits=True` returns, without the model also computing its own
+    load-balancing loss from them (transformers does whenever that flag is set, and the
+    trainer computes its own). Hooks only record inside `with capture() as logits:`, so the
+    forward re-run by activation checkpointing during backward adds nothing.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._logits: list[torch.Tensor] = []
+        self._active = False
+        self._handles = [ref.module.register_forward_hook(self._record) for ref in find_routers(model)]
+
+    def _record(self, module, args, output) -> None:
+        if self._active:
+            self._logits.append(output[0])
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self._logits, self._active = [], True
+        try:
+            yield self._logits
+        finally:
+            self._active = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

@@ -12,7 +12,7 @@ accumulation, mixed precision, DeepSpeed/FSDP, progress bars, `report_to` — is
   (transformers #48690), and the CE computed chunk-wise from hidden states (lm_loss.py);
 - routing statistics per micro-batch, logged every `routing_log_every` steps;
 - checkpoints hold the routers (+ optimizer, scheduler, RNG, trainer state) only;
-- a non-finite loss skips its optimizer step; SIGINT / SIGTERM save and stop cleanly.
+- non-finite gradients skip their optimizer step; SIGINT / SIGTERM save and stop cleanly.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from router_tune.config import RouterTuneConfig
 from router_tune.errors import RouterTuneError
 from router_tune.lm_loss import lm_head_as_identity, lm_loss_sum
 from router_tune.moe import (
-    describe_moe, expert_fingerprints, freeze_all_but_routers, identical_expert_groups, load_moe,
+    RouterLogitsCapture, describe_moe, expert_fingerprints, freeze_all_but_routers, identical_expert_groups, load_moe,
     load_router_state_dict, router_state_dict, routers_to_fp32,
 )
 from router_tune.rescale import rescale_routers
@@ -78,6 +78,7 @@ class RouterTrainer(Trainer):
         _warn_identical_experts(self.fingerprints, self.moe)
         routers_to_fp32(model, jitter=args.router_jitter)
         self.param_counts = freeze_all_but_routers(model)
+        self.router_capture = RouterLogitsCapture(model)
         # We add the balancing loss ourselves, once, with the right scaling.
         model.config.router_aux_loss_coef = 0.0
         model.config.output_router_logits = False
@@ -110,7 +111,6 @@ class RouterTrainer(Trainer):
         self.telemetry = RoutingTelemetry(args.output_dir, args.report_to)
         self._window = _LossWindow()
         self._step_counts: torch.Tensor | None = None
-        self._skip_optimizer_step = False
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
         self._interrupted = False
@@ -126,15 +126,15 @@ class RouterTrainer(Trainer):
         token_mask = inputs.pop("token_mask", None)
         unwrapped = self.accelerator.unwrap_model(model)
         chunked = self.args.ce_chunk_tokens > 0 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        with lm_head_as_identity(unwrapped) if chunked else contextlib.nullcontext() as head:
-            outputs = model(**inputs, output_router_logits=True, use_cache=False)
+        with self.router_capture() as router_logits, \
+                lm_head_as_identity(unwrapped) if chunked else contextlib.nullcontext() as head:
+            outputs = model(**inputs, use_cache=False)
         if chunked:
             ce_sum = lm_loss_sum(outputs.logits, head, labels, self.args.ce_chunk_tokens)
         else:
             logits = outputs.logits[:, :-1].float()
             ce_sum = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                        labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-        router_logits = outputs.router_logits
         mask = token_mask if token_mask is not None else inputs.get("attention_mask")
         mask = mask.reshape(-1) if mask is not None else None
 
@@ -164,46 +164,31 @@ class RouterTrainer(Trainer):
                 self.routing_stats.update(router_logits, mask, tokens)
         return (loss, outputs) if return_outputs else loss
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """The stock step, except that a non-finite loss is not back-propagated and its
-        optimizer step is skipped (the decision is taken on all ranks together)."""
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        del inputs
-        finite = torch.isfinite(loss.detach()).float()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            self._skip_optimizer_step = True
-            # A zero loss on the routers alone keeps DDP's gradient hooks in step on every rank.
-            loss = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
-        self.accelerator.backward(loss)
-        return loss.detach()
-
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         inner_step = optimizer.step
 
-        def step(*args, **kwargs):  # skip updates whose gradients came from a non-finite loss
+        def step(*args, **kwargs):
+            """Skip updates whose gradients are not finite (a non-finite loss anywhere in the step).
+
+            Checked on the gradients, once per optimizer step: under DDP they are already
+            all-reduced, so a NaN on one rank is a NaN on every rank and all ranks skip together,
+            with no extra collective and no host sync per micro-batch."""
             self._step_counts = None  # a new optimizer step starts a new global-batch count
-            if self._skip_optimizer_step:
-                self._skip_optimizer_step = False
-                self.nonfinite_steps += 1
-                self._nonfinite_in_a_row += 1
-                if self._nonfinite_in_a_row >= self.args.max_nonfinite_steps:
-                    raise RouterTuneError(
-                        f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss (step "
-                        f"{self.state.global_step + 1}); stopping. The last checkpoint in {self.args.output_dir} is "
-                        "intact: resume from it with a lower learning_rate, or check the data for empty blocks.")
-                logger.warning("non-finite loss: optimizer step %d skipped (%d so far)",
-                               self.state.global_step + 1, self.nonfinite_steps)
-                return None
-            self._nonfinite_in_a_row = 0
-            return inner_step(*args, **kwargs)
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads and torch.isfinite(torch.nn.utils.get_total_norm(grads)).item():
+                self._nonfinite_in_a_row = 0
+                return inner_step(*args, **kwargs)
+            self.nonfinite_steps += 1
+            self._nonfinite_in_a_row += 1
+            if self._nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+                raise RouterTuneError(
+                    f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss (step "
+                    f"{self.state.global_step + 1}); stopping. The last checkpoint in {self.args.output_dir} is "
+                    "intact: resume from it with a lower learning_rate, or check the data for empty blocks.")
+            logger.warning("non-finite loss: optimizer step %d skipped (%d so far)",
+                           self.state.global_step + 1, self.nonfinite_steps)
+            return None
 
         optimizer.step = step
         return optimizer

@@ -219,3 +219,26 @@ def test_data_files_rule(data_files, tmp_path):
         (mixed / f.name).write_text(f.read_text())
     with pytest.raises(RouterTuneError, match="cannot tell its source type"):
         data_from_files([str(mixed)])
+
+
+def test_forced_routing_equals_a_model_of_that_expert_alone(mixtral_legacy):
+    """Oracle routing to expert 1 gives the logits of a model whose every expert is expert 1
+    (with renormalised top-k weights, copies of one expert are that expert)."""
+    from transformers import AutoModelForCausalLM
+
+    from router_tune.evaluate import forced_routing
+
+    model = AutoModelForCausalLM.from_pretrained(mixtral_legacy, dtype=torch.float32)
+    copies = AutoModelForCausalLM.from_pretrained(mixtral_legacy, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in copies.model.layers:
+            layer.mlp.experts.gate_up_proj[:] = layer.mlp.experts.gate_up_proj[1].clone()
+            layer.mlp.experts.down_proj[:] = layer.mlp.experts.down_proj[1].clone()
+    ids = torch.randint(0, model.config.vocab_size, (2, 10))
+    with torch.no_grad(), forced_routing(model, 1):
+        forced = model(input_ids=ids).logits
+    with torch.no_grad():
+        expected = copies(input_ids=ids).logits
+        normal = model(input_ids=ids).logits  # the hooks are gone again
+    torch.testing.assert_close(forced, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(normal, forced)

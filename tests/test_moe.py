@@ -165,3 +165,22 @@ def test_router_logits_stay_fp32_under_bf16_autocast(mixtral_legacy):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = gate(hidden)[0]
     torch.testing.assert_close(logits, hidden @ gate.weight.T, rtol=1e-6, atol=1e-6)
+
+
+def test_router_logits_capture_equals_output_router_logits(mixtral_legacy):
+    from router_tune.moe import RouterLogitsCapture
+
+    model, _ = load_moe(mixtral_legacy)
+    capture = RouterLogitsCapture(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    reference = model(input_ids=ids, output_router_logits=True).router_logits
+    model(input_ids=ids)  # outside the context nothing is recorded
+    with capture() as logits:
+        out = model(input_ids=ids)
+    assert out.router_logits is None and len(logits) == len(reference) == 2
+    for got, want in zip(logits, reference):
+        torch.testing.assert_close(got, want)
+    capture.remove()
+    with capture() as logits:
+        model(input_ids=ids)
+    assert logits == []
