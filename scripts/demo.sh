@@ -13,18 +13,12 @@ step "1/4 inspect: what is this checkpoint, are its routers sane?"
 router-tune inspect "$MODEL"
 
 step "2/4 train: only the routers, LM loss + load balancing (recipes/demo.yaml)"
-router-tune train recipes/demo.yaml --eval_before_after false --output_dir "$RUN" --overwrite_output_dir true
+rm -rf "$RUN"  # the demo starts from scratch each time
+router-tune train recipes/demo.yaml --eval_before_after false --output_dir "$RUN"
 
-step "3/4 eval: held-out perplexity and routing, mergekit gates (before) vs trained (after)"
-router-tune eval "$RUN" --data recipes/demo.yaml
-python - "$MODEL/figures.json" <<'PY'
-import json, sys
-f = json.load(open(sys.argv[1]))
-print("reference figures measured when the demo model was built (scripts/make_demo_model.py):")
-for key in ("dense_base", "untrained_hidden_gates", "oracle_routing"):
-    if key in f.get("perplexity", {}):
-        print(f"  {key:<24} mixed held-out perplexity {f['perplexity'][key]['mixed']:.1f}")
-PY
+step "3/4 eval: held-out perplexity and routing, mergekit gates (before) vs trained (after) vs oracle"
+# oracle: each domain sent to the expert fine-tuned on it (experts in mergekit_moe.yml order)
+router-tune eval "$RUN" --data recipes/demo.yaml --oracle code=0,python_docs=1,book=2,chat=3
 
 step "4/4 export: a full model in the legacy layout (transformers, mergekit, llama.cpp), verified"
 router-tune export "$RUN" --out "$RUN/export" --layout legacy --force

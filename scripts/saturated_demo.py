@@ -40,9 +40,9 @@ def random_gate_variant(out: Path, seed: int = 42) -> Path:
 
 
 def train(model: Path, out: Path, rescale: str, steps: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
     args = load_recipe(ROOT / "recipes" / "demo.yaml", model_name_or_path=str(model), output_dir=str(out),
-                       router_rescale=rescale, max_steps=steps, report_to="none", save_strategy="no",
-                       overwrite_output_dir=True)
+                       router_rescale=rescale, max_steps=steps, report_to="none", save_strategy="no")
     trainer = RouterTrainer(args=args)
     trainer.train()
     report = json.loads((out / "eval" / "report.json").read_text())
