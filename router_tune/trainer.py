@@ -139,7 +139,8 @@ class RouterTrainer(Trainer):
         mask = mask.reshape(-1) if mask is not None else None
 
         targets = (labels[:, 1:] != -100).sum()
-        ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps) if model.training else 1
+        ga = (getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+              if model.training else 1)
         if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
             num_items_in_batch, scale = targets * ga, 1
         else:  # global target count: DDP averages gradients over ranks, so undo that for the CE
