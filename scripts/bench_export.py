@@ -136,7 +136,7 @@ def run_benchmark(work_dir: str | Path = ROOT / "bench" / "work", repeats: int =
     """Generate the checkpoint once, then time both methods `repeats` times each; returns medians."""
     work = Path(work_dir).absolute()
     model_dir = make_checkpoint(work / "mixtral-random-bf16")
-    run_dir = make_run(model_dir, work / "run")
+    make_run(model_dir, work / "run")  # the child processes export this run
     shards = sorted(model_dir.glob("*.safetensors"))
     samples: dict[str, list[dict]] = {"splice": [], "reload_save": []}
     for _ in range(repeats):
