@@ -259,6 +259,9 @@ class RouterTrainer(Trainer):
         # Before super().train(): on resume the checkpoint is loaded inside it, and "before"
         # must describe the source model's routers.
         before = self._evaluate(evaluation, "before training") if evaluation else None
+        if before is not None and self.telemetry.first_summary is None:
+            # the untrained routers are the "start" of the run plots (else the first window is)
+            self.telemetry.first_step, self.telemetry.first_summary = 0, before.routing
         with _stop_on_signals(self):
             result = super().train(*args, **kwargs)
         if evaluation:

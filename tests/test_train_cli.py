@@ -106,3 +106,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(mixtral_legacy, tmp_path):
 def test_missing_recipe(argv, message, capsys):
     assert main(argv) == 1
     assert message in capsys.readouterr().err
+
+
+def test_run_plots_start_from_the_untrained_routers(mixtral_legacy, tmp_path):
+    """With the before/after evaluation on, the "start" heatmap is the untrained routers (step 0)."""
+    from router_tune import RouterTrainer, load_recipe
+
+    recipe = write_recipe(tmp_path, mixtral_legacy, eval_before_after=True, eval_max_blocks=2, eval_fraction=0.2,
+                          block_size=128, max_steps=2, routing_log_every=1)
+    trainer = RouterTrainer(args=load_recipe(recipe))
+    trainer.train()
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert trainer.telemetry.first_step == 0 and trainer.telemetry.last_step == 2
+    assert trainer.telemetry.first_summary.tokens == report["before"]["routing"]["tokens"]
