@@ -20,27 +20,25 @@ import contextlib
 import itertools
 import logging
 import os
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from transformers import AutoTokenizer, Trainer, TrainerCallback
+from transformers import AutoTokenizer, Trainer
 
 from router_tune import data, losses
 from router_tune.config import RouterTuneConfig
 from router_tune.errors import RouterTuneError
 from router_tune.lm_loss import lm_head_as_identity, lm_loss_sum
 from router_tune.moe import (
-    RouterLogitsCapture, describe_moe, expert_fingerprints, freeze_all_but_routers, identical_expert_groups, load_moe,
-    load_router_state_dict, router_state_dict, routers_to_fp32,
+    RouterLogitsCapture, describe_moe, expert_fingerprints, freeze_all_but_routers, load_moe, load_router_state_dict,
+    router_state_dict, routers_to_fp32,
 )
 from router_tune.rescale import rescale_routers
 from router_tune.router_files import TrainedRouters, read_trained_routers, write_router_delta
 from router_tune.stats import RoutingStats
 from router_tune.telemetry import RoutingTelemetry, format_routing_table, tensorboard_writer
+from router_tune.training_support import LossWindow, RouterTrainingCallback, stop_on_signals, warn_identical_experts
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +73,7 @@ class RouterTrainer(Trainer):
         else:
             self.moe = describe_moe(model)
         self.fingerprints = expert_fingerprints(model)
-        _warn_identical_experts(self.fingerprints, self.moe)
+        warn_identical_experts(self.fingerprints, self.moe)
         routers_to_fp32(model, jitter=args.router_jitter)
         self.param_counts = freeze_all_but_routers(model)
         self.router_capture = RouterLogitsCapture(model)
@@ -109,7 +107,7 @@ class RouterTrainer(Trainer):
         self.routing_stats = RoutingStats(len(self.moe.routers), self.moe.num_experts, self.moe.top_k,
                                           sources=self.source_names, layer_ids=self.moe.moe_layers)
         self.telemetry = RoutingTelemetry(args.output_dir, args.report_to)
-        self._window = _LossWindow()
+        self._window = LossWindow()
         self._step_counts: torch.Tensor | None = None
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
@@ -262,7 +260,7 @@ class RouterTrainer(Trainer):
         if before is not None and self.telemetry.first_summary is None:
             # the untrained routers are the "start" of the run plots (else the first window is)
             self.telemetry.first_step, self.telemetry.first_summary = 0, before.routing
-        with _stop_on_signals(self):
+        with stop_on_signals(self):
             result = super().train(*args, **kwargs)
         if evaluation:
             after = self._evaluate(evaluation, f"step {self.state.global_step}")
@@ -299,81 +297,3 @@ class RouterTrainer(Trainer):
         return evaluate_model(self.accelerator.unwrap_model(self.model), blocks, top_k=self.moe.top_k,
                               batch_size=self.args.per_device_eval_batch_size, label=label,
                               progress=self.is_world_process_zero())
-
-
-class RouterTrainingCallback(TrainerCallback):
-    """Routing logs every `routing_log_every` steps and a clean stop after SIGINT / SIGTERM."""
-
-    def __init__(self, trainer: RouterTrainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        every = args.routing_log_every
-        if every and (state.global_step % every == 0 or state.global_step >= state.max_steps):
-            trainer.log_routing()
-        if _any_rank(trainer._interrupted):
-            logger.warning("interrupted: saving a checkpoint at step %d and stopping", state.global_step)
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-
-class _LossWindow:
-    """Sums of the loss parts since the last log, kept on device (no host sync per step)."""
-
-    def __init__(self):
-        self.micro_batches = 0
-
-    def add(self, ce_sum, targets, aux, z):
-        if self.micro_batches == 0:
-            self.ce, self.targets, self.aux, self.z = ce_sum, targets, aux, z
-        else:
-            self.ce, self.targets = self.ce + ce_sum, self.targets + targets
-            self.aux, self.z = self.aux + aux, self.z + z
-        self.micro_batches += 1
-
-    def flush(self) -> dict[str, float]:
-        n = self.micro_batches
-        out = {"lm_loss": (self.ce / self.targets.clamp_min(1)).item(), "aux_loss": (self.aux / n).item(),
-               "z_loss": (self.z / n).item()}
-        self.micro_batches = 0
-        return out
-
-
-def _any_rank(flag: bool) -> bool:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([float(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-    return flag
-
-
-@contextlib.contextmanager
-def _stop_on_signals(trainer: RouterTrainer):
-    """SIGINT / SIGTERM set a flag; the callback saves a checkpoint at the end of the step and stops."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        trainer._interrupted = True
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _warn_identical_experts(fingerprints, info) -> None:
-    groups = identical_expert_groups(fingerprints)
-    if all(len(g) == 1 for layer in groups for g in layer):
-        return
-    all_same = all(len(layer) == 1 for layer in groups)
-    if all_same and info.normalizes_topk:
-        logger.warning("All experts of every layer are identical: router training cannot change this model's "
-                       "outputs (top-k weights sum to 1), only its load balance.")
-    else:
-        logger.warning("Some layers have identical experts: %s", groups)

@@ -267,3 +267,15 @@ def test_padded_blocks_of_your_own_keep_padding_out_of_routing(mixtral_legacy, t
     real_tokens = sum(sum(r["attention_mask"]) for r in rows)
     summary = trainer.telemetry.last_summary  # the window logged at the last step
     assert summary.tokens == real_tokens
+
+
+@pytest.mark.parametrize("fixture, expected", [
+    ("mixtral_identical", "All experts of every layer are identical"),
+    ("mixtral_legacy", None),
+])
+def test_identical_experts_are_announced_before_training(fixture, expected, request, tmp_path, caplog):
+    model_dir = request.getfixturevalue(fixture)
+    with caplog.at_level("WARNING", logger="router_tune.trainer"):
+        make_trainer(model_dir, tmp_path / "run", steps=1, data=text_blocks(model_dir, 4))
+    messages = " ".join(r.getMessage() for r in caplog.records if r.name == "router_tune.trainer")
+    assert (expected in messages) if expected else "identical" not in messages
