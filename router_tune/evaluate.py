@@ -89,15 +89,6 @@ def _output_head(model: nn.Module):
         head.weight.requires_grad_(grad)
 
 
-def _ce_sum(outputs, head, labels: torch.Tensor) -> torch.Tensor:
-    from router_tune.lm_loss import lm_loss_sum
-    if head is not None:
-        return lm_loss_sum(outputs.logits, head, labels, CE_CHUNK_TOKENS)
-    logits = outputs.logits[:, :-1].float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
-                                       ignore_index=-100, reduction="sum")
-
-
 def evaluate_model(model: nn.Module, eval_blocks: dict[str, list[dict]], *, top_k: int | None = None,
                    batch_size: int = 8, device: torch.device | str | None = None, label: str = "",
                    progress: bool = True) -> EvalResult:
@@ -120,6 +111,7 @@ def evaluate_model(model: nn.Module, eval_blocks: dict[str, list[dict]], *, top_
     from tqdm.auto import tqdm
 
     from router_tune.data import collate_blocks
+    from router_tune.lm_loss import next_token_loss_sum
     from router_tune.moe import describe_moe
 
     if not eval_blocks or not any(eval_blocks.values()):
@@ -142,7 +134,7 @@ def evaluate_model(model: nn.Module, eval_blocks: dict[str, list[dict]], *, top_
                 # so transformers masks across documents (see data/packing.py).
                 outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                                 output_router_logits=True)
-                ce[source] += _ce_sum(outputs, head, batch["labels"]).double().cpu()
+                ce[source] += next_token_loss_sum(outputs.logits, head, batch["labels"], CE_CHUNK_TOKENS).double().cpu()
                 targets[source] += int((batch["labels"][:, 1:] != -100).sum())
                 # Every block of the batch belongs to this source; its index in `sources` is the id.
                 ids = torch.full((batch["input_ids"].numel(),), sources.index(source), dtype=torch.long, device=device)

@@ -76,6 +76,21 @@ def lm_loss_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chu
     return _FrozenHeadCrossEntropySum.apply(h, head.weight, y, max(1, chunk_tokens))
 
 
+def next_token_loss_sum(output: torch.Tensor, head: nn.Linear | None, labels: torch.Tensor,
+                        chunk_tokens: int) -> torch.Tensor:
+    """Summed next-token cross-entropy from what the model returned as `logits`.
+
+    With `head` (inside `lm_head_as_identity`) `output` is the final hidden states and the loss
+    is computed chunk-wise by `lm_loss_sum`; with `head=None` it is the real logits (FSDP /
+    DeepSpeed shard the head, or a head `lm_loss_sum` cannot take) and the plain CE is used.
+    """
+    if head is not None:
+        return lm_loss_sum(output, head, labels, chunk_tokens)
+    logits = output[:, :-1].float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 @contextlib.contextmanager
 def lm_head_as_identity(model: nn.Module) -> Iterator[nn.Linear]:
     """Make `model(...)` return final hidden states as `logits`, yielding the real head.

@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, Trainer
 from router_tune import data, losses
 from router_tune.config import RouterTuneConfig
 from router_tune.errors import RouterTuneError
-from router_tune.lm_loss import lm_head_as_identity, lm_loss_sum
+from router_tune.lm_loss import lm_head_as_identity, next_token_loss_sum
 from router_tune.moe import (
     RouterLogitsCapture, describe_moe, expert_fingerprints, freeze_all_but_routers, load_moe, load_router_state_dict,
     router_state_dict, routers_to_fp32,
@@ -127,12 +127,7 @@ class RouterTrainer(Trainer):
         with self.router_capture() as router_logits, \
                 lm_head_as_identity(unwrapped) if chunked else contextlib.nullcontext() as head:
             outputs = model(**inputs, use_cache=False)
-        if chunked:
-            ce_sum = lm_loss_sum(outputs.logits, head, labels, self.args.ce_chunk_tokens)
-        else:
-            logits = outputs.logits[:, :-1].float()
-            ce_sum = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                       labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+        ce_sum = next_token_loss_sum(outputs.logits, head, labels, self.args.ce_chunk_tokens)
         mask = token_mask if token_mask is not None else inputs.get("attention_mask")
         mask = mask.reshape(-1) if mask is not None else None
 
