@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from router_tune.errors import RouterTuneError
-from router_tune.moe import MoeInfo, expert_fingerprints, identical_expert_groups, load_moe, router_param_names
+from router_tune.moe import (
+    MoeInfo, expert_fingerprints, identical_expert_groups, load_moe, router_logits_on, router_param_names,
+)
 
 DEFAULT_SAMPLE = Path(__file__).parent / "assets" / "samples" / "inspect_sample.txt"
 BUILTIN_SAMPLE = (
@@ -128,17 +130,11 @@ def _r(x) -> float:
     return round(float(x), 4)
 
 
-@torch.no_grad()
 def _route(model, ids: torch.Tensor, info: MoeInfo) -> list[dict]:
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model(input_ids=ids, output_router_logits=True, use_cache=False).router_logits
-    finally:
-        model.train(was_training)
+    logits = router_logits_on(model, {"input_ids": ids})
     out = []
     for layer_logits in logits:
-        probs = torch.softmax(layer_logits.float(), dim=-1)
+        probs = torch.softmax(layer_logits, dim=-1)
         chosen = probs.topk(info.top_k, dim=-1).indices.flatten()
         load = torch.bincount(chosen, minlength=info.num_experts).float() / chosen.numel()
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() / math.log(info.num_experts)

@@ -363,3 +363,19 @@ class RouterLogitsCapture:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+@torch.no_grad()
+def router_logits_on(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Every MoE layer's router logits (fp32) for one eval-mode forward of `inputs`, the model's
+    training flag restored. The LM head is skipped: its [tokens, vocab] logits are not needed."""
+    from router_tune.lm_loss import lm_head_as_identity
+
+    was_training = model.training
+    model.eval()
+    try:
+        with lm_head_as_identity(model):
+            out = model(**inputs, output_router_logits=True, use_cache=False)
+    finally:
+        model.train(was_training)
+    return [logits.float() for logits in out.router_logits]

@@ -16,33 +16,22 @@ import logging
 import torch
 from torch import nn
 
-from router_tune.lm_loss import lm_head_as_identity
-from router_tune.moe import MoeInfo
+from router_tune.inspection import SATURATED_TOP1  # the threshold `inspect` calls saturated
+from router_tune.moe import MoeInfo, router_logits_on
 
 logger = logging.getLogger(__name__)
 
-SATURATED_TOP1 = 0.9   # the threshold `inspect` uses to call a router saturated
 DEFAULT_TARGET_STD = 1.0
 
 
-@torch.no_grad()
 def measure_routers(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, float]]:
-    """Per MoE layer: mean top-1 probability and logit standard deviation on `batch`.
-
-    The frozen LM head is skipped: its [batch, seq, vocab] logits would be the largest tensor of
-    the whole run (training computes the CE in chunks) and are not needed here.
-    """
+    """Per MoE layer: mean top-1 probability and logit standard deviation on `batch`."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
-    was_training = model.training
-    model.eval()
-    with lm_head_as_identity(model):
-        out = model(**inputs, output_router_logits=True, use_cache=False)
-    model.train(was_training)
     mask = batch.get("token_mask", batch.get("attention_mask"))
     keep = mask.reshape(-1).bool() if mask is not None else slice(None)
     result = []
-    for logits in out.router_logits:
-        logits = logits.float()[keep]
+    for logits in router_logits_on(model, inputs):
+        logits = logits[keep]
         result.append({"top1": logits.softmax(-1).max(-1).values.mean().item(),
                        "logit_std": logits.std(-1).mean().item()})
     return result
