@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.router-tune-installed
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow lint demo bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# ruff: lint rules and formatting as configured in pyproject.toml ([tool.ruff])
+lint: $(STAMP)
+	$(VENV)/bin/ruff check router_tune tests scripts
+	$(VENV)/bin/ruff format --check router_tune tests scripts
 
 demo: $(STAMP)
 	PATH=$(VENV)/bin:$$PATH bash scripts/demo.sh

@@ -8,6 +8,7 @@
 Names are imported lazily (PEP 562) so that `router-tune --help` does not pay for torch
 and transformers.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,26 +17,31 @@ from router_tune.errors import RouterTuneError
 
 __version__ = "0.1.0"
 
+# The whole pipeline, in the order a run uses it: name -> module that defines it.
 _EXPORTS = {
-    "RouterTrainer": "router_tune.trainer",
-    "RouterTuneConfig": "router_tune.config",
-    "load_recipe": "router_tune.config",
-    "load_moe": "router_tune.moe",
-    "describe_moe": "router_tune.moe",
-    "find_routers": "router_tune.moe",
-    "freeze_all_but_routers": "router_tune.moe",
-    "routers_to_fp32": "router_tune.moe",
-    "router_state_dict": "router_tune.moe",
-    "load_router_state_dict": "router_tune.moe",
-    "expert_fingerprints": "router_tune.moe",
-    "load_balancing_loss": "router_tune.losses",
-    "router_z_loss": "router_tune.losses",
-    "RoutingStats": "router_tune.stats",
-    "RoutingSummary": "router_tune.stats",
+    "load_moe": "router_tune.model.loading",
+    "describe_moe": "router_tune.model.loading",
+    "find_routers": "router_tune.model.routers",
+    "freeze_all_but_routers": "router_tune.model.routers",
+    "routers_to_fp32": "router_tune.model.routers",
+    "router_state_dict": "router_tune.model.routers",
+    "load_router_state_dict": "router_tune.model.routers",
+    "expert_fingerprints": "router_tune.model.fingerprints",
+    "inspect_model": "router_tune.routing.inspection",
     "parse_sources": "router_tune.data",
     "build_train_dataset": "router_tune.data",
     "build_eval_blocks": "router_tune.data",
-    "inspect_model": "router_tune.inspection",
+    "load_balancing_loss": "router_tune.losses.balancing",
+    "router_z_loss": "router_tune.losses.balancing",
+    "RoutingStats": "router_tune.routing.stats",
+    "RoutingSummary": "router_tune.routing.stats",
+    "RouterTuneConfig": "router_tune.training.config",
+    "load_recipe": "router_tune.training.config",
+    "RouterTrainer": "router_tune.training.trainer",
+    "evaluate_model": "router_tune.evaluation.evaluate",
+    "read_trained_routers": "router_tune.io.router_files",
+    "export_run": "router_tune.export.exporter",
+    "apply_routers": "router_tune.export.apply",
 }
 
 __all__ = ["RouterTuneError", "__version__", *_EXPORTS]

@@ -6,9 +6,10 @@
     router-tune export RUN --out DIR   a verified model, router-only delta or PEFT adapter
     router-tune apply SOURCE ROUTERS   splice a router-only delta into a copy of its source
 
-Each sub-command lives in its own module, imported only when chosen so that `--help`
-stays fast; the module provides `add_arguments(parser)` and `run(args) -> int`.
+Each sub-command is a module of `router_tune.commands` named after it, imported only when
+chosen so that `--help` stays fast; it provides `add_arguments(parser)` and `run(args) -> int`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,25 +19,31 @@ import sys
 from router_tune.errors import RouterTuneError
 
 COMMANDS = {
-    "inspect": ("router_tune.inspection", "Describe a MoE checkpoint and check the health of its routers."),
-    "train": ("router_tune.train_command", "Train only the routers of a MoE model from a recipe."),
-    "eval": ("router_tune.eval_command", "Held-out perplexity and routing report, optionally against another model."),
-    "export": ("router_tune.export", "Export a trained run as a full model, a router-only delta or a PEFT adapter."),
-    "apply": ("router_tune.apply_command", "Splice a router-only delta into a copy of its source model."),
+    "inspect": "Describe a MoE checkpoint and check the health of its routers.",
+    "train": "Train only the routers of a MoE model from a recipe.",
+    "eval": "Held-out perplexity and routing report, optionally against another model.",
+    "export": "Export a trained run as a full model, a router-only delta or a PEFT adapter.",
+    "apply": "Splice a router-only delta into a copy of its source model.",
 }
+
+
+def command_module(name: str):
+    """router_tune.commands.<name>, imported only when that command is chosen."""
+    return importlib.import_module(f"router_tune.commands.{name}")
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="router-tune", description=__doc__.split("\n\n")[0],
+        prog="router-tune",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:  # only the chosen command's module is imported
-            importlib.import_module(module_name).add_arguments(sp)
+            command_module(name).add_arguments(sp)
     return parser
 
 
@@ -45,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args, extra = parser.parse_known_args(argv)
-    module = importlib.import_module(COMMANDS[args.command][0])
+    module = command_module(args.command)
     if extra and not getattr(module, "ACCEPTS_OVERRIDES", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra  # `train` takes any recipe key as --key value

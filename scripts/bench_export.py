@@ -11,6 +11,7 @@ and reports the median wall time of the operation (imports excluded) and the med
 (VmHWM, which includes torch + transformers after import: also reported).
 `bench.py` calls `run_benchmark(work_dir)`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # 12 layers x (8 experts x 3 x 1024 x 2048 + attention) + 2 x 32000 x 1024 embeddings = 0.67 G params = 1.34 GB in bf16
-SHAPE = dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=12, num_local_experts=8,
-             num_experts_per_tok=2, num_attention_heads=16, num_key_value_heads=8, vocab_size=32000)
+SHAPE = dict(
+    hidden_size=1024,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    vocab_size=32000,
+)
 SHARDS = 3
 
 
@@ -48,14 +57,23 @@ def make_checkpoint(model_dir: Path) -> Path:
     layers = []
     for n in range(SHAPE["num_hidden_layers"]):
         p = f"model.layers.{n}"
-        t = {f"{p}.self_attn.q_proj.weight": (h, h), f"{p}.self_attn.k_proj.weight": (kv * head, h),
-             f"{p}.self_attn.v_proj.weight": (kv * head, h), f"{p}.self_attn.o_proj.weight": (h, h),
-             f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
-             f"{p}.block_sparse_moe.gate.weight": (e, h)}
+        t = {
+            f"{p}.self_attn.q_proj.weight": (h, h),
+            f"{p}.self_attn.k_proj.weight": (kv * head, h),
+            f"{p}.self_attn.v_proj.weight": (kv * head, h),
+            f"{p}.self_attn.o_proj.weight": (h, h),
+            f"{p}.input_layernorm.weight": (h,),
+            f"{p}.post_attention_layernorm.weight": (h,),
+            f"{p}.block_sparse_moe.gate.weight": (e, h),
+        }
         for x in range(e):
-            t.update({f"{p}.block_sparse_moe.experts.{x}.w1.weight": (i, h),
-                      f"{p}.block_sparse_moe.experts.{x}.w3.weight": (i, h),
-                      f"{p}.block_sparse_moe.experts.{x}.w2.weight": (h, i)})
+            t.update(
+                {
+                    f"{p}.block_sparse_moe.experts.{x}.w1.weight": (i, h),
+                    f"{p}.block_sparse_moe.experts.{x}.w3.weight": (i, h),
+                    f"{p}.block_sparse_moe.experts.{x}.w2.weight": (h, i),
+                }
+            )
         layers.append(t)
     layers[0] = {"model.embed_tokens.weight": (SHAPE["vocab_size"], h), **layers[0]}
     layers[-1] = {**layers[-1], "model.norm.weight": (h,), "lm_head.weight": (SHAPE["vocab_size"], h)}
@@ -64,9 +82,11 @@ def make_checkpoint(model_dir: Path) -> Path:
     weight_map, total = {}, 0
     for s in range(SHARDS):
         name = f"model-{s + 1:05d}-of-{SHARDS:05d}.safetensors"
-        shapes = {k: v for layer in layers[s * per_shard:(s + 1) * per_shard] for k, v in layer.items()}
-        tensors = {k: (torch.ones(v) if len(v) == 1 else torch.randn(v, generator=gen) * 0.02).to(torch.bfloat16)
-                   for k, v in shapes.items()}
+        shapes = {k: v for layer in layers[s * per_shard : (s + 1) * per_shard] for k, v in layer.items()}
+        tensors = {
+            k: (torch.ones(v) if len(v) == 1 else torch.randn(v, generator=gen) * 0.02).to(torch.bfloat16)
+            for k, v in shapes.items()
+        }
         save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * 2 for t in tensors.values())
@@ -84,14 +104,29 @@ def make_run(model_dir: Path, run_dir: Path) -> Path:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(1)
-    routers = {f"model.layers.{n}.mlp.gate.weight": torch.randn(SHAPE["num_local_experts"], SHAPE["hidden_size"],
-                                                                 generator=gen) * 0.02
-               for n in range(SHAPE["num_hidden_layers"])}
-    save_file(routers, str(run_dir / "routers.safetensors"),
-              metadata={"format": "router_tune.routers", "source_model": str(model_dir)})
-    meta = {"source_model": str(model_dir), "source_dir": str(model_dir), "architecture": "mixtral",
-            "layout": "legacy", "num_experts": SHAPE["num_local_experts"], "top_k": SHAPE["num_experts_per_tok"],
-            "fingerprints": None, "global_step": 0, "recipe": {}}
+    routers = {
+        f"model.layers.{n}.mlp.gate.weight": torch.randn(
+            SHAPE["num_local_experts"], SHAPE["hidden_size"], generator=gen
+        )
+        * 0.02
+        for n in range(SHAPE["num_hidden_layers"])
+    }
+    save_file(
+        routers,
+        str(run_dir / "routers.safetensors"),
+        metadata={"format": "router_tune.routers", "source_model": str(model_dir)},
+    )
+    meta = {
+        "source_model": str(model_dir),
+        "source_dir": str(model_dir),
+        "architecture": "mixtral",
+        "layout": "legacy",
+        "num_experts": SHAPE["num_local_experts"],
+        "top_k": SHAPE["num_experts_per_tok"],
+        "fingerprints": None,
+        "global_step": 0,
+        "recipe": {},
+    }
     (run_dir / "router_tune.json").write_text(json.dumps(meta, indent=2))
     return run_dir
 
@@ -106,6 +141,7 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
@@ -114,9 +150,9 @@ def child(method: str, model_dir: Path, run_dir: Path, out_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM  # imported before timing in both methods
 
-    from router_tune.export import export_run
-    from router_tune.moe import load_router_state_dict
-    from router_tune.router_files import read_trained_routers
+    from router_tune.export.exporter import export_run
+    from router_tune.io.router_files import read_trained_routers
+    from router_tune.model.routers import load_router_state_dict
 
     torch.set_num_threads(2)
     base_rss = peak_rss_mb()
@@ -143,15 +179,24 @@ def run_benchmark(work_dir: str | Path = ROOT / "bench" / "work", repeats: int =
         for method in samples:
             out = work / f"out-{method}"
             shutil.rmtree(out, ignore_errors=True)
-            proc = subprocess.run([sys.executable, __file__, "--child", method, "--work-dir", str(work)],
-                                  capture_output=True, text=True, cwd=ROOT, check=False)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", method, "--work-dir", str(work)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                check=False,
+            )
             if proc.returncode:
                 raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
             samples[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             shutil.rmtree(out, ignore_errors=True)
-    result = {"checkpoint_gb": round(sum(f.stat().st_size for f in shards) / 1e9, 3),
-              "largest_shard_mb": round(max(f.stat().st_size for f in shards) / 2**20, 1),
-              "shards": len(shards), "dtype": "bfloat16", "repeats": repeats}
+    result = {
+        "checkpoint_gb": round(sum(f.stat().st_size for f in shards) / 1e9, 3),
+        "largest_shard_mb": round(max(f.stat().st_size for f in shards) / 2**20, 1),
+        "shards": len(shards),
+        "dtype": "bfloat16",
+        "repeats": repeats,
+    }
     for method, runs in samples.items():
         result[method] = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
         result[method]["all_seconds"] = [round(r["seconds"], 3) for r in runs]

@@ -13,6 +13,7 @@ The baseline is what a user writes without router_tune: `transformers.Trainer` o
 MixtralForCausalLM, only `MixtralTopKRouter` parameters trainable, `output_router_logits=True`
 and the model's own aux loss (router_aux_loss_coef 0.01), labels = input_ids.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---- what bench.py prepares once ----------------------------------------------------------
 
-def make_random_mixtral(out: Path, *, experts: int = 8, hidden: int = 512, layers: int = 4,
-                        intermediate: int = 1024, vocab: int = 32000, top_k: int = 2, seed: int = 0) -> Path:
+
+def make_random_mixtral(
+    out: Path,
+    *,
+    experts: int = 8,
+    hidden: int = 512,
+    layers: int = 4,
+    intermediate: int = 1024,
+    vocab: int = 32000,
+    top_k: int = 2,
+    seed: int = 0,
+) -> Path:
     """A random fp32 Mixtral saved with `save_pretrained` (legacy layout, like hub frankenMoEs), plus a
     small byte-level tokenizer (RouterTrainer reads one from the model directory; ids never decode)."""
     import torch
@@ -40,10 +51,20 @@ def make_random_mixtral(out: Path, *, experts: int = 8, hidden: int = 512, layer
     if (out / "config.json").is_file():
         return out
     torch.manual_seed(seed)
-    config = MixtralConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                           num_local_experts=experts, num_experts_per_tok=top_k, num_attention_heads=8,
-                           num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096,
-                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = MixtralConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = MixtralForCausalLM(config)
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)
@@ -51,11 +72,18 @@ def make_random_mixtral(out: Path, *, experts: int = 8, hidden: int = 512, layer
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     text = [p.read_text() for p in sorted((ROOT / "router_tune").glob("*.py"))]
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                      show_progress=False))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="</s>").save_pretrained(tmp)
+    tok.train_from_iterator(
+        text,
+        trainers.BpeTrainer(
+            vocab_size=1000,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    ).save_pretrained(tmp)
     tmp.rename(out)
     return out
 
@@ -77,8 +105,16 @@ def make_random_blocks(out: Path, *, vocab: int, seq: int, n_blocks: int, seed: 
         return out
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (n_blocks, seq), generator=gen).tolist()
-    return _save_blocks({"input_ids": ids, "labels": [r[:] for r in ids], "position_ids": [list(range(seq))] * n_blocks,
-                         "token_mask": [[1] * seq] * n_blocks, "source_id": [0] * n_blocks}, out)
+    return _save_blocks(
+        {
+            "input_ids": ids,
+            "labels": [r[:] for r in ids],
+            "position_ids": [list(range(seq))] * n_blocks,
+            "token_mask": [[1] * seq] * n_blocks,
+            "source_id": [0] * n_blocks,
+        },
+        out,
+    )
 
 
 def make_text_blocks(out: Path, model_dir: Path, *, seq: int, n_blocks: int, seed: int = 0) -> Path:
@@ -91,8 +127,12 @@ def make_text_blocks(out: Path, model_dir: Path, *, seq: int, n_blocks: int, see
     if out.is_dir():
         return out
     samples = ROOT / "router_tune" / "assets" / "samples"
-    specs = parse_sources([{"source": "redpajama", "path": str(samples / "redpajama"), "weight": 0.75},
-                           {"source": "wizard_vicuna", "path": str(samples / "wizard_vicuna"), "weight": 0.25}])
+    specs = parse_sources(
+        [
+            {"source": "redpajama", "path": str(samples / "redpajama"), "weight": 0.75},
+            {"source": "wizard_vicuna", "path": str(samples / "wizard_vicuna"), "weight": 0.25},
+        ]
+    )
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows: dict[str, list] = {k: [] for k in ("input_ids", "labels", "position_ids", "token_mask", "source_id")}
     for block in build_train_dataset(specs, tok, seq, seed=seed, check=False):
@@ -123,11 +163,17 @@ def active_params(config) -> dict[str, int]:
     router = layers * config.num_local_experts * h
     experts = layers * config.num_experts_per_tok * 3 * h * config.intermediate_size
     lm_head = config.vocab_size * h
-    return {"attention": attention, "router": router, "active_experts": experts, "lm_head": lm_head,
-            "total_active": attention + router + experts + lm_head}
+    return {
+        "attention": attention,
+        "router": router,
+        "active_experts": experts,
+        "lm_head": lm_head,
+        "total_active": attention + router + experts + lm_head,
+    }
 
 
 # ---- one measured run -------------------------------------------------------------------
+
 
 class _RssSampler(threading.Thread):
     """Peak resident set size while training (psutil every 10 ms): ru_maxrss alone also holds
@@ -176,11 +222,27 @@ def run(args) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rss_after_imports = _maxrss_mb()
     data = load_from_disk(args.data)
-    common = dict(output_dir=args.out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
-                  gradient_accumulation_steps=1, learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0,
-                  weight_decay=0.0, optim="adamw_torch", logging_steps=args.logging_steps, save_strategy="steps",
-                  save_steps=args.steps, save_total_limit=None, report_to="none", disable_tqdm=True, seed=0,
-                  data_seed=0, dataloader_num_workers=0, use_cpu=not cuda)
+    common = dict(
+        output_dir=args.out_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        logging_steps=args.logging_steps,
+        save_strategy="steps",
+        save_steps=args.steps,
+        save_total_limit=None,
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        use_cpu=not cuda,
+    )
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -210,13 +272,21 @@ def run(args) -> dict:
         data = data.select_columns(["input_ids"]).map(lambda r: {"labels": r["input_ids"]})
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[clock])
     else:
-        from router_tune.config import load_recipe
-        from router_tune.trainer import RouterTrainer
+        from router_tune.training.config import load_recipe
+        from router_tune.training.trainer import RouterTrainer
 
-        config = load_recipe(None, model_name_or_path=args.model_dir, model_dtype=args.dtype,
-                             router_aux_loss_coef=0.01, router_z_loss_coef=0.001, aux_loss_scope="layer",
-                             aux_loss_reduce="global", routing_log_every=args.routing_log_every,
-                             eval_before_after=False, **common)
+        config = load_recipe(
+            None,
+            model_name_or_path=args.model_dir,
+            model_dtype=args.dtype,
+            router_aux_loss_coef=0.01,
+            router_z_loss_coef=0.001,
+            aux_loss_scope="layer",
+            aux_loss_reduce="global",
+            routing_log_every=args.routing_log_every,
+            eval_before_after=False,
+            **common,
+        )
         sources = [f"source{i}" for i in range(max(data["source_id"]) + 1)]
         trainer = RouterTrainer(args=config, train_dataset=data, source_names=sources, callbacks=[clock])
         trainer.model.to(args.device)
@@ -242,18 +312,28 @@ def run(args) -> dict:
     sampler.running = False
     sampler.join()
 
-    measured = clock.times[args.warmup - 1:] if args.warmup else [start] + clock.times
+    measured = clock.times[args.warmup - 1 :] if args.warmup else [start] + clock.times
     tokens_per_step = args.batch * len(data[0]["input_ids"])
     seconds = measured[-1] - measured[0]
     ckpt = Path(args.out_dir) / f"checkpoint-{args.steps}"
     files = {str(f.relative_to(ckpt)): f.stat().st_size for f in ckpt.rglob("*") if f.is_file()}
     return {
-        "impl": args.impl, "router_tune_sources": source_digest(), "device": args.device, "dtype": args.dtype, "threads": args.threads,
-        "batch": args.batch, "seq": len(data[0]["input_ids"]), "steps": args.steps, "warmup": args.warmup,
-        "routing_log_every": args.routing_log_every, "trainable_params": trainable,
+        "impl": args.impl,
+        "router_tune_sources": source_digest(),
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "batch": args.batch,
+        "seq": len(data[0]["input_ids"]),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "routing_log_every": args.routing_log_every,
+        "trainable_params": trainable,
         "tokens_per_s": (len(measured) - 1) * tokens_per_step / seconds,
         "step_s": [b - a for a, b in zip(clock.times, clock.times[1:])],
-        "tokens_per_cpu_s": (len(measured) - 1) * tokens_per_step / (clock.cpu[-1] - clock.cpu[args.warmup - 1 if args.warmup else 0]),
+        "tokens_per_cpu_s": (len(measured) - 1)
+        * tokens_per_step
+        / (clock.cpu[-1] - clock.cpu[args.warmup - 1 if args.warmup else 0]),
         "setup_s": setup_s,
         "rss_after_imports_mb": rss_after_imports,
         "rss_before_train_mb": rss_before_train,
@@ -262,7 +342,8 @@ def run(args) -> dict:
         "maxrss_process_mb": _maxrss_mb(),
         "cuda_peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "gpu_name": torch.cuda.get_device_name() if cuda else None,
-        "checkpoint_bytes": sum(files.values()), "checkpoint_files": files,
+        "checkpoint_bytes": sum(files.values()),
+        "checkpoint_files": files,
         "checkpoint_save_s": save_s[-1] if save_s else None,
     }
 
@@ -274,12 +355,21 @@ def pipeline_run(args) -> dict:
     from router_tune.data import parse_sources, pipeline_throughput
 
     samples = ROOT / "router_tune" / "assets" / "samples"
-    specs = parse_sources([{"source": "redpajama", "path": str(samples / "redpajama"), "weight": 0.75},
-                           {"source": "wizard_vicuna", "path": str(samples / "wizard_vicuna"), "weight": 0.25}])
+    specs = parse_sources(
+        [
+            {"source": "redpajama", "path": str(samples / "redpajama"), "weight": 0.75},
+            {"source": "wizard_vicuna", "path": str(samples / "wizard_vicuna"), "weight": 0.25},
+        ]
+    )
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    return {"impl": "data_pipeline", "block_size": args.seq, "blocks": args.blocks, "tokenizer": args.model_dir,
-            "tokens_per_s": pipeline_throughput(specs, tok, args.seq, args.blocks, seed=0),
-            "maxrss_process_mb": _maxrss_mb()}
+    return {
+        "impl": "data_pipeline",
+        "block_size": args.seq,
+        "blocks": args.blocks,
+        "tokenizer": args.model_dir,
+        "tokens_per_s": pipeline_throughput(specs, tok, args.seq, args.blocks, seed=0),
+        "maxrss_process_mb": _maxrss_mb(),
+    }
 
 
 def source_digest() -> str:

@@ -125,7 +125,11 @@ def _rst_title(text: str, fallback: str) -> str:
     # reST titles are a text line followed by a line of one repeated punctuation character.
     lines = text.splitlines()
     for line, under in zip(lines, lines[1:]):
-        if line.strip() and re.fullmatch(r"([=\-~*#^\"'`+])\1{2,}", under.strip()) and not re.fullmatch(r"[=\-~*#^\"'`+]+", line.strip()):
+        if (
+            line.strip()
+            and re.fullmatch(r"([=\-~*#^\"'`+])\1{2,}", under.strip())
+            and not re.fullmatch(r"[=\-~*#^\"'`+]+", line.strip())
+        ):
             return line.strip().strip("*").strip()
     return fallback
 
@@ -334,11 +338,16 @@ def main() -> None:
     }
     sizes = {name: len(text.encode()) for name, text in files.items()}
     files["NOTICE"] = NOTICE.format(
-        budget=DOMAIN_BUDGET, kjv_range=KJV_RANGE,
-        n_code=len(code), b_code=sizes["redpajama/github_sample.jsonl"],
-        n_docs=len(docs), b_docs=sizes["redpajama/python_docs_sample.jsonl"],
-        n_book=len(book), b_book=sizes["redpajama/book_sample.jsonl"],
-        n_chat=len(chats), b_chat=sizes["wizard_vicuna/wizard_vicuna_sample.json"],
+        budget=DOMAIN_BUDGET,
+        kjv_range=KJV_RANGE,
+        n_code=len(code),
+        b_code=sizes["redpajama/github_sample.jsonl"],
+        n_docs=len(docs),
+        b_docs=sizes["redpajama/python_docs_sample.jsonl"],
+        n_book=len(book),
+        b_book=sizes["redpajama/book_sample.jsonl"],
+        n_chat=len(chats),
+        b_chat=sizes["wizard_vicuna/wizard_vicuna_sample.json"],
         b_inspect=sizes["inspect_sample.txt"],
     )
     sizes["NOTICE"] = len(files["NOTICE"].encode())

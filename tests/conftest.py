@@ -1,4 +1,5 @@
 """Session-scoped tiny checkpoints, built once per test run (a few seconds in all)."""
+
 from __future__ import annotations
 
 import os
@@ -73,10 +74,12 @@ def dense_llama(models_root):
 @pytest.fixture
 def copy_of(tmp_path):
     """Copy a session checkpoint before a test damages or modifies it."""
+
     def _copy(src):
         dst = tmp_path / src.name
         shutil.copytree(src, dst)
         return dst
+
     return _copy
 
 

@@ -1,7 +1,8 @@
 """Run by tests/test_ddp.py, under `accelerate launch` (2 gloo processes) or alone (1 process).
 
-    python tests/ddp_script.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH
+python tests/ddp_script.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH
 """
+
 import sys
 from pathlib import Path
 
@@ -10,9 +11,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.test_trainer import make_trainer, text_blocks  # noqa: E402
 
 model_dir, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
-trainer = make_trainer(model_dir, out, steps=3, batch=batch, data=text_blocks(Path(model_dir), 24),
-                       train_sampling_strategy="sequential", use_cpu=False, aux_loss_reduce="global",
-                       router_aux_loss_coef=0.01)
+trainer = make_trainer(
+    model_dir,
+    out,
+    steps=3,
+    batch=batch,
+    data=text_blocks(Path(model_dir), 24),
+    train_sampling_strategy="sequential",
+    use_cpu=False,
+    aux_loss_reduce="global",
+    router_aux_loss_coef=0.01,
+)
 trainer.train()
 trainer.save_model()
 print(f"world={trainer.accelerator.num_processes} step={trainer.state.global_step}")

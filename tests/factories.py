@@ -3,6 +3,7 @@
 Each factory writes a directory that `from_pretrained` loads: config, safetensors weights
 and a small byte-level BPE tokenizer trained on this repository's own source text.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,26 +13,44 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast,
-    Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 HIDDEN, LAYERS, EXPERTS, TOP_K = 32, 2, 4, 2
-COMMON = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=512, tie_word_embeddings=False)
+COMMON = dict(
+    hidden_size=HIDDEN,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 
 
 def make_tokenizer(out: Path, vocab_size: int = 320) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (every string encodes) trained on the package's own code."""
-    text = [p.read_text() for p in sorted(Path(__file__).parent.parent.glob("router_tune/*.py"))]
+    text = [p.read_text() for p in sorted(Path(__file__).parent.parent.glob("router_tune/**/*.py"))]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
     fast.save_pretrained(out)
     return fast
 
@@ -43,13 +62,28 @@ def _save(model, out: Path, fused: bool = False) -> Path:
     return out
 
 
-def mixtral(out: Path, *, fused: bool = False, seed: int = 0, experts: int = EXPERTS, dtype=torch.float32,
-            identical_experts: bool = False, gate_init: str = "normal") -> Path:
+def mixtral(
+    out: Path,
+    *,
+    fused: bool = False,
+    seed: int = 0,
+    experts: int = EXPERTS,
+    dtype=torch.float32,
+    identical_experts: bool = False,
+    gate_init: str = "normal",
+) -> Path:
     """A Mixtral MoE. gate_init: "normal" (std 0.02, sane), "random" (mergekit's torch.randn: saturated)
     or "copied" (one gate shared by every layer, as mergekit's cheap_embed mode makes)."""
     torch.manual_seed(seed)
-    config = MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=experts, num_experts_per_tok=TOP_K,
-                           vocab_size=320, bos_token_id=1, eos_token_id=2)
+    config = MixtralConfig(
+        **COMMON,
+        intermediate_size=64,
+        num_local_experts=experts,
+        num_experts_per_tok=TOP_K,
+        vocab_size=320,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = MixtralForCausalLM(config).to(dtype)
     with torch.no_grad():
         first_gate = model.model.layers[0].mlp.gate.weight
@@ -66,17 +100,35 @@ def mixtral(out: Path, *, fused: bool = False, seed: int = 0, experts: int = EXP
 
 def qwen2_moe(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    config = Qwen2MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                            num_experts=EXPERTS, num_experts_per_tok=TOP_K, vocab_size=320, norm_topk_prob=True,
-                            bos_token_id=1, eos_token_id=2)
+    config = Qwen2MoeConfig(
+        **COMMON,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        vocab_size=320,
+        norm_topk_prob=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return _save(Qwen2MoeForCausalLM(config), out)
 
 
 def qwen3_moe(out: Path, seed: int = 0, identical_experts: bool = False) -> Path:
     """A Qwen3-MoE with the default norm_topk_prob=False (top-k weights not renormalised)."""
     torch.manual_seed(seed)
-    config = Qwen3MoeConfig(**COMMON, head_dim=8, intermediate_size=64, moe_intermediate_size=32, num_experts=EXPERTS,
-                            num_experts_per_tok=TOP_K, vocab_size=320, bos_token_id=1, eos_token_id=2)
+    config = Qwen3MoeConfig(
+        **COMMON,
+        head_dim=8,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        vocab_size=320,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = Qwen3MoeForCausalLM(config)
     if identical_experts:
         with torch.no_grad():
@@ -118,5 +170,13 @@ def with_remote_code(model_dir: Path) -> Path:
     return model_dir
 
 
-__all__ = ["mixtral", "qwen2_moe", "qwen3_moe", "dense_llama", "truncate_weights", "to_pickle_only",
-           "with_remote_code", "make_tokenizer"]
+__all__ = [
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "dense_llama",
+    "truncate_weights",
+    "to_pickle_only",
+    "with_remote_code",
+    "make_tokenizer",
+]

@@ -1,4 +1,5 @@
 """router_tune.data: sources, Vicuna template, packing, mixture, held-out split, errors."""
+
 from __future__ import annotations
 
 import json
@@ -10,15 +11,25 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig
 
 from router_tune.data import (
-    IGNORE_INDEX, build_eval_blocks, build_train_dataset, chat_doc_key, check_block_size, collate_blocks,
-    is_heldout, parse_sources, pipeline_throughput, source_names,
+    IGNORE_INDEX,
+    build_eval_blocks,
+    build_train_dataset,
+    chat_doc_key,
+    check_block_size,
+    collate_blocks,
+    is_heldout,
+    parse_sources,
+    pipeline_throughput,
+    source_names,
 )
 from router_tune.data.pipeline import source_blocks
 from router_tune.errors import RouterTuneError
 from tests import factories
 
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-          "helpful, detailed, and polite answers to the user's questions.")
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
 SAMPLES = Path(__file__).parent.parent / "router_tune" / "assets" / "samples"
 
 
@@ -34,17 +45,36 @@ def write_jsonl(path: Path, records) -> Path:
 
 def redpajama_file(d: Path, n=120, subset="github") -> Path:
     sets = {"github": "RedPajamaGithub", "book": "RedPajamaBook"}
-    return write_jsonl(d / f"{subset}_sample.jsonl", [
-        {"text": f"{subset} document {i}: " + "word " * (i % 13 + 1),
-         "meta": json.dumps({"redpajama_set_name": sets[subset]}) if i % 2 else {"redpajama_set_name": sets[subset]}}
-        for i in range(n)])
+    return write_jsonl(
+        d / f"{subset}_sample.jsonl",
+        [
+            {
+                "text": f"{subset} document {i}: " + "word " * (i % 13 + 1),
+                "meta": json.dumps({"redpajama_set_name": sets[subset]})
+                if i % 2
+                else {"redpajama_set_name": sets[subset]},
+            }
+            for i in range(n)
+        ],
+    )
 
 
 def wizard_file(d: Path, n=150) -> Path:
     path = d / "wizard_vicuna_dataset_unfiltered.json"
-    path.write_text(json.dumps([{"id": f"id{i}", "conversations": [
-        {"from": "human", "value": f"What is {i} plus one?"}, {"from": "gpt", "value": f"It is {i + 1}."}]}
-        for i in range(n)]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "id": f"id{i}",
+                    "conversations": [
+                        {"from": "human", "value": f"What is {i} plus one?"},
+                        {"from": "gpt", "value": f"It is {i + 1}."},
+                    ],
+                }
+                for i in range(n)
+            ]
+        )
+    )
     return path
 
 
@@ -57,14 +87,21 @@ def train_blocks(specs, tok, block_size=64, **kw):
 
 
 def test_vicuna_renders_fastchat_format_exactly(tok):
-    chat = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi, how can I help?"},
-            {"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]
+    chat = [
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hi, how can I help?"},
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "Blue."},
+    ]
     from router_tune.data import vicuna_template
+
     rendered = tok.apply_chat_template(chat, chat_template=vicuna_template(), tokenize=False)
-    assert rendered == ("<s>" + SYSTEM + " USER: Hello! ASSISTANT: Hi, how can I help?</s>"
-                        "USER: Name a color. ASSISTANT: Blue.</s>")
-    prompt = tok.apply_chat_template(chat[:1], chat_template=vicuna_template(), tokenize=False,
-                                     add_generation_prompt=True)
+    assert rendered == (
+        "<s>" + SYSTEM + " USER: Hello! ASSISTANT: Hi, how can I help?</s>USER: Name a color. ASSISTANT: Blue.</s>"
+    )
+    prompt = tok.apply_chat_template(
+        chat[:1], chat_template=vicuna_template(), tokenize=False, add_generation_prompt=True
+    )
     assert prompt == "<s>" + SYSTEM + " USER: Hello! ASSISTANT:"
 
 
@@ -73,8 +110,13 @@ def test_assistant_only_labels(tmp_path, tok):
     blocks = list(source_blocks(spec, 0, tok, 4096, heldout=False, eval_fraction=0.0))
     targets = [t for t, lab in zip(blocks[0]["input_ids"], blocks[0]["labels"]) if lab != IGNORE_INDEX]
     assert tok.decode(targets) == "It is 1.</s>It is 2.</s>It is 3.</s>"
-    (full,) = specs_for({"source": "wizard_vicuna", "path": str(tmp_path / "wizard_vicuna_dataset_unfiltered.json"),
-                         "assistant_only_loss": False})
+    (full,) = specs_for(
+        {
+            "source": "wizard_vicuna",
+            "path": str(tmp_path / "wizard_vicuna_dataset_unfiltered.json"),
+            "assistant_only_loss": False,
+        }
+    )
     block = next(iter(source_blocks(full, 0, tok, 4096, heldout=False, eval_fraction=0.0)))
     n_docs = block["position_ids"].count(0) - (0 if block["token_mask"][-1] else 1)
     assert sum(lab != IGNORE_INDEX for lab in block["labels"]) == sum(block["token_mask"]) - n_docs
@@ -83,13 +125,29 @@ def test_assistant_only_labels(tmp_path, tok):
 def test_schema_round_trips_each_source(tmp_path, tok):
     rp = redpajama_file(tmp_path, 4)
     text = write_jsonl(tmp_path / "plain.jsonl", [{"body": "alpha beta"}, {"body": "gamma"}])
-    share = write_jsonl(tmp_path / "share.jsonl", [{"messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "bot", "content": "Yo"}]}])
-    specs = specs_for({"source": "redpajama", "path": str(rp)}, {"source": "text", "path": str(text), "field": "body"},
-                      {"source": "sharegpt", "path": str(share), "field": "messages",
-                       "roles": {"user": "user", "bot": "assistant", "system": "system"}},
-                      {"source": "wizard_vicuna", "path": str(wizard_file(tmp_path, 1))})
+    share = write_jsonl(
+        tmp_path / "share.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "bot", "content": "Yo"},
+                ]
+            }
+        ],
+    )
+    specs = specs_for(
+        {"source": "redpajama", "path": str(rp)},
+        {"source": "text", "path": str(text), "field": "body"},
+        {
+            "source": "sharegpt",
+            "path": str(share),
+            "field": "messages",
+            "roles": {"user": "user", "bot": "assistant", "system": "system"},
+        },
+        {"source": "wizard_vicuna", "path": str(wizard_file(tmp_path, 1))},
+    )
     assert source_names(specs) == ["redpajama", "text", "sharegpt", "wizard_vicuna"]
     decoded = []
     for i, spec in enumerate(specs):
@@ -104,8 +162,13 @@ def test_schema_round_trips_each_source(tmp_path, tok):
 
 def test_redpajama_subset_filter(tmp_path, tok):
     redpajama_file(tmp_path, 6, "github")
-    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a book", "meta": {"redpajama_set_name": "RedPajamaBook"}},
-                                                  {"text": "code", "meta": '{"redpajama_set_name": "RedPajamaGithub"}'}])
+    mixed = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"text": "a book", "meta": {"redpajama_set_name": "RedPajamaBook"}},
+            {"text": "code", "meta": '{"redpajama_set_name": "RedPajamaGithub"}'},
+        ],
+    )
     (spec,) = specs_for({"source": "redpajama", "path": str(tmp_path), "subsets": ["book"]})
     (block,) = source_blocks(spec, 0, tok, 4096, heldout=False, eval_fraction=0.0)
     assert tok.decode([t for t, m in zip(block["input_ids"], block["token_mask"]) if m]) == "<s>a book</s>"
@@ -114,8 +177,9 @@ def test_redpajama_subset_filter(tmp_path, tok):
 
 def test_packing_keeps_every_token_once_and_cuts_attention(tmp_path, tok):
     (spec,) = specs_for({"source": "redpajama", "path": str(redpajama_file(tmp_path, 40))})
-    docs = [tok("github document %d: " % i + "word " * (i % 13 + 1), add_special_tokens=False)["input_ids"]
-            for i in range(40)]
+    docs = [
+        tok(f"github document {i}: " + "word " * (i % 13 + 1), add_special_tokens=False)["input_ids"] for i in range(40)
+    ]
     stream = [t for d in docs for t in [tok.bos_token_id, *d, tok.eos_token_id]]
     blocks = list(source_blocks(spec, 0, tok, 32, heldout=False, eval_fraction=0.0))
     assert all(len(b["input_ids"]) == 32 for b in blocks)
@@ -135,8 +199,9 @@ def test_packed_block_logits_equal_documents_alone(tmp_path, tok):
     model = AutoModelForCausalLM.from_pretrained(factories.mixtral(tmp_path / "m")).eval()
     a, b = [1, 40, 41, 42, 43, 2], [1, 50, 51, 52, 2]  # use_cache=False: a cache turns packing detection off
     with torch.no_grad():
-        packed = model(input_ids=torch.tensor([a + b]), position_ids=torch.tensor([[*range(6), *range(5)]]),
-                       use_cache=False).logits[0]
+        packed = model(
+            input_ids=torch.tensor([a + b]), position_ids=torch.tensor([[*range(6), *range(5)]]), use_cache=False
+        ).logits[0]
         alone_b = model(input_ids=torch.tensor([b]), use_cache=False).logits[0]
         alone_a = model(input_ids=torch.tensor([a]), use_cache=False).logits[0]
         leaky = model(input_ids=torch.tensor([a + b]), use_cache=False).logits[0]
@@ -146,15 +211,18 @@ def test_packed_block_logits_equal_documents_alone(tmp_path, tok):
 
 
 def test_mixture_proportions_seed_and_resume(tmp_path, tok):
-    specs = specs_for({"source": "redpajama", "path": str(redpajama_file(tmp_path, 400)), "weight": 0.75},
-                      {"source": "wizard_vicuna", "path": str(wizard_file(tmp_path, 400)), "weight": 0.25})
+    specs = specs_for(
+        {"source": "redpajama", "path": str(redpajama_file(tmp_path, 400)), "weight": 0.75},
+        {"source": "wizard_vicuna", "path": str(wizard_file(tmp_path, 400)), "weight": 0.25},
+    )
     blocks = train_blocks(specs, tok, 16, seed=3)
     counts = Counter(b["source_id"] for b in blocks[:1500])
     assert abs(counts[0] / 1500 - 0.75) < 0.04
     again = build_train_dataset(specs, tok, 16, seed=3, check=False)
     assert list(again.take(50)) == blocks[:50]
-    assert [b["source_id"] for b in build_train_dataset(specs, tok, 16, seed=4).take(50)] != \
-        [b["source_id"] for b in blocks[:50]]
+    assert [b["source_id"] for b in build_train_dataset(specs, tok, 16, seed=4).take(50)] != [
+        b["source_id"] for b in blocks[:50]
+    ]
     assert list(again.skip(777).take(3)) == blocks[777:780]
     batch = collate_blocks(blocks[:4])
     assert batch["input_ids"].shape == (4, 16) and batch["source_id"].tolist() == [b["source_id"] for b in blocks[:4]]
@@ -165,24 +233,39 @@ def test_heldout_documents_never_in_training(tmp_path, tok):
     held = {t for t in texts if is_heldout(t, 0.2)}
     assert 5 < len(held) < 50
     specs = specs_for({"source": "redpajama", "path": str(redpajama_file(tmp_path, 120))})
-    seen = tok.decode([t for b in train_blocks(specs, tok, 4096, eval_fraction=0.2)
-                       for t, m in zip(b["input_ids"], b["token_mask"]) if m])
-    evald = tok.decode([t for b in build_eval_blocks(specs, tok, 4096, eval_fraction=0.2)["redpajama"]
-                        for t, m in zip(b["input_ids"], b["token_mask"]) if m])
+    seen = tok.decode(
+        [
+            t
+            for b in train_blocks(specs, tok, 4096, eval_fraction=0.2)
+            for t, m in zip(b["input_ids"], b["token_mask"])
+            if m
+        ]
+    )
+    evald = tok.decode(
+        [
+            t
+            for b in build_eval_blocks(specs, tok, 4096, eval_fraction=0.2)["redpajama"]
+            for t, m in zip(b["input_ids"], b["token_mask"])
+            if m
+        ]
+    )
     assert sorted(seen.split("</s>")[:-1] + evald.split("</s>")[:-1]) == sorted("<s>" + t for t in texts)
     assert all(("<s>" + t + "</s>") in evald and ("<s>" + t + "</s>") not in seen for t in held)
     chat = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
     assert chat_doc_key(chat) == '[["human","hi"],["gpt","yo"]]'
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"source": "redpajama", "path": "x.jsonl", "wieght": 1}, "Did you mean 'weight'"),
-    ({"source": "redpajamas", "path": "x.jsonl"}, "Did you mean 'redpajama'"),
-    ({"source": "text", "path": "x.jsonl", "weight": 0}, "weight must be a positive number"),
-    ({"source": "text", "path": "x.jsonl", "weight": -1.5}, "weight must be a positive number"),
-    ({"source": "redpajama", "path": "x", "subsets": ["githab"]}, "Did you mean 'github'"),
-    ({"source": "sharegpt", "path": "x", "roles": {"human": "usr"}}, "Did you mean 'user'"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"source": "redpajama", "path": "x.jsonl", "wieght": 1}, "Did you mean 'weight'"),
+        ({"source": "redpajamas", "path": "x.jsonl"}, "Did you mean 'redpajama'"),
+        ({"source": "text", "path": "x.jsonl", "weight": 0}, "weight must be a positive number"),
+        ({"source": "text", "path": "x.jsonl", "weight": -1.5}, "weight must be a positive number"),
+        ({"source": "redpajama", "path": "x", "subsets": ["githab"]}, "Did you mean 'github'"),
+        ({"source": "sharegpt", "path": "x", "roles": {"human": "usr"}}, "Did you mean 'user'"),
+    ],
+)
 def test_spec_errors(entry, message):
     with pytest.raises(RouterTuneError, match=message):
         parse_sources([entry])
@@ -198,9 +281,13 @@ def test_record_errors_name_file_and_record(tmp_path, tok):
     fails({"source": "text", "path": str(missing)}, r"m\.jsonl: record 2: the record has no 'text' field")
     roles = write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "conversations": [{"from": "bot", "value": "x"}]}])
     fails({"source": "wizard_vicuna", "path": str(roles)}, r"r\.jsonl: record 1: turn 0 has unknown role 'bot'")
-    empty = write_jsonl(tmp_path / "e.jsonl", [{"id": "a", "conversations": [{"from": "human", "value": "q"},
-                                                                           {"from": "gpt", "value": "a"}]},
-                                               {"id": "b", "conversations": []}])
+    empty = write_jsonl(
+        tmp_path / "e.jsonl",
+        [
+            {"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            {"id": "b", "conversations": []},
+        ],
+    )
     fails({"source": "wizard_vicuna", "path": str(empty)}, r"e\.jsonl: record 2: empty conversation")
     latin = tmp_path / "l.jsonl"
     latin.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
@@ -209,8 +296,9 @@ def test_record_errors_name_file_and_record(tmp_path, tok):
         blocks = train_blocks(specs_for({"source": "text", "path": str(missing)}), tok, 32, max_bad_records=1)
     assert tok.decode([t for t, m in zip(blocks[0]["input_ids"], blocks[0]["token_mask"]) if m]) == "<s>ok</s>"
     with pytest.raises(RouterTuneError, match="tokenizer has no chat template"):
-        build_train_dataset(specs_for({"source": "wizard_vicuna", "path": str(empty), "template": "tokenizer"}),
-                            tok, 32, check=False)
+        build_train_dataset(
+            specs_for({"source": "wizard_vicuna", "path": str(empty), "template": "tokenizer"}), tok, 32, check=False
+        )
     two = write_jsonl(tmp_path / "two.jsonl", [{"text": "ok"}, {"text": "more"}])
     (capped,) = specs_for({"source": "text", "path": str(two), "max_documents": 1})
     (block,) = source_blocks(capped, 0, tok, 32, heldout=False, eval_fraction=0.0)
@@ -223,16 +311,26 @@ def test_record_errors_name_file_and_record(tmp_path, tok):
 def test_hub_id_unreachable_is_a_clear_error(tok, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RouterTuneError, match="Download its data files"):
-        build_train_dataset(specs_for({"source": "redpajama", "path": "togethercomputer/RedPajama-Data-1T-Sample"}),
-                            tok, 32)
+        build_train_dataset(
+            specs_for({"source": "redpajama", "path": "togethercomputer/RedPajama-Data-1T-Sample"}), tok, 32
+        )
 
 
-@pytest.mark.skipif(not (SAMPLES / "redpajama").is_dir() or not (SAMPLES / "wizard_vicuna").is_dir(),
-                    reason="bundled samples not built")
+@pytest.mark.skipif(
+    not (SAMPLES / "redpajama").is_dir() or not (SAMPLES / "wizard_vicuna").is_dir(), reason="bundled samples not built"
+)
 def test_recipe_sources_over_bundled_samples(tok):
-    specs = parse_sources([{"source": "redpajama", "path": str(SAMPLES / "redpajama"), "weight": 0.7},
-                           {"source": "wizard_vicuna", "path": str(SAMPLES / "wizard_vicuna"), "weight": 0.3,
-                            "template": "vicuna_v1.1"}])
+    specs = parse_sources(
+        [
+            {"source": "redpajama", "path": str(SAMPLES / "redpajama"), "weight": 0.7},
+            {
+                "source": "wizard_vicuna",
+                "path": str(SAMPLES / "wizard_vicuna"),
+                "weight": 0.3,
+                "template": "vicuna_v1.1",
+            },
+        ]
+    )
     blocks = list(build_train_dataset(specs, tok, 256, check=False).take(40))
     assert len(blocks) == 40 and {b["source_id"] for b in blocks} == {0, 1}
     assert all(len(b["input_ids"]) == 256 and all(b["token_mask"]) for b in blocks)

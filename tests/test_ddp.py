@@ -1,5 +1,6 @@
 """Two gloo processes under `accelerate launch` train the same routers as one process on the
 same global batch (the CE normalised by the global token count, counts reduced over ranks)."""
+
 import os
 import socket
 import subprocess
@@ -21,15 +22,31 @@ def free_port() -> int:
 
 def test_two_cpu_processes_equal_one(mixtral_legacy, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch",
-                  "--config_file", str(ROOT / "recipes/accelerate/cpu-ddp.yaml"),
-                  "--main_process_port", str(free_port())]
-    two = subprocess.run(accelerate + [str(SCRIPT), str(mixtral_legacy), str(tmp_path / "two"), "2"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    accelerate = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes/accelerate/cpu-ddp.yaml"),
+        "--main_process_port",
+        str(free_port()),
+    ]
+    two = subprocess.run(
+        accelerate + [str(SCRIPT), str(mixtral_legacy), str(tmp_path / "two"), "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "world=2 step=3" in two.stdout
-    one = subprocess.run([sys.executable, str(SCRIPT), str(mixtral_legacy), str(tmp_path / "one"), "4"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, str(SCRIPT), str(mixtral_legacy), str(tmp_path / "one"), "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     assert "world=1 step=3" in one.stdout
     a = load_file(tmp_path / "two" / "routers.safetensors")

@@ -1,5 +1,6 @@
 """router-tune eval: perplexity and routing checked against direct computations, run-directory
 loading, reports and the command line."""
+
 from __future__ import annotations
 
 import json
@@ -15,16 +16,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from router_tune.cli import main as cli_main
 from router_tune.data import build_eval_blocks, collate_blocks, parse_sources
+from router_tune.data.sources import sources_from_files
 from router_tune.errors import RouterTuneError
-from router_tune.eval_command import data_from_files
-from router_tune.evaluate import EvalResult, evaluate_model, load_for_eval
-from router_tune.moe import expert_fingerprints, load_moe, router_state_dict
-from router_tune.report import format_comparison, write_report
-from router_tune.telemetry import expert_counts
+from router_tune.evaluation.evaluate import EvalResult, evaluate_model, load_for_eval
+from router_tune.evaluation.report import format_comparison, write_report
+from router_tune.model.fingerprints import expert_fingerprints
+from router_tune.model.loading import load_moe
+from router_tune.model.routers import router_state_dict
+from router_tune.routing.telemetry import expert_counts
 from tests import factories
 
-WORDS = ("router expert token layer gate softmax merge model python data block source tensor weight loss "
-         "train held out perplexity entropy balance").split()
+WORDS = (
+    "router expert token layer gate softmax merge model python data block source tensor weight loss "
+    "train held out perplexity entropy balance"
+).split()
 BLOCK, FRACTION, MAX_BLOCKS = 128, 0.5, 3
 
 
@@ -34,12 +39,24 @@ def write_data(root: Path) -> list[Path]:
     sentence = lambda n: " ".join(rng.choice(WORDS, n))
     root.mkdir(parents=True, exist_ok=True)
     text = root / "book_sample.jsonl"
-    text.write_text("".join(json.dumps({"text": sentence(40), "meta": {"redpajama_set_name": "RedPajamaBook"}}) + "\n"
-                            for _ in range(24)))
+    text.write_text(
+        "".join(
+            json.dumps({"text": sentence(40), "meta": {"redpajama_set_name": "RedPajamaBook"}}) + "\n"
+            for _ in range(24)
+        )
+    )
     chats = root / "chats.json"
-    chats.write_text(json.dumps([{"id": str(i), "conversations": [{"from": "human", "value": sentence(12)},
-                                                                    {"from": "gpt", "value": sentence(20)}]}
-                                 for i in range(24)]))
+    chats.write_text(
+        json.dumps(
+            [
+                {
+                    "id": str(i),
+                    "conversations": [{"from": "human", "value": sentence(12)}, {"from": "gpt", "value": sentence(20)}],
+                }
+                for i in range(24)
+            ]
+        )
+    )
     return [text, chats]
 
 
@@ -52,8 +69,13 @@ def data_files(tmp_path_factory):
 def source_and_blocks(mixtral_legacy, data_files):
     model, info = load_moe(mixtral_legacy)
     tokenizer = AutoTokenizer.from_pretrained(mixtral_legacy)
-    blocks = build_eval_blocks(parse_sources(data_from_files([str(p) for p in data_files])), tokenizer, BLOCK,
-                               eval_fraction=FRACTION, max_blocks=MAX_BLOCKS)
+    blocks = build_eval_blocks(
+        parse_sources(sources_from_files([str(p) for p in data_files])),
+        tokenizer,
+        BLOCK,
+        eval_fraction=FRACTION,
+        max_blocks=MAX_BLOCKS,
+    )
     return model, info, blocks
 
 
@@ -64,13 +86,29 @@ def make_run(source: Path, root: Path, *, step: int = 5) -> tuple[Path, dict]:
     routers = {n: t + torch.randn(t.shape, generator=gen) for n, t in router_state_dict(model).items()}
     run = root / "run"
     run.mkdir(parents=True)
-    save_file(routers, str(run / "routers.safetensors"),
-              metadata={"format": "router_tune.routers", "source_model": str(source)})
-    meta = {"source_model": str(source), "source_dir": str(source), "architecture": info.architecture,
-            "layout": info.layout, "num_experts": info.num_experts, "top_k": info.top_k,
-            "moe_layers": info.moe_layers, "fingerprints": expert_fingerprints(model), "global_step": step,
-            "recipe": {"model_name_or_path": str(source), "model_dtype": "auto", "block_size": BLOCK,
-                       "eval_fraction": FRACTION, "eval_max_blocks": 2}}
+    save_file(
+        routers,
+        str(run / "routers.safetensors"),
+        metadata={"format": "router_tune.routers", "source_model": str(source)},
+    )
+    meta = {
+        "source_model": str(source),
+        "source_dir": str(source),
+        "architecture": info.architecture,
+        "layout": info.layout,
+        "num_experts": info.num_experts,
+        "top_k": info.top_k,
+        "moe_layers": info.moe_layers,
+        "fingerprints": expert_fingerprints(model),
+        "global_step": step,
+        "recipe": {
+            "model_name_or_path": str(source),
+            "model_dtype": "auto",
+            "block_size": BLOCK,
+            "eval_fraction": FRACTION,
+            "eval_max_blocks": 2,
+        },
+    }
     (run / "router_tune.json").write_text(json.dumps(meta))
     return run, routers
 
@@ -83,10 +121,12 @@ def direct(model, blocks: dict[str, list[dict]]):
             ce[source], targets[source] = 0.0, 0
             for block in source_blocks:
                 b = collate_blocks([block])
-                out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False,
-                            output_router_logits=True)
-                ce[source] += F.cross_entropy(out.logits[0, :-1].double(), b["labels"][0, 1:], ignore_index=-100,
-                                              reduction="sum").item()
+                out = model(
+                    input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False, output_router_logits=True
+                )
+                ce[source] += F.cross_entropy(
+                    out.logits[0, :-1].double(), b["labels"][0, 1:], ignore_index=-100, reduction="sum"
+                ).item()
                 targets[source] += int((b["labels"][0, 1:] != -100).sum())
     return ce, targets
 
@@ -115,8 +155,9 @@ def test_perplexity_and_routing_match_direct_computation(source_and_blocks):
         for source_blocks in blocks.values():
             for block in source_blocks:
                 b = collate_blocks([block])
-                out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False,
-                            output_router_logits=True)
+                out = model(
+                    input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False, output_router_logits=True
+                )
                 real_tokens = b["token_mask"][0].bool()
                 for i, logits in enumerate(out.router_logits):
                     top = logits[real_tokens].topk(info.top_k, dim=-1).indices.reshape(-1)
@@ -174,7 +215,9 @@ def test_report_comparison_and_console_table(source_and_blocks, tmp_path):
     assert cmp["routing"]["dead"]["delta"] == (after.routing.dead - before.routing.dead).tolist()
     for name in report["figures"]:
         assert (path.parent / name).stat().st_size > 1000
-    assert {"source_expert_before.png", "source_expert_after.png", "usage_before_vs_after.png"} <= set(report["figures"])
+    assert {"source_expert_before.png", "source_expert_after.png", "usage_before_vs_after.png"} <= set(
+        report["figures"]
+    )
     md = (path.parent / "report.md").read_text()
     pct = f"{100 * (after.perplexity['overall'] - before.perplexity['overall']) / before.perplexity['overall']:+.1f}%"
     assert "| before | after | delta | change |" in md and pct in md
@@ -185,8 +228,20 @@ def test_report_comparison_and_console_table(source_and_blocks, tmp_path):
 
 def test_cli_run_dir_compares_with_source(mixtral_legacy, data_files, tmp_path, capsys):
     run, _ = make_run(mixtral_legacy, tmp_path)
-    code = cli_main(["eval", str(run), "--data", *map(str, data_files), "--eval-fraction", str(FRACTION),
-                     "--block-size", str(BLOCK), "--max-blocks", "2"])
+    code = cli_main(
+        [
+            "eval",
+            str(run),
+            "--data",
+            *map(str, data_files),
+            "--eval-fraction",
+            str(FRACTION),
+            "--block-size",
+            str(BLOCK),
+            "--max-blocks",
+            "2",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     report = json.loads((run / "eval" / "report.json").read_text())
@@ -194,7 +249,9 @@ def test_cli_run_dir_compares_with_source(mixtral_legacy, data_files, tmp_path, 
     assert report["global_step"] == 5 and report["models"]["before"] == str(mixtral_legacy)
     assert report["before"]["blocks"] == {"book_sample": 2, "chats": 2}
     ppl = report["comparison"]["perplexity"]["overall"]
-    assert ppl["delta"] == pytest.approx(report["after"]["perplexity"]["overall"] - report["before"]["perplexity"]["overall"])
+    assert ppl["delta"] == pytest.approx(
+        report["after"]["perplexity"]["overall"] - report["before"]["perplexity"]["overall"]
+    )
     assert report["after"]["perplexity"] != report["before"]["perplexity"]  # the routers changed the model
 
 
@@ -210,15 +267,18 @@ def test_cli_errors(mixtral_legacy, copy_of, tmp_path, capsys):
 
 
 def test_data_files_rule(data_files, tmp_path):
-    entries = data_from_files([str(p) for p in data_files] + [str(data_files[0])])
-    assert [(e["source"], e["name"]) for e in entries] == [("redpajama", "book_sample"), ("wizard_vicuna", "chats"),
-                                                           ("redpajama", "book_sample_2")]
+    entries = sources_from_files([str(p) for p in data_files] + [str(data_files[0])])
+    assert [(e["source"], e["name"]) for e in entries] == [
+        ("redpajama", "book_sample"),
+        ("wizard_vicuna", "chats"),
+        ("redpajama", "book_sample_2"),
+    ]
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     for f in data_files:
         (mixed / f.name).write_text(f.read_text())
     with pytest.raises(RouterTuneError, match="cannot tell its source type"):
-        data_from_files([str(mixed)])
+        sources_from_files([str(mixed)])
 
 
 def test_forced_routing_equals_a_model_of_that_expert_alone(mixtral_legacy):
@@ -226,7 +286,7 @@ def test_forced_routing_equals_a_model_of_that_expert_alone(mixtral_legacy):
     (with renormalised top-k weights, copies of one expert are that expert)."""
     from transformers import AutoModelForCausalLM
 
-    from router_tune.evaluate import forced_routing
+    from router_tune.evaluation.evaluate import forced_routing
 
     model = AutoModelForCausalLM.from_pretrained(mixtral_legacy, dtype=torch.float32)
     copies = AutoModelForCausalLM.from_pretrained(mixtral_legacy, dtype=torch.float32)

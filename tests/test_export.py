@@ -1,5 +1,6 @@
 """export / apply: every property is checked here independently of router_tune's own verification:
 safetensors re-read and compared byte by byte, models reloaded with plain transformers / peft."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,33 +14,50 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from router_tune import splice
-from router_tune.apply_command import apply_routers
 from router_tune.cli import main as cli_main
 from router_tune.errors import RouterTuneError
-from router_tune.export import export_run
-from router_tune.moe import expert_fingerprints, load_moe, router_state_dict
+from router_tune.export import splice
+from router_tune.export.apply import apply_routers
+from router_tune.export.exporter import export_run
+from router_tune.model.fingerprints import expert_fingerprints
+from router_tune.model.loading import load_moe
+from router_tune.model.routers import router_state_dict
 from tests import factories
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 300, 19]])
 
 
-def make_run(source: Path, root: Path, *, seed: int = 0, step: int = 7,
-             report: dict | None = None) -> tuple[Path, dict]:
+def make_run(
+    source: Path, root: Path, *, seed: int = 0, step: int = 7, report: dict | None = None
+) -> tuple[Path, dict]:
     """A run directory as the trainer writes it: routers = source routers + noise (fp32)."""
     model, info = load_moe(source)
     gen = torch.Generator().manual_seed(seed)
     routers = {n: t + 0.5 * torch.randn(t.shape, generator=gen) for n, t in router_state_dict(model).items()}
-    meta = {"source_model": str(source), "source_dir": str(source), "architecture": info.architecture,
-            "layout": info.layout, "num_experts": info.num_experts, "top_k": info.top_k,
-            "fingerprints": expert_fingerprints(model), "global_step": step,
-            "recipe": {"model_name_or_path": str(source), "max_steps": step, "learning_rate": 1e-4,
-                       "datasets": [{"source": "text", "path": "corpus.txt", "weight": 1.0}]}}
+    meta = {
+        "source_model": str(source),
+        "source_dir": str(source),
+        "architecture": info.architecture,
+        "layout": info.layout,
+        "num_experts": info.num_experts,
+        "top_k": info.top_k,
+        "fingerprints": expert_fingerprints(model),
+        "global_step": step,
+        "recipe": {
+            "model_name_or_path": str(source),
+            "max_steps": step,
+            "learning_rate": 1e-4,
+            "datasets": [{"source": "text", "path": "corpus.txt", "weight": 1.0}],
+        },
+    }
     run = root / "run"
     for d, tensors, s in ((run, routers, step), (run / "checkpoint-3", {n: t * 0.5 for n, t in routers.items()}, 3)):
         d.mkdir(parents=True)
-        save_file(tensors, str(d / "routers.safetensors"),
-                  metadata={"source_model": str(source), "format": "router_tune.routers"})
+        save_file(
+            tensors,
+            str(d / "routers.safetensors"),
+            metadata={"source_model": str(source), "format": "router_tune.routers"},
+        )
         (d / "router_tune.json").write_text(json.dumps({**meta, "global_step": s}))
     if report is not None:
         (run / "eval").mkdir()
@@ -84,8 +102,11 @@ def shard_metadata(root: Path) -> dict[str, dict]:
 
 
 def file_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def router_disk(name: str, legacy_mixtral: bool) -> str:
@@ -132,8 +153,9 @@ def test_full_export_same_layout(fixture, request, tmp_path):
     assert shard_metadata(out) == shard_metadata(source) == {"model.safetensors": {"format": "pt"}}
     config = json.loads((out / "config.json").read_text())
     assert config["output_router_logits"] is False
-    assert {k: v for k, v in config.items() if k != "output_router_logits"} == \
-        {k: v for k, v in json.loads((source / "config.json").read_text()).items() if k != "output_router_logits"}
+    assert {k: v for k, v in config.items() if k != "output_router_logits"} == {
+        k: v for k, v in json.loads((source / "config.json").read_text()).items() if k != "output_router_logits"
+    }
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / f).read_bytes() == (source / f).read_bytes()
     card = (out / "README.md").read_text()
@@ -145,8 +167,13 @@ def assert_same_bytes(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
-@pytest.mark.parametrize("fixture,legacy_names", [("mixtral_fused", ("block_sparse_moe", "w1", "w3", "w2")),
-                                                 ("qwen3_moe", ("mlp", "gate_proj", "up_proj", "down_proj"))])
+@pytest.mark.parametrize(
+    "fixture,legacy_names",
+    [
+        ("mixtral_fused", ("block_sparse_moe", "w1", "w3", "w2")),
+        ("qwen3_moe", ("mlp", "gate_proj", "up_proj", "down_proj")),
+    ],
+)
 def test_fused_to_legacy_and_back_is_exact(fixture, legacy_names, request, tmp_path):
     source = request.getfixturevalue(fixture)
     if fixture == "qwen3_moe":  # the Qwen fixture is stored legacy: make a fused copy first
@@ -159,16 +186,27 @@ def test_fused_to_legacy_and_back_is_exact(fixture, legacy_names, request, tmp_p
     block, gate, up, down = legacy_names
     src, out = tensors_bytes(source), tensors_bytes(legacy)
     assert not any(".experts.gate_up_proj" in k or ".experts.down_proj" in k for k in out)
-    with safe_open(str(source / "model.safetensors"), "pt") as s, \
-            safe_open(str(legacy / "model.safetensors"), "pt") as o:
+    with (
+        safe_open(str(source / "model.safetensors"), "pt") as s,
+        safe_open(str(legacy / "model.safetensors"), "pt") as o,
+    ):
         for layer in range(factories.LAYERS):
             pre = f"model.layers.{layer}"
-            refused_gate_up = torch.stack([torch.cat([o.get_tensor(f"{pre}.{block}.experts.{e}.{gate}.weight"),
-                                                      o.get_tensor(f"{pre}.{block}.experts.{e}.{up}.weight")])
-                                           for e in range(factories.EXPERTS)])
+            refused_gate_up = torch.stack(
+                [
+                    torch.cat(
+                        [
+                            o.get_tensor(f"{pre}.{block}.experts.{e}.{gate}.weight"),
+                            o.get_tensor(f"{pre}.{block}.experts.{e}.{up}.weight"),
+                        ]
+                    )
+                    for e in range(factories.EXPERTS)
+                ]
+            )
             assert_same_bytes(refused_gate_up, s.get_tensor(f"{pre}.mlp.experts.gate_up_proj"))
-            refused_down = torch.stack([o.get_tensor(f"{pre}.{block}.experts.{e}.{down}.weight")
-                                        for e in range(factories.EXPERTS)])
+            refused_down = torch.stack(
+                [o.get_tensor(f"{pre}.{block}.experts.{e}.{down}.weight") for e in range(factories.EXPERTS)]
+            )
             assert_same_bytes(refused_down, s.get_tensor(f"{pre}.mlp.experts.down_proj"))
     non_expert = [k for k in src if ".experts." not in k and not k.endswith("mlp.gate.weight")]
     assert all(src[k][:3] == out[router_disk(k, block != "mlp")][:3] for k in non_expert)
@@ -191,14 +229,26 @@ def test_legacy_to_fused_qwen2(qwen2_moe, tmp_path):
     names = tensors_bytes(out)
     assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.shared_expert_gate.weight"} <= set(names)
     assert not any(".experts.0." in k for k in names)
-    with safe_open(str(qwen2_moe / "model.safetensors"), "pt") as s, \
-            safe_open(str(out / "model.safetensors"), "pt") as o:
-        gate_up = torch.stack([torch.cat([s.get_tensor(f"model.layers.1.mlp.experts.{e}.gate_proj.weight"),
-                                          s.get_tensor(f"model.layers.1.mlp.experts.{e}.up_proj.weight")])
-                               for e in range(factories.EXPERTS)])
+    with (
+        safe_open(str(qwen2_moe / "model.safetensors"), "pt") as s,
+        safe_open(str(out / "model.safetensors"), "pt") as o,
+    ):
+        gate_up = torch.stack(
+            [
+                torch.cat(
+                    [
+                        s.get_tensor(f"model.layers.1.mlp.experts.{e}.gate_proj.weight"),
+                        s.get_tensor(f"model.layers.1.mlp.experts.{e}.up_proj.weight"),
+                    ]
+                )
+                for e in range(factories.EXPERTS)
+            ]
+        )
         assert_same_bytes(o.get_tensor("model.layers.1.mlp.experts.gate_up_proj"), gate_up)
-        assert torch.equal(o.get_tensor("model.layers.1.mlp.shared_expert_gate.weight"),
-                           routers["model.layers.1.mlp.shared_expert_gate.weight"])
+        assert torch.equal(
+            o.get_tensor("model.layers.1.mlp.shared_expert_gate.weight"),
+            routers["model.layers.1.mlp.shared_expert_gate.weight"],
+        )
     assert (load_clean(out)(IDS).logits - trained_logits(qwen2_moe, routers)).abs().max() <= 1e-5
 
 
@@ -338,9 +388,11 @@ def test_peft_adapter_reproduces_trained_logits(fixture, request, tmp_path):
 
 
 def test_checkpoint_dir_cli_and_model_card(mixtral_legacy, tmp_path, capsys):
-    report = {"global_step": 7, "before": {"perplexity": {"overall": 20.0, "code": 30.0}, "balance": 0.5,
-                                           "tokens": {"overall": 999}},
-              "after": {"perplexity": {"overall": 15.0, "code": 24.0}, "balance": 0.9, "tokens": {"overall": 999}}}
+    report = {
+        "global_step": 7,
+        "before": {"perplexity": {"overall": 20.0, "code": 30.0}, "balance": 0.5, "tokens": {"overall": 999}},
+        "after": {"perplexity": {"overall": 15.0, "code": 24.0}, "balance": 0.9, "tokens": {"overall": 999}},
+    }
     run, routers = make_run(mixtral_legacy, tmp_path, report=report)
     assert cli_main(["export", str(run / "checkpoint-3"), "--out", str(tmp_path / "ckpt"), "--no-verify"]) == 0
     expected = trained_logits(mixtral_legacy, {n: t * 0.5 for n, t in routers.items()})

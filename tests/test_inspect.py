@@ -1,4 +1,5 @@
 """`router-tune inspect`: report contents, findings, bad inputs, and a real mergekit-moe merge."""
+
 from __future__ import annotations
 
 import hashlib
@@ -50,7 +51,12 @@ def test_json_counts_both_layouts(request, capsys, fixture, layout):
     assert digest_dir(path) == before  # inspect never writes to the checkpoint
     m, p = report["model"], report["parameters"]
     assert (m["architecture"], m["layout"], m["num_experts"], m["top_k"], m["moe_layers"]) == (
-        "mixtral", layout, 4, 2, [0, 1])
+        "mixtral",
+        layout,
+        4,
+        2,
+        [0, 1],
+    )
     assert p["trainable"] == 2 * 4 * 32  # two [E=4, H=32] gates
     assert p["total"] == tensor_elements(path)
     assert report["findings"] == ["no problems found"]
@@ -59,8 +65,9 @@ def test_json_counts_both_layouts(request, capsys, fixture, layout):
         assert len(ly["load"]) == 4 and abs(sum(ly["load"]) - 1) < 1e-3 and 0 < ly["entropy"] <= 1
     mem = report["memory"]
     assert mem["gradients_bytes"] == 4 * 256 and mem["adam_bytes"] == 8 * 256
-    assert mem["total_bytes"] == sum(mem[k] for k in ("weights_bytes", "gradients_bytes", "adam_bytes",
-                                                      "activations_bytes"))
+    assert mem["total_bytes"] == sum(
+        mem[k] for k in ("weights_bytes", "gradients_bytes", "adam_bytes", "activations_bytes")
+    )
 
 
 def test_qwen2_counts_include_shared_expert_gate(capsys, qwen2_moe):
@@ -71,8 +78,10 @@ def test_qwen2_counts_include_shared_expert_gate(capsys, qwen2_moe):
 def test_findings(capsys, mixtral_identical, mixtral_saturated, mixtral_copied_gates, qwen3_identical):
     identical = inspect_json(capsys, mixtral_identical)
     assert [ly["identical_experts"] for ly in identical["layers"]] == [[[0, 1, 2, 3]]] * 2
-    assert ("all 4 experts of every layer are identical: router training cannot change this model's outputs, "
-            "only its load balance") in identical["findings"]
+    assert (
+        "all 4 experts of every layer are identical: router training cannot change this model's outputs, "
+        "only its load balance"
+    ) in identical["findings"]
 
     qwen3 = inspect_json(capsys, qwen3_identical)["findings"][0]
     assert "does not renormalise" in qwen3 and "norm_topk_prob=False" in qwen3
@@ -80,8 +89,9 @@ def test_findings(capsys, mixtral_identical, mixtral_saturated, mixtral_copied_g
 
     saturated = inspect_json(capsys, mixtral_saturated)
     assert all(ly["top1_prob"] > 0.9 for ly in saturated["layers"])
-    assert any(f.startswith("routers of layers 0, 1 are saturated") and "mergekit `random`" in f
-               for f in saturated["findings"])
+    assert any(
+        f.startswith("routers of layers 0, 1 are saturated") and "mergekit `random`" in f for f in saturated["findings"]
+    )
 
     copied = inspect_json(capsys, mixtral_copied_gates)
     assert copied["copied_gates"] == [[0, 1]]
@@ -114,15 +124,17 @@ def test_bad_inputs(capsys, copy_of, tmp_path, mixtral_legacy, dense_llama):
     (tmp_path / "empty").mkdir()
     assert "has no config.json" in fail(capsys, tmp_path / "empty")
 
-    assert "this is a dense LlamaForCausalLM; router_tune needs a MoE checkpoint: Mixtral, Qwen2-MoE, Qwen3-MoE" \
+    assert (
+        "this is a dense LlamaForCausalLM; router_tune needs a MoE checkpoint: Mixtral, Qwen2-MoE, Qwen3-MoE"
         in fail(capsys, dense_llama)
+    )
 
-    olmoe = copy_of(mixtral_legacy)
-    cfg = json.loads((olmoe / "config.json").read_text())
-    cfg.update(model_type="olmoe", architectures=["OlmoeForCausalLM"])
-    (olmoe / "config.json").write_text(json.dumps(cfg))
-    err = fail(capsys, olmoe)
-    assert "OlmoeForCausalLM" in err and "supported: Mixtral, Qwen2-MoE, Qwen3-MoE" in err
+    phimoe = copy_of(mixtral_legacy)  # a MoE architecture transformers knows and router_tune does not
+    cfg = json.loads((phimoe / "config.json").read_text())
+    cfg.update(model_type="phimoe", architectures=["PhimoeForCausalLM"])
+    (phimoe / "config.json").write_text(json.dumps(cfg))
+    err = fail(capsys, phimoe)
+    assert "PhimoeForCausalLM" in err and "supported: Mixtral, Qwen2-MoE, Qwen3-MoE" in err
 
     truncated = tmp_path / "truncated"
     shutil.copytree(mixtral_legacy, truncated)
@@ -166,11 +178,25 @@ def test_real_mergekit_frankenmoe(capsys, tmp_path):
     (tmp_path / "moe.yml").write_text(
         f"base_model: {tmp_path / 'expert1'}\ngate_mode: cheap_embed\ndtype: float32\nexperts_per_token: 2\n"
         f"experts:\n  - source_model: {tmp_path / 'expert1'}\n    positive_prompts: ['def return import']\n"
-        f"  - source_model: {tmp_path / 'expert2'}\n    positive_prompts: ['once upon a time']\n")
+        f"  - source_model: {tmp_path / 'expert2'}\n    positive_prompts: ['once upon a time']\n"
+    )
     binary = Path(sys.executable).with_name("mergekit-moe")
-    subprocess.run([str(binary), str(tmp_path / "moe.yml"), str(tmp_path / "merged"), "--device", "cpu",
-                    "--lazy-unpickle", "--random-seed", "42"], check=True, capture_output=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    subprocess.run(
+        [
+            str(binary),
+            str(tmp_path / "moe.yml"),
+            str(tmp_path / "merged"),
+            "--device",
+            "cpu",
+            "--lazy-unpickle",
+            "--random-seed",
+            "42",
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     report = inspect_json(capsys, tmp_path / "merged")
     m = report["model"]
     assert (m["model_class"], m["layout"], m["num_experts"], m["top_k"]) == ("MixtralForCausalLM", "fused", 2, 2)

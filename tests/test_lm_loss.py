@@ -1,10 +1,11 @@
 """The chunked frozen-head cross-entropy equals the plain one, in value and in gradient."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from router_tune.lm_loss import lm_loss_sum
+from router_tune.losses.lm_loss import lm_loss_sum
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
@@ -16,8 +17,9 @@ def test_chunked_ce_equals_full_logits_ce(chunk):
     labels[0, :4] = -100
     labels[2, 7] = -100
 
-    expected = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100,
-                               reduction="sum")
+    expected = F.cross_entropy(
+        head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
     (grad_expected,) = torch.autograd.grad(expected * 0.5, hidden)
     got = lm_loss_sum(hidden, head, labels, chunk)
     (grad,) = torch.autograd.grad(got * 0.5, hidden)

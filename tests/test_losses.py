@@ -1,4 +1,5 @@
 """Router losses against formulas written out with loops, and against transformers itself."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from router_tune.losses import (all_reduce_counts, load_balancing_loss, router_z_loss, selection_counts)
+from router_tune.losses.balancing import all_reduce_counts, load_balancing_loss, router_z_loss, selection_counts
 
 L, T, E, K = 3, 24, 5, 2
 
@@ -61,8 +62,11 @@ def loop_layer_loss(logits, k, mask=None, counts=None):
 def loop_z_loss(logits, mask=None):
     total = 0.0
     for lg in logits:
-        values = [math.log(sum(math.exp(float(x)) for x in row)) ** 2
-                  for t, row in enumerate(lg.detach().numpy()) if mask is None or mask[t]]
+        values = [
+            math.log(sum(math.exp(float(x)) for x in row)) ** 2
+            for t, row in enumerate(lg.detach().numpy())
+            if mask is None or mask[t]
+        ]
         total += sum(values) / len(values)
     return total / len(logits)
 

@@ -1,32 +1,49 @@
-"""moe.py and checkpoint.py: router discovery, freezing, fp32 routers, router state, fingerprints, layouts."""
+"""model/ and io/: router discovery, freezing, fp32 routers, router state, fingerprints, layouts."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from router_tune.checkpoint import detect_layout, weight_files
+from router_tune.architectures.on_disk import detect_layout
 from router_tune.errors import RouterTuneError
-from router_tune.moe import (
-    describe_moe, expert_fingerprints, find_routers, freeze_all_but_routers, identical_expert_groups,
-    load_moe, load_router_state_dict, router_state_dict, routers_to_fp32,
+from router_tune.model.fingerprints import expert_fingerprints, identical_expert_groups
+from router_tune.model.loading import describe_moe, load_moe
+from router_tune.model.routers import (
+    find_routers,
+    freeze_all_but_routers,
+    load_router_state_dict,
+    router_state_dict,
+    routers_to_fp32,
 )
 
 MIXTRAL_ROUTERS = {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"}
-QWEN2_ROUTERS = MIXTRAL_ROUTERS | {"model.layers.0.mlp.shared_expert_gate.weight",
-                                   "model.layers.1.mlp.shared_expert_gate.weight"}
+QWEN2_ROUTERS = MIXTRAL_ROUTERS | {
+    "model.layers.0.mlp.shared_expert_gate.weight",
+    "model.layers.1.mlp.shared_expert_gate.weight",
+}
 
 
-@pytest.mark.parametrize("fixture, arch, layout, names", [
-    ("mixtral_legacy", "mixtral", "legacy", MIXTRAL_ROUTERS),
-    ("mixtral_fused", "mixtral", "fused", MIXTRAL_ROUTERS),
-    ("qwen2_moe", "qwen2_moe", "legacy", QWEN2_ROUTERS),
-    ("qwen3_moe", "qwen3_moe", "legacy", MIXTRAL_ROUTERS),
-])
+@pytest.mark.parametrize(
+    "fixture, arch, layout, names",
+    [
+        ("mixtral_legacy", "mixtral", "legacy", MIXTRAL_ROUTERS),
+        ("mixtral_fused", "mixtral", "fused", MIXTRAL_ROUTERS),
+        ("qwen2_moe", "qwen2_moe", "legacy", QWEN2_ROUTERS),
+        ("qwen3_moe", "qwen3_moe", "legacy", MIXTRAL_ROUTERS),
+    ],
+)
 def test_router_names_and_freezing(request, fixture, arch, layout, names):
     path = request.getfixturevalue(fixture)
     model, info = load_moe(path)
-    assert (info.architecture, info.layout, info.moe_layers, info.num_experts, info.top_k) == (arch, layout, [0, 1], 4, 2)
+    assert (info.architecture, info.layout, info.moe_layers, info.num_experts, info.top_k) == (
+        arch,
+        layout,
+        [0, 1],
+        4,
+        2,
+    )
     assert detect_layout(path) == layout
     assert {n for r in info.routers for n in r.param_names} == names
     assert set(router_state_dict(model)) == names
@@ -135,20 +152,12 @@ def test_router_count_mismatch_lists_matches(mixtral_legacy):
 
 def test_describe_loaded_model_and_dense_error(mixtral_fused, dense_llama):
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(mixtral_fused)
     info = describe_moe(model)
     assert (info.layout, info.model_class, len(info.routers)) == ("fused", "MixtralForCausalLM", 2)
     with pytest.raises(RouterTuneError, match="this is a dense LlamaForCausalLM; router_tune needs a MoE checkpoint"):
         describe_moe(AutoModelForCausalLM.from_pretrained(dense_llama))
-
-
-def test_weight_files_index_aware(copy_of, mixtral_legacy):
-    import json
-    d = copy_of(mixtral_legacy)
-    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
-    (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00001.safetensors"}}))
-    assert weight_files(d) == [d / "model-00001-of-00001.safetensors"]
 
 
 def test_router_logits_stay_fp32_under_bf16_autocast(mixtral_legacy):
@@ -168,7 +177,7 @@ def test_router_logits_stay_fp32_under_bf16_autocast(mixtral_legacy):
 
 
 def test_router_logits_capture_equals_output_router_logits(mixtral_legacy):
-    from router_tune.moe import RouterLogitsCapture
+    from router_tune.model.routers import RouterLogitsCapture
 
     model, _ = load_moe(mixtral_legacy)
     capture = RouterLogitsCapture(model)

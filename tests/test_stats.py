@@ -1,4 +1,5 @@
 """RoutingStats against numpy formulas, and its cross-rank reduction on a real gloo world of 2."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from router_tune.losses import all_reduce_counts, load_balancing_loss, selection_counts
-from router_tune.stats import RoutingStats, RoutingSummary
+from router_tune.losses.balancing import all_reduce_counts, load_balancing_loss, selection_counts
+from router_tune.routing.stats import RoutingStats, RoutingSummary
 
 L, E, K = 3, 6, 2
 SOURCES = ["redpajama", "chat", "code"]
@@ -22,9 +23,9 @@ def batch(seed: int, tokens: int = 20, pad: int = 5, with_sources: bool = True):
     g = torch.Generator().manual_seed(seed)
     logits = [torch.randn(tokens, E, generator=g) * 2 for _ in range(L)]
     mask = torch.ones(tokens, dtype=torch.bool)
-    mask[tokens - pad:] = False
+    mask[tokens - pad :] = False
     for layer in logits:
-        layer[tokens - pad:] = torch.randn(pad, E, generator=g) * 1e4
+        layer[tokens - pad :] = torch.randn(pad, E, generator=g) * 1e4
     # Sources 0 and 1 only: source 2 ("code") has no tokens, to pin down its empty row.
     source_ids = torch.randint(0, 2, (tokens,), generator=g) if with_sources else None
     return tuple(logits), mask, source_ids
@@ -127,7 +128,11 @@ def test_reset_reduce_and_argument_checks():
         stats.update(logits, mask, source_ids)
     stats.reset()
     empty = stats.summary()
-    assert empty.tokens == stats.tokens_seen() == stats.micro_batches == 0 and not np.isnan(empty.load).any() and np.all(empty.load == 0)
+    assert (
+        empty.tokens == stats.tokens_seen() == stats.micro_batches == 0
+        and not np.isnan(empty.load).any()
+        and np.all(empty.load == 0)
+    )
     stats.update(logits, mask, source_ids)  # reset reopened the window
     with pytest.raises(ValueError, match="expected 3 layers"):
         stats.update(logits[:2])
@@ -158,8 +163,9 @@ def _rank_worker(rank: int, port: int, out_dir: str) -> None:
         stats.reduce()  # a second call in the same window must not double count
         counts = all_reduce_counts(selection_counts(logits, K, mask))
         loss = load_balancing_loss(logits, K, mask, counts=counts)
-        torch.save({"summary": stats.summary().to_dict(), "counts": counts, "loss": loss.detach()},
-                   f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"summary": stats.summary().to_dict(), "counts": counts, "loss": loss.detach()}, f"{out_dir}/rank{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 

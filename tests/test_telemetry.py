@@ -1,4 +1,5 @@
 """Telemetry end to end: a real Trainer with wandb (offline) and tensorboard, read back from disk."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,14 @@ import torch
 from matplotlib import pyplot as plt
 from matplotlib.image import imread
 
-from router_tune.stats import RoutingStats
-from router_tune.telemetry import (
-    RoutingTelemetry, expert_counts, format_routing_table, log_tensorboard, log_wandb, tensorboard_writer,
+from router_tune.routing.stats import RoutingStats
+from router_tune.routing.telemetry import (
+    RoutingTelemetry,
+    expert_counts,
+    format_routing_table,
+    log_tensorboard,
+    log_wandb,
+    tensorboard_writer,
 )
 
 LAYERS, EXPERTS, TOP_K, TOKENS = [0, 2, 5], 4, 2, 12
@@ -27,8 +33,9 @@ def routed(seed: int):
     logits = [torch.randn(TOKENS, EXPERTS, generator=generator) * 3 for _ in LAYERS]
     stats = RoutingStats(len(LAYERS), EXPERTS, TOP_K, sources=SOURCES, layer_ids=LAYERS)
     stats.update(logits, mask=torch.ones(TOKENS), source_ids=torch.tensor([0] * 8 + [1] * 4))
-    counts = np.stack([np.bincount(layer.topk(TOP_K, dim=-1).indices.reshape(-1).numpy(), minlength=EXPERTS)
-                       for layer in logits])
+    counts = np.stack(
+        [np.bincount(layer.topk(TOP_K, dim=-1).indices.reshape(-1).numpy(), minlength=EXPERTS) for layer in logits]
+    )
     return stats.summary(), counts
 
 
@@ -47,8 +54,8 @@ def _wandb_records(data: bytes):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             return
         pending = chunk if kind in (1, 2) else pending + chunk
@@ -73,8 +80,11 @@ def offline_history(run_dir, timeout: float = 30.0) -> list[dict]:
             break
         assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
         time.sleep(0.2)
-    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-            for r in records if r.WhichOneof("record_type") == "history"]
+    return [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
 
 
 class _Tiny(torch.nn.Module):
@@ -100,21 +110,36 @@ def test_trainer_logs_reach_wandb_and_tensorboard_on_the_same_step(tmp_path, mon
         def log(self, logs, start_time=None):
             if "loss" in logs:  # training-step logs; the final train_runtime entry has no window
                 summary = windows[self.state.global_step][0]
-                logs.update(self.telemetry.record(summary, self.state.global_step,
-                                                  tb_writer=tensorboard_writer(self.callback_handler.callbacks)))
+                logs.update(
+                    self.telemetry.record(
+                        summary, self.state.global_step, tb_writer=tensorboard_writer(self.callback_handler.callbacks)
+                    )
+                )
             super().log(logs, start_time)
 
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, logging_steps=1,
-                             per_device_train_batch_size=2, report_to=["wandb", "tensorboard"],
-                             save_strategy="no", use_cpu=True, disable_tqdm=True, remove_unused_columns=False,
-                             # eval logs are extra wandb.log calls, so wandb's own `_step` runs ahead
-                             # of global_step: media logged with `step=global_step` would be dropped.
-                             eval_strategy="steps", eval_steps=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        report_to=["wandb", "tensorboard"],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        # eval logs are extra wandb.log calls, so wandb's own `_step` runs ahead
+        # of global_step: media logged with `step=global_step` would be dropped.
+        eval_strategy="steps",
+        eval_steps=1,
+    )
     run = wandb.init(project="router-tune-test", dir=str(tmp_path))
     try:
-        trainer = TelemetryTrainer(model=_Tiny(), args=args,
-                                   train_dataset=[{"x": torch.tensor([1.0, 2.0])} for _ in range(8)],
-                                   eval_dataset=[{"x": torch.tensor([1.0, 3.0])} for _ in range(2)])
+        trainer = TelemetryTrainer(
+            model=_Tiny(),
+            args=args,
+            train_dataset=[{"x": torch.tensor([1.0, 2.0])} for _ in range(8)],
+            eval_dataset=[{"x": torch.tensor([1.0, 3.0])} for _ in range(2)],
+        )
         trainer.telemetry = RoutingTelemetry(args.output_dir, report_to=args.report_to)
         trainer.train()
     finally:
@@ -138,11 +163,13 @@ def test_trainer_logs_reach_wandb_and_tensorboard_on_the_same_step(tmp_path, mon
         assert scalars[0]["train/routing/mean/entropy"] == pytest.approx(np.mean(summary.token_entropy))
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
     tags = events.Reload().Tags()
     for layer in LAYERS:
-        assert {f"train/routing/L{layer}/{name}" for name in ("max_load", "entropy", "dead", "cv", "lse")} \
-            <= set(tags["scalars"])
+        assert {f"train/routing/L{layer}/{name}" for name in ("max_load", "entropy", "dead", "cv", "lse")} <= set(
+            tags["scalars"]
+        )
         assert f"routing/L{layer}/usage" in tags["histograms"]
     assert {"train/routing/mean/max_load", "train/routing/total/dead"} <= set(tags["scalars"])
     assert [e.step for e in events.Scalars("train/routing/mean/max_load")] == [1, 2]
@@ -184,16 +211,28 @@ def test_expert_counts_are_exact():
 def test_run_plots_decode_with_fixed_sizes(tmp_path):
     start, _ = routed(6)
     end, _ = routed(7)
-    history = [{"step": s, "lm_loss": 3.0 / s, "aux_loss": 1.0 + 0.1 / s, "z_loss": 0.01 * s,
-                **(start if s < 3 else end).scalars()} for s in (1, 2, 3)]
+    history = [
+        {
+            "step": s,
+            "lm_loss": 3.0 / s,
+            "aux_loss": 1.0 + 0.1 / s,
+            "z_loss": 0.01 * s,
+            **(start if s < 3 else end).scalars(),
+        }
+        for s in (1, 2, 3)
+    ]
     history.append({"step": 3, "train_runtime": 1.0, "train_loss": 2.0})  # Trainer's final entry
     telemetry = RoutingTelemetry(tmp_path)
     telemetry.record(start, 10)
     telemetry.record(end, 20)
     paths = telemetry.save_plots(history)
     sizes = {p.name: imread(p).shape[:2] for p in paths}
-    assert sizes == {"usage_start_end.png": (600, 1400), "loss_curves.png": (400, 1400),
-                     "balance.png": (400, 1000), "source_expert.png": (400, 800)}
+    assert sizes == {
+        "usage_start_end.png": (600, 1400),
+        "loss_curves.png": (400, 1400),
+        "balance.png": (400, 1000),
+        "source_expert.png": (400, 800),
+    }
     assert all(p.parent == tmp_path / "plots" for p in paths)
     assert plt.get_fignums() == []  # no figure left open in pyplot's registry
 

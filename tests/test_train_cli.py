@@ -1,5 +1,6 @@
 """`router-tune train` end to end on a tiny MoE with the bundled samples: dry run, training,
 checkpoints, plots, and a clean stop on SIGTERM."""
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,19 @@ def write_recipe(tmp_path: Path, model_dir: Path, **overrides) -> Path:
         "model_name_or_path": str(model_dir),
         "datasets": [
             {"source": "redpajama", "path": str(SAMPLES / "redpajama"), "weight": 0.75, "max_documents": 200},
-            {"source": "wizard_vicuna", "path": str(SAMPLES / "wizard_vicuna"), "weight": 0.25,
-             "max_documents": 200},
+            {"source": "wizard_vicuna", "path": str(SAMPLES / "wizard_vicuna"), "weight": 0.25, "max_documents": 200},
         ],
-        "block_size": 64, "per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 1e-2,
-        "save_steps": 2, "logging_steps": 1, "routing_log_every": 2, "output_dir": str(tmp_path / "run"),
-        "use_cpu": True, "eval_before_after": False, "dataloader_num_workers": 0,
+        "block_size": 64,
+        "per_device_train_batch_size": 4,
+        "max_steps": 4,
+        "learning_rate": 1e-2,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "routing_log_every": 2,
+        "output_dir": str(tmp_path / "run"),
+        "use_cpu": True,
+        "eval_before_after": False,
+        "dataloader_num_workers": 0,
     }
     recipe.update(overrides)
     path = tmp_path / "recipe.yaml"
@@ -53,8 +61,9 @@ def test_dry_run_reads_no_weights(mixtral_legacy, tmp_path, capsys, monkeypatch)
 
 
 def test_train_writes_routers_checkpoints_plots_and_report(mixtral_legacy, tmp_path, capsys):
-    recipe = write_recipe(tmp_path, mixtral_legacy, eval_before_after=True, eval_max_blocks=4, eval_fraction=0.2,
-                          block_size=128)
+    recipe = write_recipe(
+        tmp_path, mixtral_legacy, eval_before_after=True, eval_max_blocks=4, eval_fraction=0.2, block_size=128
+    )
     assert main(["train", str(recipe)]) == 0
     run = tmp_path / "run"
     assert (run / "routers.safetensors").is_file()
@@ -83,8 +92,14 @@ def test_bad_override_is_a_clear_error(mixtral_legacy, tmp_path, capsys):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(mixtral_legacy, tmp_path):
     recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=10_000, save_steps=10_000, routing_log_every=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "router_tune", "train", str(recipe)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router_tune", "train", str(recipe)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in proc.stdout:  # wait for the first training log, then interrupt
             if "'loss'" in line:
@@ -100,9 +115,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(mixtral_legacy, tmp_path):
     assert "stopped early (interrupted)" in output and "--resume_from_checkpoint" in output
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "does-not-exist.yaml"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "does-not-exist.yaml"], "does not exist"),
+    ],
+)
 def test_missing_recipe(argv, message, capsys):
     assert main(argv) == 1
     assert message in capsys.readouterr().err
@@ -112,8 +130,16 @@ def test_run_plots_start_from_the_untrained_routers(mixtral_legacy, tmp_path):
     """With the before/after evaluation on, the "start" heatmap is the untrained routers (step 0)."""
     from router_tune import RouterTrainer, load_recipe
 
-    recipe = write_recipe(tmp_path, mixtral_legacy, eval_before_after=True, eval_max_blocks=2, eval_fraction=0.2,
-                          block_size=128, max_steps=2, routing_log_every=1)
+    recipe = write_recipe(
+        tmp_path,
+        mixtral_legacy,
+        eval_before_after=True,
+        eval_max_blocks=2,
+        eval_fraction=0.2,
+        block_size=128,
+        max_steps=2,
+        routing_log_every=1,
+    )
     trainer = RouterTrainer(args=load_recipe(recipe))
     trainer.train()
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())

@@ -3,15 +3,35 @@
     specs = parse_sources(recipe["datasets"])
     train = build_train_dataset(specs, tokenizer, block_size=2048, seed=0)
     batch = collate_blocks(list(train.take(8)))
+
+Imports: errors only (and the datasets / tokenizers libraries).
 """
+
 from router_tune.data.chat import IGNORE_INDEX, vicuna_template
 from router_tune.data.packing import BLOCK_KEYS, collate_blocks
 from router_tune.data.pipeline import (
-    build_eval_blocks, build_train_dataset, check_block_size, check_sources, pipeline_throughput,
+    build_eval_blocks,
+    build_train_dataset,
+    check_block_size,
+    check_sources,
+    pipeline_throughput,
 )
 from router_tune.data.sources import SourceSpec, parse_sources, source_names
 from router_tune.data.split import chat_doc_key, is_heldout
 
-__all__ = ["BLOCK_KEYS", "IGNORE_INDEX", "SourceSpec", "build_eval_blocks", "build_train_dataset",
-           "check_block_size", "check_sources", "chat_doc_key", "collate_blocks", "is_heldout",
-           "parse_sources", "pipeline_throughput", "source_names", "vicuna_template"]
+__all__ = [
+    "BLOCK_KEYS",
+    "IGNORE_INDEX",
+    "SourceSpec",
+    "build_eval_blocks",
+    "build_train_dataset",
+    "check_block_size",
+    "check_sources",
+    "chat_doc_key",
+    "collate_blocks",
+    "is_heldout",
+    "parse_sources",
+    "pipeline_throughput",
+    "source_names",
+    "vicuna_template",
+]

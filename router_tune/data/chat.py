@@ -4,10 +4,11 @@ Labels follow transformers' convention (aligned with input_ids, shifted inside t
 marks tokens that are not predicted. With `assistant_only_loss`, only the assistant answers (and
 their closing "</s>") are predicted, found by the template's {% generation %} markers.
 """
+
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from router_tune.data.sources import SourceSpec
@@ -17,7 +18,7 @@ IGNORE_INDEX = -100
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def vicuna_template() -> str:
     """The shipped Vicuna v1.1 chat template (FastChat's format), as Jinja text."""
     return resources.files("router_tune").joinpath("templates/vicuna_v1.1.jinja").read_text(encoding="utf-8")
@@ -36,20 +37,26 @@ def chat_template_for(spec: SourceSpec, tokenizer) -> str:
     if isinstance(template, dict):
         template = template.get("default")
     if not template:
-        raise RouterTuneError(f"Dataset {spec.name!r}: `template: tokenizer` but the tokenizer has no chat "
-                              "template. Use `template: vicuna_v1.1` or a tokenizer that ships one.")
+        raise RouterTuneError(
+            f"Dataset {spec.name!r}: `template: tokenizer` but the tokenizer has no chat "
+            "template. Use `template: vicuna_v1.1` or a tokenizer that ships one."
+        )
     if spec.assistant_only_loss and not _GENERATION_TAG.search(template):
-        raise RouterTuneError(f"Dataset {spec.name!r}: the tokenizer's chat template has no {{% generation %}} "
-                              "markers, so assistant turns cannot be found. Set `assistant_only_loss: false` "
-                              "or use `template: vicuna_v1.1`.")
+        raise RouterTuneError(
+            f"Dataset {spec.name!r}: the tokenizer's chat template has no {{% generation %}} "
+            "markers, so assistant turns cannot be found. Set `assistant_only_loss: false` "
+            "or use `template: vicuna_v1.1`."
+        )
     return template
 
 
 def check_tokenizer(tokenizer) -> None:
     """Raise unless the tokenizer is a fast (Rust) one: batched speed and assistant masks need it."""
     if not getattr(tokenizer, "is_fast", False):
-        raise RouterTuneError(f"{type(tokenizer).__name__} is a slow tokenizer; the data pipeline needs a fast "
-                              "one (AutoTokenizer.from_pretrained(..., use_fast=True), tokenizer.json).")
+        raise RouterTuneError(
+            f"{type(tokenizer).__name__} is a slow tokenizer; the data pipeline needs a fast "
+            "one (AutoTokenizer.from_pretrained(..., use_fast=True), tokenizer.json)."
+        )
 
 
 def tokenize_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
@@ -61,13 +68,15 @@ def tokenize_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[l
     return ids, [list(i) for i in ids]
 
 
-def tokenize_chats(tokenizer, chats: list[list[dict]], template: str,
-                   assistant_only: bool) -> tuple[list[list[int]], list[list[int]]]:
+def tokenize_chats(
+    tokenizer, chats: list[list[dict]], template: str, assistant_only: bool
+) -> tuple[list[list[int]], list[list[int]]]:
     """Render and tokenize chats with `apply_chat_template` in one batch."""
     if not chats:
         return [], []
-    out = tokenizer.apply_chat_template(chats, chat_template=template, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=assistant_only)
+    out = tokenizer.apply_chat_template(
+        chats, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=assistant_only
+    )
     ids = [list(i) for i in out["input_ids"]]
     if not assistant_only:
         return ids, [list(i) for i in ids]

@@ -23,6 +23,7 @@ position_ids and use_cache=False (checked: with the cache, a packed document's l
 0.11 on the tiny test Mixtral; without it they equal the document run alone). Keep token_mask and
 source_id for the routing statistics.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,9 +56,9 @@ def pack_documents(batch: dict, block_size: int, pad_id: int, source_id: int) ->
         start = 0
         while start < len(doc_ids):
             take = min(block_size - len(ids), len(doc_ids) - start)
-            ids.extend(doc_ids[start:start + take])
+            ids.extend(doc_ids[start : start + take])
             labels.append(IGNORE_INDEX)
-            labels.extend(doc_labels[start + 1:start + take])
+            labels.extend(doc_labels[start + 1 : start + take])
             pos.extend(range(take))
             real.extend([1] * take)
             start += take

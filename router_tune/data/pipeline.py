@@ -4,6 +4,7 @@ The training set is a `datasets.IterableDataset`: it streams any size, is determ
 seed, `skip(n)` resumes at block n, and the Trainer shards it across ranks (accelerate dispatches
 batches from rank 0, or `datasets.distributed.split_dataset_by_node`).
 """
+
 from __future__ import annotations
 
 import time
@@ -20,9 +21,15 @@ from router_tune.data.sources import SourceSpec, check_utf8, load_file, resolve_
 from router_tune.data.split import is_heldout
 from router_tune.errors import RouterTuneError
 
-BLOCK_FEATURES = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")),
-                           "position_ids": List(Value("int32")), "token_mask": List(Value("int8")),
-                           "source_id": Value("int32")})
+BLOCK_FEATURES = Features(
+    {
+        "input_ids": List(Value("int32")),
+        "labels": List(Value("int32")),
+        "position_ids": List(Value("int32")),
+        "token_mask": List(Value("int8")),
+        "source_id": Value("int32"),
+    }
+)
 _BAD_FIX = "Fix or remove it, or allow skipping malformed records with `max_bad_records`."
 
 
@@ -32,8 +39,10 @@ def check_block_size(block_size: int, model_config) -> None:
     if not isinstance(block_size, int) or block_size < 2:
         raise RouterTuneError(f"block_size must be an integer >= 2, got {block_size!r}.")
     if limit is not None and block_size > limit:
-        raise RouterTuneError(f"block_size {block_size} is larger than the model takes "
-                              f"(max_position_embeddings = {limit}). Set block_size to {limit} or less.")
+        raise RouterTuneError(
+            f"block_size {block_size} is larger than the model takes "
+            f"(max_position_embeddings = {limit}). Set block_size to {limit} or less."
+        )
 
 
 def check_sources(specs: list[SourceSpec], *, max_bad_records: int = 0) -> dict[str, int]:
@@ -58,16 +67,31 @@ def check_sources(specs: list[SourceSpec], *, max_bad_records: int = 0) -> dict[
                 except BadRecord as exc:
                     skipped[spec.name] += 1
                     if sum(skipped.values()) > max_bad_records:
-                        raise RouterTuneError(f"{path}: record {index + 1}: {exc}. {_BAD_FIX} "
-                                              f"(now {max_bad_records}).") from None
+                        raise RouterTuneError(
+                            f"{path}: record {index + 1}: {exc}. {_BAD_FIX} (now {max_bad_records})."
+                        ) from None
     if any(skipped.values()):
-        warnings.warn("Skipping malformed records (max_bad_records = %d): %s" % (
-            max_bad_records, ", ".join(f"{n}: {c}" for n, c in skipped.items() if c)), stacklevel=2)
+        warnings.warn(
+            f"Skipping malformed records (max_bad_records = {max_bad_records}): "
+            + ", ".join(f"{n}: {c}" for n, c in skipped.items() if c),
+            stacklevel=2,
+        )
     return skipped
 
 
-def _tokenize_batch(batch: dict, indices: list[int], *, spec: SourceSpec, path: str, tokenizer, template,
-                    keep_heldout: bool, eval_fraction: float, max_bad_records: int, bad: set) -> dict:
+def _tokenize_batch(
+    batch: dict,
+    indices: list[int],
+    *,
+    spec: SourceSpec,
+    path: str,
+    tokenizer,
+    template,
+    keep_heldout: bool,
+    eval_fraction: float,
+    max_bad_records: int,
+    bad: set,
+) -> dict:
     """Same-length map: each record -> its tokens, or empty lists when it is not in this split."""
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     docs: list = []
@@ -90,30 +114,63 @@ def _tokenize_batch(batch: dict, indices: list[int], *, spec: SourceSpec, path: 
     return {"input_ids": [p[0] for p in pairs], "labels": [p[1] for p in pairs]}
 
 
-def source_blocks(spec: SourceSpec, source_id: int, tokenizer, block_size: int, *, heldout: bool,
-                  eval_fraction: float, max_bad_records: int = 0) -> datasets.IterableDataset:
+def source_blocks(
+    spec: SourceSpec,
+    source_id: int,
+    tokenizer,
+    block_size: int,
+    *,
+    heldout: bool,
+    eval_fraction: float,
+    max_bad_records: int = 0,
+) -> datasets.IterableDataset:
     """The packed blocks of one source, in file order, files taken round-robin."""
     template = chat_template_for(spec, tokenizer) if spec.is_chat else None
     bad: set = set()
     per_file = []
     for path in resolve_files(spec):
         docs = load_file(path).map(
-            partial(_tokenize_batch, spec=spec, path=path, tokenizer=tokenizer, template=template,
-                    keep_heldout=heldout, eval_fraction=eval_fraction, max_bad_records=max_bad_records, bad=bad),
-            batched=True, with_indices=True)
+            partial(
+                _tokenize_batch,
+                spec=spec,
+                path=path,
+                tokenizer=tokenizer,
+                template=template,
+                keep_heldout=heldout,
+                eval_fraction=eval_fraction,
+                max_bad_records=max_bad_records,
+                bad=bad,
+            ),
+            batched=True,
+            with_indices=True,
+        )
         per_file.append(docs.select_columns(["input_ids", "labels"]))
-    docs = per_file[0] if len(per_file) == 1 else datasets.interleave_datasets(
-        per_file, stopping_strategy="all_exhausted_without_replacement")
+    docs = (
+        per_file[0]
+        if len(per_file) == 1
+        else datasets.interleave_datasets(per_file, stopping_strategy="all_exhausted_without_replacement")
+    )
     if spec.max_documents is not None:
         docs = docs.take(spec.max_documents)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    return docs.map(partial(pack_documents, block_size=block_size, pad_id=pad_id, source_id=source_id),
-                    batched=True, batch_size=PACK_BATCH, features=BLOCK_FEATURES)
+    return docs.map(
+        partial(pack_documents, block_size=block_size, pad_id=pad_id, source_id=source_id),
+        batched=True,
+        batch_size=PACK_BATCH,
+        features=BLOCK_FEATURES,
+    )
 
 
-def build_train_dataset(specs: list[SourceSpec], tokenizer, block_size: int, *, seed: int = 0,
-                        eval_fraction: float = 0.05, max_bad_records: int = 0,
-                        check: bool = True) -> datasets.IterableDataset:
+def build_train_dataset(
+    specs: list[SourceSpec],
+    tokenizer,
+    block_size: int,
+    *,
+    seed: int = 0,
+    eval_fraction: float = 0.05,
+    max_bad_records: int = 0,
+    check: bool = True,
+) -> datasets.IterableDataset:
     """The training blocks: each source packed on its own, then sources drawn block by block with
     probabilities proportional to their weights (so weights are shares of training tokens).
 
@@ -137,17 +194,29 @@ def build_train_dataset(specs: list[SourceSpec], tokenizer, block_size: int, *, 
         raise RouterTuneError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}.")
     if check:
         check_sources(specs, max_bad_records=max_bad_records)
-    streams = [source_blocks(s, i, tokenizer, block_size, heldout=False, eval_fraction=eval_fraction,
-                             max_bad_records=max_bad_records) for i, s in enumerate(specs)]
+    streams = [
+        source_blocks(
+            s, i, tokenizer, block_size, heldout=False, eval_fraction=eval_fraction, max_bad_records=max_bad_records
+        )
+        for i, s in enumerate(specs)
+    ]
     if len(streams) == 1:
         return streams[0]
     total = sum(s.weight for s in specs)
-    return datasets.interleave_datasets(streams, probabilities=[s.weight / total for s in specs], seed=seed,
-                                        stopping_strategy="all_exhausted")
+    return datasets.interleave_datasets(
+        streams, probabilities=[s.weight / total for s in specs], seed=seed, stopping_strategy="all_exhausted"
+    )
 
 
-def build_eval_blocks(specs: list[SourceSpec], tokenizer, block_size: int, *, eval_fraction: float = 0.05,
-                      max_blocks: int | None = None, max_bad_records: int = 0) -> dict[str, list[dict]]:
+def build_eval_blocks(
+    specs: list[SourceSpec],
+    tokenizer,
+    block_size: int,
+    *,
+    eval_fraction: float = 0.05,
+    max_blocks: int | None = None,
+    max_bad_records: int = 0,
+) -> dict[str, list[dict]]:
     """The held-out blocks of each source, by source name (documents `build_train_dataset` never yields).
 
     Raises:
@@ -156,17 +225,19 @@ def build_eval_blocks(specs: list[SourceSpec], tokenizer, block_size: int, *, ev
     check_tokenizer(tokenizer)
     out: dict[str, list[dict]] = {}
     for i, spec in enumerate(specs):
-        blocks = source_blocks(spec, i, tokenizer, block_size, heldout=True, eval_fraction=eval_fraction,
-                               max_bad_records=max_bad_records)
+        blocks = source_blocks(
+            spec, i, tokenizer, block_size, heldout=True, eval_fraction=eval_fraction, max_bad_records=max_bad_records
+        )
         out[spec.name] = list(blocks.take(max_blocks) if max_blocks is not None else blocks)
         if not out[spec.name]:
-            raise RouterTuneError(f"Dataset {spec.name!r} has no held-out document at eval_fraction "
-                                  f"{eval_fraction}: raise eval_fraction or add documents.")
+            raise RouterTuneError(
+                f"Dataset {spec.name!r} has no held-out document at eval_fraction "
+                f"{eval_fraction}: raise eval_fraction or add documents."
+            )
     return out
 
 
-def pipeline_throughput(specs: list[SourceSpec], tokenizer, block_size: int, n_blocks: int, *,
-                        seed: int = 0) -> float:
+def pipeline_throughput(specs: list[SourceSpec], tokenizer, block_size: int, n_blocks: int, *, seed: int = 0) -> float:
     """Real (non-padding) tokens per second the training pipeline delivers, over its first n_blocks."""
     dataset = build_train_dataset(specs, tokenizer, block_size, seed=seed, check=False)
     start, tokens = time.perf_counter(), 0

@@ -7,6 +7,7 @@ The upstream schemas (PITFALLS, "Data"):
 - text: any record with a string field (`field`, default "text").
 - sharegpt: `{field: [{"from", "value"} or {"role", "content"}]}` with speakers mapped by `roles`.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ def _text(record: dict, key: str) -> str:
     value = record.get(key)
     if value is None:
         present = ", ".join(sorted(k for k, v in record.items() if v is not None)) or "none"
-        raise BadRecord(f"the record has no {key!r} field (fields present: {present}); "
-                        f"set `field` to the field that holds the text or fix the record")
+        raise BadRecord(
+            f"the record has no {key!r} field (fields present: {present}); "
+            f"set `field` to the field that holds the text or fix the record"
+        )
     if not isinstance(value, str):
         raise BadRecord(f"field {key!r} is a {type(value).__name__}, not a string")
     return value
@@ -43,8 +46,10 @@ def redpajama_subset(record: dict, path: str) -> str | None:
 
 def _messages(spec: SourceSpec, turns) -> list[dict]:
     if turns is None:
-        raise BadRecord(f"the record has no {spec.field if spec.source == 'sharegpt' else 'conversations'!r} "
-                        "field holding the conversation")
+        raise BadRecord(
+            f"the record has no {spec.field if spec.source == 'sharegpt' else 'conversations'!r} "
+            "field holding the conversation"
+        )
     if not isinstance(turns, list) or not turns:
         raise BadRecord("empty conversation: it needs at least one user turn and one assistant turn")
     messages = []
@@ -54,10 +59,14 @@ def _messages(spec: SourceSpec, turns) -> list[dict]:
         speaker = turn.get("from", turn.get("role"))
         content = turn.get("value", turn.get("content"))
         if speaker not in spec.roles:
-            raise BadRecord(f"turn {t} has unknown role {speaker!r}; known roles: {sorted(spec.roles)}. "
-                            + ("Use source: sharegpt with `roles: {...}` mapping every speaker to "
-                               "user/assistant/system" if spec.source == "wizard_vicuna"
-                               else f"Add it to `roles`, e.g. roles: {{{speaker}: user}}"))
+            raise BadRecord(
+                f"turn {t} has unknown role {speaker!r}; known roles: {sorted(spec.roles)}. "
+                + (
+                    "Use source: sharegpt with `roles: {...}` mapping every speaker to user/assistant/system"
+                    if spec.source == "wizard_vicuna"
+                    else f"Add it to `roles`, e.g. roles: {{{speaker}: user}}"
+                )
+            )
         if not isinstance(content, str):
             raise BadRecord(f"turn {t} has no text (`value` or `content`)")
         messages.append({"role": spec.roles[speaker], "content": content})

@@ -3,6 +3,7 @@
 The data pipeline and `scripts/make_demo_model.py` both call `is_heldout`, so a document
 used to measure perplexity is never trained on, by the routers or by the demo experts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,6 +34,8 @@ def chat_doc_key(conversation: list) -> str:
     key is the same whether the file is read with `json` or with `datasets` (which fills absent
     keys with None).
     """
-    pairs = [[t.get("from", t.get("role")), t.get("value", t.get("content"))] if isinstance(t, dict) else t
-             for t in conversation]
+    pairs = [
+        [t.get("from", t.get("role")), t.get("value", t.get("content"))] if isinstance(t, dict) else t
+        for t in conversation
+    ]
     return json.dumps(pairs, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,81 @@
+"""What router_tune needs to know about one MoE architecture: the interface every module here implements.
+
+An architecture module (mixtral.py, qwen2_moe.py, ...) subclasses `MoeArchitecture`, fills in
+its class attributes and overrides the few methods where its config differs; the registry in
+`__init__.py` lists it. Everything else in the package is architecture-independent and asks
+this interface:
+- in memory: the router, MoE-block and decoder-layer classes (routers are found by class and
+  [E, H] shape, never by the name "gate", which also matches `gate_proj`), which layers are
+  sparse, how many experts, whether top-k weights are renormalised, extra routing modules;
+- on disk: the names of the legacy per-expert tensors, so export can convert layouts;
+- for sharded training: the classes FSDP2 wraps as units and DeepSpeed ZeRO-3 treats as leaves.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+Layout = Literal["legacy", "fused"]
+LAYOUTS: tuple[Layout, ...] = ("legacy", "fused")
+
+
+@dataclass(frozen=True)
+class LegacyNaming:
+    """How an architecture names its per-expert tensors in the legacy on-disk layout:
+    `{layer}.{block}.experts.{e}.{gate|up|down}.weight`, the router `{layer}.{block}.gate.weight`."""
+
+    block: str  # module name of the MoE block on disk (Mixtral: block_sparse_moe; transformers 5: mlp)
+    gate: str  # the three projections of one expert: gate (Mixtral w1), up (w3), down (w2)
+    up: str
+    down: str
+
+
+class MoeArchitecture:
+    """One MoE architecture of transformers 5 (subclass it; see mixtral.py for a complete example)."""
+
+    model_type: str  # config.model_type, the registry key
+    display_name: str  # for messages: "Mixtral", "Qwen2-MoE"
+    module_path: str  # transformers.models.<x>.modeling_<x>
+    router_class_name: str  # the top-k router module (holds `weight` [E, H])
+    block_class_name: str  # the sparse MoE block (router + experts)
+    decoder_layer_class_name: str
+    legacy_naming: LegacyNaming
+
+    def _cls(self, name: str) -> type:
+        return getattr(importlib.import_module(self.module_path), name)
+
+    def router_class(self) -> type:
+        return self._cls(self.router_class_name)
+
+    def block_class(self) -> type:
+        return self._cls(self.block_class_name)
+
+    def decoder_layer_class(self) -> type:
+        return self._cls(self.decoder_layer_class_name)
+
+    def num_experts(self, config) -> int:
+        return config.num_experts
+
+    def moe_layers(self, config) -> list[int]:
+        """Indices of the decoder layers that hold a sparse MoE block (default: all of them)."""
+        return list(range(config.num_hidden_layers))
+
+    def expert_intermediate_size(self, config) -> int:
+        return config.intermediate_size
+
+    def normalizes_topk(self, config) -> bool:
+        """Whether the router divides the top-k probabilities by their sum (config.norm_topk_prob)."""
+        return bool(config.norm_topk_prob)
+
+    def extra_routing_modules(self, block: nn.Module, hidden_size: int) -> dict[str, nn.Module]:
+        """Routing modules beside the top-k router, by child name (Qwen2-MoE's shared-expert gate)."""
+        return {}
+
+    def wrap_class_names(self) -> dict[str, list[str]]:
+        """Module classes for sharded training: FSDP2 units (decoder layers) and ZeRO-3 leaves (MoE
+        blocks, whose experts run in data-dependent order that ZeRO-3's prefetch cannot follow)."""
+        return {"fsdp_units": [self.decoder_layer_class_name], "zero3_leaves": [self.block_class_name]}

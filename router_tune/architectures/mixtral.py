@@ -1,0 +1,20 @@
+"""Mixtral (`MixtralForCausalLM`): what mergekit-moe writes by default, and Raiden-16x3.43B's layout."""
+
+from __future__ import annotations
+
+from router_tune.architectures.base import LegacyNaming, MoeArchitecture
+
+
+class Mixtral(MoeArchitecture):
+    model_type, display_name = "mixtral", "Mixtral"
+    module_path = "transformers.models.mixtral.modeling_mixtral"
+    router_class_name, block_class_name = "MixtralTopKRouter", "MixtralSparseMoeBlock"
+    decoder_layer_class_name = "MixtralDecoderLayer"
+    # mergekit <= 0.1.4, most frankenMoEs on the hub and llama.cpp's converter use these names.
+    legacy_naming = LegacyNaming(block="block_sparse_moe", gate="w1", up="w3", down="w2")
+
+    def num_experts(self, config) -> int:
+        return config.num_local_experts
+
+    def normalizes_topk(self, config) -> bool:
+        return True  # MixtralTopKRouter always divides the top-k probabilities by their sum

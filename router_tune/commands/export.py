@@ -1,0 +1,61 @@
+"""`router-tune export RUN --out DIR`: the trained routers as a model every tool can read.
+
+    router-tune export runs/raiden --out raiden-tuned                   # full checkpoint, source layout
+    router-tune export runs/raiden --out raiden-gguf --layout legacy    # for llama.cpp's converter
+    router-tune export runs/raiden/checkpoint-500 --out d --format routers   # kilobytes: apply later
+    router-tune export runs/raiden --out adapter --format peft          # PeftModel.from_pretrained
+
+The export itself is `router_tune.export.exporter.export_run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from router_tune.export.exporter import FORMATS, LAYOUTS, export_run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run",
+        metavar="RUN_OR_CHECKPOINT",
+        help="training output directory, one of its checkpoint-N directories, or a routers delta",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory to create (must not exist)")
+    parser.add_argument(
+        "--format",
+        dest="fmt",
+        choices=FORMATS,
+        default="full",
+        help="full: complete checkpoint (default); routers: router-only delta for `router-tune "
+        "apply`; peft: adapter for PeftModel.from_pretrained on the source",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="same",
+        help="expert layout of a full export: same as the source (default), legacy (per-expert "
+        "w1/w2/w3, what llama.cpp reads) or fused (gate_up_proj/down_proj)",
+    )
+    parser.add_argument(
+        "--source",
+        metavar="MODEL",
+        help="the source checkpoint, when it moved since training "
+        "(default: the directory or hub id recorded in router_tune.json)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace DIR if it exists (only after success)")
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip reloading and comparing the export (verifying needs about twice the "
+        "checkpoint size in RAM, one model at a time)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export_run(
+        args.run, args.out, layout=args.layout, fmt=args.fmt, force=args.force, verify=args.verify, source=args.source
+    )
+    print(f"router-tune export: wrote {out}")
+    return 0

@@ -1,0 +1,82 @@
+"""`router-tune train RECIPE [--dry-run] [--key value ...]`
+
+    router-tune train recipes/demo.yaml --max_steps 50
+    accelerate launch --config_file recipes/accelerate/cpu-ddp.yaml -m router_tune train recipes/demo.yaml
+
+Every recipe key (docs/recipe-keys.md) can be overridden as `--key value`.
+`--dry-run` checks the recipe, the model (config only: no weights are read) and the data,
+then prints the plan: trainable parameters, tokens per step, steps, estimated memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from router_tune.training.config import load_recipe
+from router_tune.training.plan import plan
+from router_tune.training.recipe_keys import keys_text
+from router_tune.training.trainer import RouterTrainer
+
+ACCEPTS_OVERRIDES = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML (see recipes/), e.g. recipes/demo.yaml")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate recipe, model and data and print the plan; train nothing"
+    )
+    parser.epilog = (
+        "Any recipe key can follow as --key value, e.g. --learning_rate 3e-4 --max_steps 100.\n\n" + keys_text()
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(format_plan(plan(config)))
+        return 0
+    return train(config)
+
+
+def format_plan(p: dict) -> str:
+    rows = [
+        ("model", f"{p['model']} ({p['architecture']}, {p['layout']} layout)"),
+        ("routing", f"{p['moe_layers']} MoE layers x {p['experts']} experts, top-{p['top_k']}"),
+        (
+            "trainable",
+            f"{p['trainable_parameters']:,} of {p['total_parameters']:,} parameters ({p['trainable_percent']:.4f}%)",
+        ),
+        ("data", ", ".join(f"{s} ({n} of the first 16 blocks)" for s, n in p["first_blocks_per_source"].items())),
+        ("tokens/step", f"{p['tokens_per_step']:,} ({p['processes']} process(es), block {p['block_size']})"),
+        ("steps", f"{p['max_steps']:,} ({p['total_tokens']:,} tokens)"),
+        (
+            "memory",
+            f"~{p['memory']['total_bytes'] / 2**30:.2f} GiB peak per process: weights "
+            f"{p['memory']['weights_bytes'] / 2**30:.2f} GiB, activations "
+            f"{p['memory']['activations_bytes'] / 2**30:.2f} GiB for {p['memory']['seq_len']:,} tokens "
+            "(router_tune.model.memory)",
+        ),
+        ("output", p["output_dir"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "dry run: nothing trained\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def train(config) -> int:
+    trainer = RouterTrainer(args=config)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        out = Path(config.output_dir)
+        state = "stopped early (interrupted)" if trainer._interrupted else "finished"
+        print(
+            f"router-tune train: {state} at step {trainer.state.global_step}; routers in {out / 'routers.safetensors'}"
+        )
+        if trainer._interrupted:
+            print(f"resume with: router-tune train {' '.join(sys.argv[2:3])} --resume_from_checkpoint true")
+        print(json.dumps({"global_step": trainer.state.global_step, "nonfinite_steps": trainer.nonfinite_steps}))
+    return 0

@@ -1,0 +1,186 @@
+"""safetensors files read and written as byte ranges: the one header parser of the package.
+
+Export never holds a shard in memory, and checkpoint checks read no tensor data.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header giving each
+tensor's dtype, shape and byte range, then the raw data. Splicing routers or converting the
+expert layout only moves byte ranges around (`gate_up_proj[e]` is `w1[e]` then `w3[e]`,
+row-major), so the writer streams every output tensor from its source ranges in small
+chunks: peak memory is one chunk, not one shard, and copied tensors are byte-identical by
+construction. Headers come from untrusted files and are checked before any offset is used.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from router_tune.errors import RouterTuneError
+
+DTYPE_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+# safetensors dtype names of the floating-point tensors router_tune writes (routers), as torch dtypes
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+MAX_HEADER = 100 * 2**20  # the safetensors library's own limit: a larger header is a crafted file
+CHUNK = 16 * 2**20  # copy buffer: bounds the writer's memory whatever the tensor size
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`length` bytes at absolute offset `start` of `file`, or literal bytes in `data`."""
+
+    file: Path | None
+    start: int
+    length: int
+    data: bytes | None = None
+
+    @staticmethod
+    def literal(data: bytes) -> Segment:
+        return Segment(None, 0, len(data), data)
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors file: where its bytes are, without reading them."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first data byte
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    def segment(self, offset: int = 0, length: int | None = None) -> Segment:
+        """A byte range of this tensor, relative to its first byte."""
+        length = self.nbytes - offset if length is None else length
+        if offset < 0 or offset + length > self.nbytes:
+            raise ValueError(f"range {offset}+{length} outside {self.name} ({self.nbytes} bytes)")
+        return Segment(self.file, self.start + offset, length)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A tensor to write: dtype and shape for the header, segments whose bytes are its data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    segments: tuple[Segment, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.length for s in self.segments)
+
+
+def read_header(file: Path) -> tuple[dict[str, str], dict[str, StoredTensor]]:
+    """The metadata and tensors of a safetensors file, each tensor's range checked against the file."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if header_len < 0 or header_len > MAX_HEADER or 8 + header_len > size:
+            raise _corrupt(file, f"its header length field is invalid for a {size}-byte file")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _corrupt(file, "its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(file, "its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(file, "its __metadata__ is not a string-to-string map")
+    data_start, tensors, ranges = 8 + header_len, {}, []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            valid = (
+                dtype in DTYPE_SIZES
+                and all(type(d) is int and d >= 0 for d in shape)
+                and type(begin) is int
+                and type(end) is int
+                and 0 <= begin <= end
+                and end - begin == numel * DTYPE_SIZES[dtype]
+            )
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid or data_start + end > size:
+            raise _corrupt(file, f"tensor {name!r} has an invalid dtype, shape or byte range")
+        tensors[name] = StoredTensor(name, file, dtype, shape, data_start + begin, end - begin)
+        ranges.append((begin, end))
+    ranges.sort()
+    if any(b < prev_end for (_, prev_end), (b, _) in zip(ranges, ranges[1:])):
+        raise _corrupt(file, "two tensors share the same bytes")
+    return metadata, tensors
+
+
+def _corrupt(file: Path, problem: str) -> RouterTuneError:
+    return RouterTuneError(
+        f"{file} is truncated or corrupt, not a valid safetensors file: {problem}. Re-download or re-create it."
+    )
+
+
+def write_shard(path: Path, tensors: list[OutputTensor], metadata: dict[str, str]) -> int:
+    """Write one safetensors file from byte segments; returns the bytes of tensor data written.
+
+    Tensors are laid out in the given order; the header is padded with spaces to a multiple
+    of 8 bytes as the format recommends, so every tensor stays aligned as in files written
+    by the safetensors library.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    handles: dict[Path, object] = {}
+    try:
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)) + blob)
+            for t in tensors:
+                for seg in t.segments:
+                    if seg.data is not None:
+                        out.write(seg.data)
+                        continue
+                    src = handles.get(seg.file) or handles.setdefault(seg.file, open(seg.file, "rb"))
+                    src.seek(seg.start)
+                    left = seg.length
+                    while left:
+                        chunk = src.read(min(CHUNK, left))
+                        if not chunk:
+                            raise RouterTuneError(
+                                f"{seg.file} ended early while copying {t.name}: the source "
+                                "changed during export; re-run it."
+                            )
+                        out.write(chunk)
+                        left -= len(chunk)
+    finally:
+        for h in handles.values():
+            h.close()
+    return offset

@@ -1,0 +1,196 @@
+"""Router losses: Switch load balancing (per layer or pooled, micro- or global-batch) and z-loss.
+
+Every function takes what the model returns with `output_router_logits=True`: a tuple with one
+tensor [T, E] per MoE layer (T = batch * seq tokens, flattened the way transformers flattens
+them; any [..., E] shape is flattened the same way) and an optional `mask` [T] (or [batch, seq])
+that is 1 for real tokens and 0 for padding.
+
+Nothing here moves a value to the host: the trainer calls these on every micro-batch, and a
+`.item()` there would stall the accelerator once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+SCOPES = ("layer", "pooled")
+
+
+def stack_router_logits(router_logits: Sequence[Tensor], mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Stack the per-layer logits into one fp32 tensor [L, T, E] and the mask into weights [T].
+
+    One stacked tensor lets softmax, top-k and the counting run as a few kernels for all layers
+    instead of a few per layer. Without a mask every token weighs 1.
+    """
+    if len(router_logits) == 0:
+        raise ValueError(
+            "router_logits is empty: the model returned no router logits "
+            "(was it called with output_router_logits=True?)"
+        )
+    num_experts = router_logits[0].shape[-1]
+    logits = torch.stack([layer.reshape(-1, num_experts) for layer in router_logits]).float()
+    if mask is None:
+        weight = logits.new_ones(logits.shape[1])
+    else:
+        weight = mask.reshape(-1).to(device=logits.device, dtype=logits.dtype)
+        if weight.shape[0] != logits.shape[1]:
+            raise ValueError(f"mask has {weight.shape[0]} tokens but the router logits have {logits.shape[1]}")
+        # Padding rows may hold anything (inf from a bf16 overflow, NaN): zero them before the
+        # softmax, because NaN * weight 0 is still NaN and would reach the router's gradient.
+        logits = torch.where(weight.view(1, -1, 1) > 0, logits, 0.0)
+    return logits, weight
+
+
+def top_k_experts(probs: Tensor, top_k: int) -> Tensor:
+    """Indices [..., top_k] of the experts a token is sent to.
+
+    Taken from the softmax probabilities, not the logits, because that is what the transformers
+    routers do: in a saturated softmax several probabilities underflow to the same value and the
+    tie is then broken the way the model breaks it.
+    """
+    return torch.topk(probs, top_k, dim=-1).indices
+
+
+def count_selections(
+    selected: Tensor, num_experts: int, weight: Tensor | None = None, groups: Tensor | None = None, num_groups: int = 1
+) -> Tensor:
+    """Mask-weighted top-k selection counts, the one counting primitive of the package.
+
+    Args:
+        selected: LongTensor [L, T, k] of expert indices (from `top_k_experts`).
+        num_experts: E.
+        weight: [T] token weights (the mask); None counts every token once.
+        groups: LongTensor [T] of group ids in [0, num_groups) (e.g. the data source of each
+            token); None puts every token in group 0. Ids out of range raise (on CPU) or trip a
+            device assert: they are not checked here because checking needs a host sync.
+        num_groups: G.
+
+    Returns:
+        fp32 tensor [G, L, E]: entry [g, l, e] is the weighted number of tokens of group g that
+        layer l sent to expert e. Detached.
+    """
+    num_layers, tokens, k = selected.shape
+    device = selected.device
+    weight = torch.ones(tokens, device=device) if weight is None else weight.detach().float()
+    # One flat scatter for every (group, layer, expert) cell: no Python loop over layers.
+    layer_offset = torch.arange(num_layers, device=device).view(-1, 1, 1) * num_experts
+    index = selected + layer_offset
+    if groups is not None:
+        index = index + groups.to(device).view(1, -1, 1) * (num_layers * num_experts)
+    counts = torch.zeros(num_groups * num_layers * num_experts, device=device)
+    counts.scatter_add_(0, index.reshape(-1), weight.view(1, -1, 1).expand(num_layers, tokens, k).reshape(-1))
+    return counts.view(num_groups, num_layers, num_experts)
+
+
+def selection_counts(router_logits: Sequence[Tensor], top_k: int, mask: Tensor | None = None) -> Tensor:
+    """Top-k selection counts [L, E] of one micro-batch (padding excluded), detached.
+
+    Rows sum to (number of real tokens) * top_k. This is what the trainer sums over
+    gradient-accumulation micro-batches and `all_reduce_counts` sums over ranks before passing
+    the result as `counts=` to `load_balancing_loss`.
+    """
+    logits, weight = stack_router_logits(router_logits, mask)
+    with torch.no_grad():
+        selected = top_k_experts(torch.softmax(logits, dim=-1), top_k)
+        return count_selections(selected, logits.shape[-1], weight)[0]
+
+
+def all_reduce_counts(counts: Tensor) -> Tensor:
+    """Sum selection counts over data-parallel ranks (detached copy; identity on one process).
+
+    Every rank must call it (it is a collective). With NCCL the tensor must be on the GPU.
+    """
+    counts = counts.detach()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        counts = counts.clone()
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return counts
+
+
+def load_balancing_loss(
+    router_logits: Sequence[Tensor],
+    top_k: int,
+    mask: Tensor | None = None,
+    scope: str = "layer",
+    counts: Tensor | None = None,
+) -> Tensor:
+    """Switch-Transformer load-balancing loss, E * sum_i f_i * P_i.
+
+    f_i is the share of top-k selections that went to expert i (not differentiable: it comes
+    from a top-k), P_i the mean softmax probability of expert i over real tokens; the gradient
+    flows through P only, pushing probability away from over-used experts.
+
+    Args:
+        router_logits: tuple of [T, E] logits, one per MoE layer.
+        top_k: experts per token.
+        mask: [T] (or [batch, seq]) 1 for real tokens, 0 for padding; None = all real.
+        scope: "layer": the loss of each layer, averaged over layers, with f normalised by
+            top_k, so a perfectly balanced router scores exactly 1.0 whatever E and top_k.
+            "pooled": transformers' `load_balancing_loss_func` exactly: f and P pooled over
+            all layers before the product, f not divided by top_k (balanced = top_k). Kept to
+            compare with the number the model itself reports.
+        counts: optional selection counts [L, E] reduced elsewhere, e.g. summed over
+            gradient-accumulation micro-batches and over data-parallel ranks with
+            `all_reduce_counts` (Qwen's global-batch balancing). When given, f comes from these
+            counts, each layer normalised by its own total (pooled: by the total over layers,
+            times top_k), and the local micro-batch only supplies P, which carries the
+            gradient. A router may then specialise within a micro-batch (one domain per
+            sequence) as long as the global batch stays balanced. The counts are detached.
+
+    Returns:
+        fp32 scalar tensor. If every token is padding the loss is 0, not NaN.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    logits, weight = stack_router_logits(router_logits, mask)
+    num_layers, _, num_experts = logits.shape
+    probs = torch.softmax(logits, dim=-1)
+    if counts is None:
+        with torch.no_grad():
+            counts = count_selections(top_k_experts(probs, top_k), num_experts, weight)[0]
+    else:
+        if tuple(counts.shape) != (num_layers, num_experts):
+            raise ValueError(
+                f"counts must have shape [layers, experts] = {[num_layers, num_experts]}, got {list(counts.shape)}"
+            )
+        counts = counts.detach().to(device=logits.device, dtype=logits.dtype)
+    # Padding rows carry weight 0, so they add nothing to P whatever their logits are.
+    prob_sum = torch.einsum("lte,t->le", probs, weight)
+    tokens = weight.sum()
+    # The mask is 0/1: clamping at 1 only changes the all-padding case (0 instead of 0/0).
+    if scope == "layer":
+        f = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        p = prob_sum / tokens.clamp_min(1.0)
+        return num_experts * (f * p).sum(dim=-1).mean()
+    # pooled: transformers divides both pooled sums by L * tokens; sum(counts) = L * tokens * k.
+    f = counts.sum(dim=0) * top_k / counts.sum().clamp_min(1.0)
+    p = prob_sum.sum(dim=0) / (num_layers * tokens).clamp_min(1.0)
+    return num_experts * (f * p).sum()
+
+
+def router_z_loss(router_logits: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+    """ST-MoE router z-loss: mean over layers of the mean over real tokens of logsumexp(logits)^2.
+
+    It keeps logits small, which keeps the softmax out of saturation (where the balancing loss
+    has no gradient left) and the fp32 router numerically safe. 0 if every token is padding.
+    """
+    logits, weight = stack_router_logits(router_logits, mask)
+    lse_sq = torch.logsumexp(logits, dim=-1).square()
+    per_layer = (lse_sq * weight).sum(dim=-1) / weight.sum().clamp_min(1.0)
+    return per_layer.mean()
+
+
+__all__ = [
+    "load_balancing_loss",
+    "router_z_loss",
+    "selection_counts",
+    "all_reduce_counts",
+    "count_selections",
+    "top_k_experts",
+    "stack_router_logits",
+    "SCOPES",
+]

@@ -1,0 +1,224 @@
+"""The routers of a MoE model in memory: find them, freeze everything else, route in fp32,
+copy them in and out, capture their logits.
+
+Routers are found by module class and weight shape, never by name: "gate" also matches
+`gate_proj` / `gate_up_proj`. The architecture (router class, sparse layers, extra routing
+modules) comes from `router_tune.architectures`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from router_tune.architectures import architecture_for
+from router_tune.errors import RouterTuneError
+
+
+@dataclass
+class RouterRef:
+    """The routing parameters of one MoE layer: `module` is the top-k router, `param_names`
+    also lists extra routing parameters of the layer (Qwen2-MoE's shared_expert_gate)."""
+
+    layer: int
+    module_name: str
+    module: nn.Module
+    param_names: tuple[str, ...]
+
+
+class ParamCounts(NamedTuple):
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+
+def find_routers(model: nn.Module) -> list[RouterRef]:
+    """One RouterRef per MoE layer, found by class and [E, H] weight shape; the count must match the config."""
+    config, adapter = model.config, architecture_for(model.config)
+    router_cls, hidden = adapter.router_class(), config.hidden_size
+    shape = (adapter.num_experts(config), hidden)
+    prefix = _layers_prefix(model)
+    refs, matched = [], []
+    for idx, layer in enumerate(model.get_decoder().layers):
+        for name, module in layer.named_modules():
+            if not isinstance(module, router_cls):
+                continue
+            full = f"{prefix}.{idx}.{name}"
+            matched.append(f"{full} {tuple(module.weight.shape)}")
+            if tuple(module.weight.shape) != shape:
+                continue
+            block = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
+            extras = adapter.extra_routing_modules(block, hidden)
+            block_name = full.rpartition(".")[0]
+            params = (f"{full}.weight",) + tuple(f"{block_name}.{n}.weight" for n in extras)
+            refs.append(RouterRef(layer=idx, module_name=full, module=module, param_names=params))
+    expected = adapter.moe_layers(config)
+    if [r.layer for r in refs] != expected:
+        raise RouterTuneError(
+            f"expected one {adapter.router_class_name} of shape {shape} in each MoE layer {expected} of this "
+            f"{type(model).__name__}, found: {matched or 'none'}. The checkpoint does not match its config.json "
+            "(num_experts / hidden_size / decoder_sparse_step); fix the config or re-create the merge."
+        )
+    return refs
+
+
+def _layers_prefix(model: nn.Module) -> str:
+    layers = model.get_decoder().layers
+    return next(name for name, m in model.named_modules() if m is layers)
+
+
+def router_param_names(model: nn.Module) -> list[str]:
+    return [n for r in find_routers(model) for n in r.param_names]
+
+
+def freeze_all_but_routers(model: nn.Module) -> ParamCounts:
+    """requires_grad only on routing parameters; returns element counts (tied weights counted once)."""
+    names = set(router_param_names(model))
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+        total += p.numel()
+        trainable += p.numel() if name in names else 0
+    return ParamCounts(trainable, total)
+
+
+_FP32_CLASSES: dict[type, type] = {}
+
+
+def _no_autocast(x: torch.Tensor):
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _fp32_subclass(cls: type) -> type:
+    """A subclass of the original router class (the logits recorder matches by isinstance)."""
+    if cls not in _FP32_CLASSES:
+        if issubclass(cls, nn.Linear):
+
+            def forward(self, x):  # shared-expert gate: fp32 product, caller keeps its dtype
+                with _no_autocast(x):
+                    return nn.functional.linear(x.float(), self.weight.float()).to(x.dtype)
+        else:
+
+            def forward(self, hidden_states):
+                x = hidden_states.float()
+                if self.training and self.router_jitter > 0:  # exploration noise on the router input only
+                    x = x * torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
+                with _no_autocast(x):  # under bf16 mixed precision, autocast would run the linear in bf16
+                    return cls.forward(self, x)
+
+        _FP32_CLASSES[cls] = type(f"Fp32{cls.__name__}", (cls,), {"forward": forward, "fp32_router": True})
+    return _FP32_CLASSES[cls]
+
+
+def routers_to_fp32(model: nn.Module, jitter: float = 0.0) -> None:
+    """Routing parameters become fp32 master weights and router logits are computed in fp32.
+
+    bf16 logits flatten small routing differences, and autocast alone does not prevent them. The
+    experts accept fp32 routing weights with bf16 hidden states: they cast when accumulating.
+    `jitter` multiplies the router input by U(1-j, 1+j) in training mode (Switch-style).
+    """
+    for ref in find_routers(model):
+        for name in ref.param_names:
+            module = model.get_submodule(name.rpartition(".")[0])
+            if not getattr(module, "fp32_router", False):
+                module.__class__ = _fp32_subclass(type(module))
+            module.weight.data = module.weight.data.float()
+        ref.module.router_jitter = float(jitter)
+
+
+def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Routing parameters under their in-memory names, fp32 on CPU (what routers.safetensors holds)."""
+    return {n: model.get_parameter(n).detach().float().cpu().clone() for n in router_param_names(model)}
+
+
+def load_router_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy router tensors into the model after checking that names and shapes match exactly."""
+    expected = {n: tuple(model.get_parameter(n).shape) for n in router_param_names(model)}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{n} {tuple(t.shape)} (model: {expected[n]})"
+        for n, t in tensors.items()
+        if n in expected and tuple(t.shape) != expected[n]
+    ]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if items
+        )
+        raise RouterTuneError(
+            f"these router tensors do not fit this {type(model).__name__} ({details}). "
+            "They were trained on a different model: load them into the model they came from."
+        )
+    with torch.no_grad():
+        for n, t in tensors.items():
+            p = model.get_parameter(n)
+            p.copy_(t.to(device=p.device, dtype=p.dtype))
+
+
+class RouterLogitsCapture:
+    """Collects every router's logits during one forward pass, in layer order.
+
+    What `output_router_logits=True` returns, without the model also computing its own
+    load-balancing loss from them (transformers does whenever that flag is set, and the
+    trainer computes its own). Hooks only record inside `with capture() as logits:`, so the
+    forward re-run by activation checkpointing during backward adds nothing.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._logits: list[torch.Tensor] = []
+        self._active = False
+        self._handles = [ref.module.register_forward_hook(self._record) for ref in find_routers(model)]
+
+    def _record(self, module, args, output) -> None:
+        if self._active:
+            self._logits.append(output[0])
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self._logits, self._active = [], True
+        try:
+            yield self._logits
+        finally:
+            self._active = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def router_logits_on(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Every MoE layer's router logits (fp32) for one eval-mode forward of `inputs`, the model's
+    training flag restored. The LM head is skipped: its [tokens, vocab] logits are not needed."""
+    was_training = model.training
+    model.eval()
+    try:
+        with lm_head_as_identity(model):
+            out = model(**inputs, output_router_logits=True, use_cache=False)
+    finally:
+        model.train(was_training)
+    return [logits.float() for logits in out.router_logits]
+
+
+@contextlib.contextmanager
+def lm_head_as_identity(model: nn.Module) -> Iterator[nn.Linear]:
+    """Make `model(...)` return final hidden states as `logits`, yielding the real head.
+
+    The forward still goes through the (possibly DDP-wrapped) model, so data-parallel
+    gradient hooks on the routers fire as usual; only the frozen head is skipped.
+    """
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(nn.Identity())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(head)

@@ -1,0 +1,246 @@
+"""RouterTuneConfig: every recipe key in one place, validated before any weight is loaded.
+
+A recipe is a YAML file of `RouterTuneConfig` fields (ours below, plus every
+`transformers.TrainingArguments` field); any field can be overridden on the command line:
+
+    router-tune train recipes/demo.yaml --learning_rate 3e-4 --max_steps 50
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import SchedulerType
+
+from router_tune.errors import RouterTuneError
+
+# Recipe keys and environment variables whose values must never reach logs, checkpoints,
+# wandb or model cards.
+SECRET_KEY = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
+
+
+@dataclass
+class RouterTuneConfig(TrainingArguments):
+    """Training arguments for router-only training. Our fields first; the rest are
+    `transformers.TrainingArguments` (https://huggingface.co/docs/transformers/main_classes/trainer)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The merged MoE checkpoint: a local directory or a hub id."}
+    )
+    datasets: list[dict] | None = field(
+        default=None, metadata={"help": "Training sources, a list of {source, path, weight, ...} (see README: Data)."}
+    )
+    block_size: int = field(default=1024, metadata={"help": "Tokens per packed training block."})
+    eval_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Share of whole documents per source held out for evaluation, never trained on."},
+    )
+    eval_max_blocks: int = field(
+        default=64, metadata={"help": "Held-out blocks per source used by the before/after evaluation."}
+    )
+    eval_before_after: bool = field(
+        default=True, metadata={"help": "Evaluate held-out perplexity and routing at the start and end of training."}
+    )
+    max_bad_records: int = field(
+        default=0,
+        metadata={"help": "Malformed data records that may be skipped (counted, reported) before it is an error."},
+    )
+    router_aux_loss_coef: float = field(
+        default=0.01, metadata={"help": "Weight of the load-balancing loss (Switch form; 1.0 = perfectly balanced)."}
+    )
+    aux_loss_scope: str = field(
+        default="layer",
+        metadata={
+            "help": "layer: balance each layer, mean over layers. pooled: transformers' formula, all layers pooled.",
+            "choices": ["layer", "pooled"],
+        },
+    )
+    aux_loss_reduce: str = field(
+        default="global",
+        metadata={
+            "help": "global: expert counts summed over data-parallel ranks and the "
+            "accumulation micro-batches so far (Qwen's global-batch balancing). "
+            "micro: counts of the local micro-batch.",
+            "choices": ["global", "micro"],
+        },
+    )
+    router_z_loss_coef: float = field(
+        default=0.001, metadata={"help": "Weight of the router z-loss (mean logsumexp^2 of router logits, ST-MoE)."}
+    )
+    router_jitter: float = field(
+        default=0.0, metadata={"help": "Multiplicative uniform noise (1 +- jitter) on router inputs while training."}
+    )
+    router_rescale: str = field(
+        default="auto",
+        metadata={
+            "help": "Rescale saturated routers before training (their softmax gives no gradient): "
+            "auto (layers whose mean top-1 probability exceeds 0.9, to a logit std of "
+            "1), off, or a number: every layer to that logit std."
+        },
+    )
+    routing_log_every: int = field(
+        default=50,
+        metadata={
+            "help": "Steps between expert-usage logs (histograms, heatmaps, balance scalars); "
+            "0 collects no routing statistics at all."
+        },
+    )
+    model_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights dtype for the frozen model: auto (as stored), bfloat16, float16, "
+            "float32. Routers always compute in float32."
+        },
+    )
+    ce_chunk_tokens: int = field(
+        default=4096,
+        metadata={
+            "help": "Tokens per chunk of the LM cross-entropy, so the full logits tensor is never "
+            "held (0 = no chunking)."
+        },
+    )
+    max_nonfinite_steps: int = field(
+        default=5, metadata={"help": "Consecutive steps with a non-finite loss that stop the run (each is skipped)."}
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata={"help": "Allow loading pickle (.bin) weights. Pickle can execute code: trust the source."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code shipped inside the checkpoint to run."}
+    )
+
+    # TrainingArguments fields whose defaults are wrong for router training (TRL's SFTConfig does the same).
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: batches carry `source_id` for the source x expert matrix."}
+    )
+    ddp_find_unused_parameters: bool = field(
+        default=False, metadata={"help": "Routers are used on every step, so DDP needs no unused-parameter search."}
+    )
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "Peak learning rate. Routers are tiny linear maps: 1e-4 to 1e-2 work."}
+    )
+    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps, or a fraction of max_steps if < 1."})
+    logging_steps: float = field(default=10, metadata={"help": "Steps between loss logs."})
+    save_steps: float = field(default=100, metadata={"help": "Steps between router-only checkpoints."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept (oldest removed)."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "wandb, tensorboard, all or none."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        if not self.model_name_or_path:
+            problems.append("`model_name_or_path` is missing: set it to a merged MoE directory or hub id.")
+        if self.block_size <= 1:
+            problems.append(f"`block_size` must be at least 2 tokens, got {self.block_size}.")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            problems.append(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction}.")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter"):
+            if getattr(self, name) < 0:
+                problems.append(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.aux_loss_scope not in ("layer", "pooled"):
+            problems.append(f"`aux_loss_scope` must be layer or pooled, got {self.aux_loss_scope!r}.")
+        if self.aux_loss_reduce not in ("global", "micro"):
+            problems.append(f"`aux_loss_reduce` must be global or micro, got {self.aux_loss_reduce!r}.")
+        if self.router_rescale not in ("auto", "off"):
+            try:
+                if float(self.router_rescale) <= 0:
+                    raise ValueError
+            except ValueError:
+                problems.append(
+                    f"`router_rescale` must be auto, off or a positive number, got {self.router_rescale!r}."
+                )
+        if self.model_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            problems.append(f"`model_dtype` must be auto, bfloat16, float16 or float32, got {self.model_dtype!r}.")
+        if self.routing_log_every < 0:
+            problems.append(f"`routing_log_every` must be >= 0 (0 = off), got {self.routing_log_every}.")
+        if self.datasets is not None and (not isinstance(self.datasets, list) or not self.datasets):
+            problems.append(
+                "`datasets` must be a non-empty list of sources, e.g. [{source: redpajama, path: DIR, weight: 0.7}]."
+            )
+        if problems:
+            raise RouterTuneError(" ".join(problems))
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-friendly dict with every secret removed (for run files, wandb, model cards)."""
+        return redact_secrets(self.to_dict())
+
+
+def redact_secrets(value: Any) -> Any:
+    """Drop every key that looks like a secret (`*_token`, `*_key`, ...) at any depth."""
+    if isinstance(value, dict):
+        return {k: redact_secrets(v) for k, v in value.items() if not SECRET_KEY.search(str(k))}
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    return value
+
+
+def config_field_names() -> list[str]:
+    return [f.name for f in fields(RouterTuneConfig) if f.init and not f.name.startswith("_")]
+
+
+def _check_keys(keys, origin: str) -> None:
+    valid = set(config_field_names())
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = (
+                f" Did you mean `{close[0]}`?"
+                if close
+                else " See docs/recipe-keys.md (or `router-tune train --help`) for the full list."
+            )
+            raise RouterTuneError(f"unknown key `{key}` in {origin}.{hint}")
+
+
+def _cli_keys(argv: list[str]) -> list[str]:
+    return [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")]
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] = (), **kwargs: Any) -> RouterTuneConfig:
+    """Read a recipe YAML, apply `--key value` command-line overrides and keyword overrides.
+
+    Raises:
+        RouterTuneError: missing or malformed file, unknown key (naming the closest valid one),
+            invalid value.
+    """
+    recipe: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RouterTuneError(
+                f"recipe {path} does not exist. Pass the path of a YAML file, e.g. recipes/demo.yaml."
+            )
+        try:
+            recipe = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RouterTuneError(f"recipe {path} is not valid YAML: {err}") from None
+        if not isinstance(recipe, dict):
+            raise RouterTuneError(f"recipe {path} must be a mapping of keys to values, got {type(recipe).__name__}.")
+        _check_keys(recipe, f"recipe {path}")
+        recipe.setdefault("output_dir", str(Path("runs") / path.stem))
+    _check_keys(_cli_keys(list(overrides)), "the command line")
+    _check_keys(kwargs, "the arguments")
+    recipe.update(kwargs)
+
+    parser = HfArgumentParser(RouterTuneConfig)
+    parser.set_defaults(**recipe)
+    try:
+        (config,) = parser.parse_args_into_dataclasses(list(overrides), look_for_args_file=False)
+    except SystemExit as exit_:
+        raise RouterTuneError(
+            f"invalid command-line override in {' '.join(overrides)} (see the message above)."
+        ) from exit_
+    except (ValueError, TypeError) as err:
+        raise RouterTuneError(str(err)) from None
+    return config

@@ -1,0 +1,79 @@
+"""What a run of a recipe would do, without reading a weight: `router-tune train --dry-run`."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from router_tune.architectures import architecture_for
+from router_tune.data import build_train_dataset, check_block_size, parse_sources, source_names
+from router_tune.errors import RouterTuneError
+from router_tune.io.checkpoint import resolve_checkpoint
+from router_tune.model.loading import TORCH_DTYPES, describe_moe
+from router_tune.model.memory import training_memory
+from router_tune.model.routers import freeze_all_but_routers
+
+
+def plan(config) -> dict:
+    """What a run of this recipe would do, from the model's config and the first data blocks."""
+    path = resolve_checkpoint(
+        config.model_name_or_path, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code
+    )
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    architecture_for(model_config)
+    with torch.device("meta"):  # shapes only: the plan reads no weights
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+    info = describe_moe(model, source=str(path))
+    counts = freeze_all_but_routers(model)
+    if not config.datasets:
+        raise RouterTuneError("the recipe has no `datasets`: list at least one source (see recipes/demo.yaml).")
+    specs = parse_sources(config.datasets)
+    check_block_size(config.block_size, model_config)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # every local record is checked, then the first blocks are really tokenized and packed
+    train = build_train_dataset(
+        specs,
+        tokenizer,
+        config.block_size,
+        seed=config.seed,
+        eval_fraction=config.eval_fraction,
+        max_bad_records=config.max_bad_records,
+    )
+    names = source_names(specs)
+    blocks = dict.fromkeys(names, 0)
+    for block in itertools.islice(train, 16):
+        blocks[names[block["source_id"]]] += 1
+    world = max(1, config.world_size)
+    tokens_per_step = (
+        config.per_device_train_batch_size * config.gradient_accumulation_steps * world * config.block_size
+    )
+    memory = training_memory(
+        info,
+        counts.total,
+        counts.trainable,
+        model_config.vocab_size,
+        seq_len=config.block_size * config.per_device_train_batch_size,
+        dtype=TORCH_DTYPES.get(config.model_dtype),
+    )
+    return {
+        "model": str(config.model_name_or_path),
+        "architecture": info.architecture,
+        "layout": info.layout,
+        "moe_layers": len(info.moe_layers),
+        "experts": info.num_experts,
+        "top_k": info.top_k,
+        "trainable_parameters": counts.trainable,
+        "total_parameters": counts.total,
+        "trainable_percent": round(counts.percent, 5),
+        "sources": source_names(specs),
+        "first_blocks_per_source": blocks,
+        "block_size": config.block_size,
+        "processes": world,
+        "tokens_per_step": tokens_per_step,
+        "max_steps": config.max_steps,
+        "total_tokens": tokens_per_step * max(config.max_steps, 0),
+        "memory": memory,
+        "output_dir": config.output_dir,
+    }

@@ -1,0 +1,74 @@
+"""Rescale saturated routers before training.
+
+mergekit's `random` gates are torch.randn rows (norm ~ sqrt(H)); against RMS-normalised
+hidden states their logits are tens of units apart, so the softmax is one-hot: the top-1
+probability is ~1, d softmax / d logits = p(1 - p) ~ 0, and neither the LM loss nor the
+balancing loss can move the router (they get ~1e-6 of the gradient a soft router gets).
+Dividing a router's weight by a constant keeps its ranking of experts (the same top-k, so
+the model's outputs change only through the mixing weights) and brings the softmax back
+into the range where it learns. We pick the constant per layer so that the logits' standard
+deviation over real tokens becomes `target_std`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from router_tune.model.loading import MoeInfo
+from router_tune.model.routers import router_logits_on
+from router_tune.routing.inspection import SATURATED_TOP1  # the threshold `inspect` calls saturated
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET_STD = 1.0
+
+
+def measure_routers(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, float]]:
+    """Per MoE layer: mean top-1 probability and logit standard deviation on `batch`."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
+    mask = batch.get("token_mask", batch.get("attention_mask"))
+    keep = mask.reshape(-1).bool() if mask is not None else slice(None)
+    result = []
+    for logits in router_logits_on(model, inputs):
+        logits = logits[keep]
+        result.append(
+            {"top1": logits.softmax(-1).max(-1).values.mean().item(), "logit_std": logits.std(-1).mean().item()}
+        )
+    return result
+
+
+@torch.no_grad()
+def rescale_routers(model: nn.Module, info: MoeInfo, batch: dict[str, torch.Tensor], mode: str) -> list[dict]:
+    """Apply `router_rescale` (auto | off | a target logit std) and report what was done.
+
+    auto rescales only the layers whose mean top-1 probability exceeds SATURATED_TOP1, to a
+    logit std of 1.0; a number rescales every layer to that std.
+    """
+    if mode == "off":
+        return []
+    target = DEFAULT_TARGET_STD if mode == "auto" else float(mode)
+    before = measure_routers(model, batch)
+    changes = []
+    for ref, m in zip(info.routers, before):
+        if mode == "auto" and m["top1"] <= SATURATED_TOP1:
+            continue
+        factor = target / max(m["logit_std"], 1e-6)
+        ref.module.weight.mul_(factor)
+        changes.append({"layer": ref.layer, "factor": factor, "top1_before": m["top1"]})
+    if changes:
+        after = measure_routers(model, batch)
+        by_layer = {ref.layer: a for ref, a in zip(info.routers, after)}
+        for change in changes:
+            change["top1_after"] = by_layer[change["layer"]]["top1"]
+        logger.warning(
+            "router rescaling (%s): %s",
+            mode,
+            "; ".join(
+                f"layer {c['layer']} x{c['factor']:.3g} (top-1 {c['top1_before']:.2f} -> {c['top1_after']:.2f})"
+                for c in changes
+            ),
+        )
+    return changes

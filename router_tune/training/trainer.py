@@ -1,0 +1,353 @@
+"""RouterTrainer: a `transformers.Trainer` that trains only the routers of a frozen MoE.
+
+    from router_tune import RouterTrainer, load_recipe
+    trainer = RouterTrainer(args=load_recipe("recipes/demo.yaml"))
+    trainer.train()
+
+What it changes in the stock Trainer (everything else — accelerate launch, gradient
+accumulation, mixed precision, DeepSpeed/FSDP, progress bars, `report_to` — is inherited):
+- model set-up: all but the routers frozen, routers in fp32, the model's own aux loss off;
+- `compute_loss`: CE / global target tokens + aux_coef * aux + z_coef * z, without the
+  stock path's inflation of a model-added aux loss by world size and accumulation
+  (transformers #48690), and the CE computed chunk-wise from hidden states (losses/lm_loss.py);
+- routing statistics per micro-batch, logged every `routing_log_every` steps;
+- checkpoints hold the routers (+ optimizer, scheduler, RNG, trainer state) only;
+- non-finite gradients skip their optimizer step; SIGINT / SIGTERM save and stop cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, Trainer
+
+from router_tune import data
+from router_tune.errors import RouterTuneError
+from router_tune.evaluation.evaluate import evaluate_model
+from router_tune.evaluation.report import format_comparison, write_report
+from router_tune.io.router_files import TrainedRouters, read_trained_routers, write_router_delta
+from router_tune.losses import balancing as losses
+from router_tune.losses.lm_loss import next_token_loss_sum
+from router_tune.model.fingerprints import expert_fingerprints
+from router_tune.model.loading import TORCH_DTYPES, describe_moe, load_moe
+from router_tune.model.routers import (
+    RouterLogitsCapture,
+    freeze_all_but_routers,
+    lm_head_as_identity,
+    load_router_state_dict,
+    router_state_dict,
+    routers_to_fp32,
+)
+from router_tune.routing.stats import RoutingStats
+from router_tune.routing.telemetry import RoutingTelemetry, format_routing_table, tensorboard_writer
+from router_tune.training.config import RouterTuneConfig
+from router_tune.training.rescale import rescale_routers
+from router_tune.training.support import LossWindow, RouterTrainingCallback, stop_on_signals, warn_identical_experts
+
+logger = logging.getLogger(__name__)
+
+
+class RouterTrainer(Trainer):
+    """Router-only training of a Mixtral / Qwen2-MoE / Qwen3-MoE model.
+
+    Args:
+        model: a loaded MoE model, a path or hub id, or None to load `args.model_name_or_path`.
+        args: the `RouterTuneConfig` (a `TrainingArguments`).
+        train_dataset: blocks with `input_ids`, `labels` and optionally `attention_mask`,
+            `position_ids`, `token_mask`, `source_id`; built from `args.datasets` when None.
+        source_names: names of the `source_id` values of a given train_dataset (for the
+            source x expert matrix).
+        processing_class: the tokenizer; read from the model directory when None.
+        Other arguments are those of `transformers.Trainer`.
+
+    Raises:
+        RouterTuneError: the model is not a supported MoE, data or recipe problems.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        args: RouterTuneConfig | None = None,
+        train_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        callbacks=None,
+        source_names=None,
+        **kwargs,
+    ):
+        if args is None:
+            raise RouterTuneError(
+                "RouterTrainer needs `args`: a RouterTuneConfig, e.g. load_recipe('recipes/demo.yaml')."
+            )
+        if model is None or isinstance(model, (str, os.PathLike)):
+            model, self.moe = load_moe(
+                model or args.model_name_or_path,
+                dtype=TORCH_DTYPES.get(args.model_dtype, "auto"),
+                allow_pickle=args.allow_pickle,
+                trust_remote_code=args.trust_remote_code,
+            )
+        else:
+            self.moe = describe_moe(model)
+        self.fingerprints = expert_fingerprints(model)
+        warn_identical_experts(self.fingerprints, self.moe)
+        routers_to_fp32(model, jitter=args.router_jitter)
+        self.param_counts = freeze_all_but_routers(model)
+        self.router_capture = RouterLogitsCapture(model)
+        # We add the balancing loss ourselves, once, with the right scaling.
+        model.config.router_aux_loss_coef = 0.0
+        model.config.output_router_logits = False
+
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(self.moe.source or args.model_name_or_path)
+        self.source_names: list[str] = list(source_names or [])
+        if train_dataset is None and args.datasets:
+            specs = data.parse_sources(args.datasets)
+            data.check_block_size(args.block_size, model.config)
+            self.source_names = data.source_names(specs)
+            train_dataset = data.build_train_dataset(
+                specs,
+                processing_class,
+                args.block_size,
+                seed=args.seed,
+                eval_fraction=args.eval_fraction,
+                max_bad_records=args.max_bad_records,
+            )
+        data_collator = data_collator or data.collate_blocks
+
+        self.router_rescaling = []
+        if args.router_rescale != "off" and train_dataset is not None:
+            # measured on the first training blocks, before any step
+            first = list(itertools.islice(iter(train_dataset), max(1, args.per_device_train_batch_size)))
+            self.router_rescaling = rescale_routers(model, self.moe, data_collator(first), args.router_rescale)
+
+        callbacks = [RouterTrainingCallback(self)] + list(callbacks or [])
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        # compute_loss already normalises over the whole accumulated, all-rank batch.
+        self.loss_is_scaled_for_ga = True
+        self.routing_stats = RoutingStats(
+            len(self.moe.routers),
+            self.moe.num_experts,
+            self.moe.top_k,
+            sources=self.source_names,
+            layer_ids=self.moe.moe_layers,
+        )
+        self.telemetry = RoutingTelemetry(args.output_dir, args.report_to)
+        self._window = LossWindow()
+        self._step_counts: torch.Tensor | None = None
+        self.nonfinite_steps = 0
+        self._nonfinite_in_a_row = 0
+        self._interrupted = False
+
+    # ---- loss ----------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        source_id = inputs.pop("source_id", None)
+        # Packed blocks mark real tokens in `token_mask` (an attention_mask would switch off
+        # transformers' packed-sequence masking, see data/packing.py); padded batches in attention_mask.
+        token_mask = inputs.pop("token_mask", None)
+        unwrapped = self.accelerator.unwrap_model(model)
+        chunked = self.args.ce_chunk_tokens > 0 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        with (
+            self.router_capture() as router_logits,
+            lm_head_as_identity(unwrapped) if chunked else contextlib.nullcontext() as head,
+        ):
+            outputs = model(**inputs, use_cache=False)
+        ce_sum = next_token_loss_sum(outputs.logits, head, labels, self.args.ce_chunk_tokens)
+        mask = token_mask if token_mask is not None else inputs.get("attention_mask")
+        mask = mask.reshape(-1) if mask is not None else None
+
+        targets = (labels[:, 1:] != data.IGNORE_INDEX).sum()
+        ga = (
+            getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            if model.training
+            else 1
+        )
+        if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
+            num_items_in_batch, scale = targets * ga, 1
+        else:  # global target count: DDP averages gradients over ranks, so undo that for the CE
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        lm = ce_sum / torch.as_tensor(num_items_in_batch, device=ce_sum.device).clamp_min(1)
+
+        counts = None
+        if self.args.aux_loss_reduce == "global" and model.training:
+            counts = losses.all_reduce_counts(losses.selection_counts(router_logits, self.moe.top_k, mask))
+            if self._step_counts is not None:
+                counts = counts + self._step_counts
+            self._step_counts = counts
+        aux = losses.load_balancing_loss(router_logits, self.moe.top_k, mask, self.args.aux_loss_scope, counts)
+        z = losses.router_z_loss(router_logits, mask)
+        loss = lm * scale + (self.args.router_aux_loss_coef * aux + self.args.router_z_loss_coef * z) / ga
+
+        if model.training:
+            self._window.add(ce_sum.detach(), targets, aux.detach(), z.detach())
+            if self.args.routing_log_every:
+                with_sources = source_id is not None and self.source_names
+                tokens = source_id.repeat_interleave(labels.shape[1]) if with_sources else None
+                self.routing_stats.update(router_logits, mask, tokens)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        inner_step = optimizer.step
+
+        def step(*args, **kwargs):
+            """Skip updates whose gradients are not finite (a non-finite loss anywhere in the step).
+
+            Checked on the gradients, once per optimizer step: under DDP they are already
+            all-reduced, so a NaN on one rank is a NaN on every rank and all ranks skip together,
+            with no extra collective and no host sync per micro-batch."""
+            self._step_counts = None  # a new optimizer step starts a new global-batch count
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads and torch.isfinite(torch.nn.utils.get_total_norm(grads)).item():
+                self._nonfinite_in_a_row = 0
+                return inner_step(*args, **kwargs)
+            self.nonfinite_steps += 1
+            self._nonfinite_in_a_row += 1
+            if self._nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+                raise RouterTuneError(
+                    f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss (step "
+                    f"{self.state.global_step + 1}); stopping. The last checkpoint in {self.args.output_dir} is "
+                    "intact: resume from it with a lower learning_rate, or check the data for empty blocks."
+                )
+            logger.warning(
+                "non-finite loss: optimizer step %d skipped (%d so far)",
+                self.state.global_step + 1,
+                self.nonfinite_steps,
+            )
+            return None
+
+        optimizer.step = step
+        return optimizer
+
+    # ---- logging ---------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._window.micro_batches:  # a training log: add the parts of the loss
+            logs.update(self._window.flush())
+            logs["nonfinite_steps"] = self.nonfinite_steps
+        super().log(logs, start_time)
+
+    def log_routing(self) -> None:
+        """Reduce the routing statistics over ranks and log them (all ranks must call this)."""
+        if self.routing_stats.micro_batches == 0:  # equal on every rank: no collective mismatch
+            return
+        self.routing_stats.reduce()
+        summary = self.routing_stats.summary()
+        self.routing_stats.reset()
+        if self.is_world_process_zero():  # media (histograms, heatmaps) from the main process only
+            scalars = self.telemetry.record(
+                summary, self.state.global_step, tb_writer=tensorboard_writer(self.callback_handler.callbacks)
+            )
+        else:
+            scalars = summary.scalars()
+        self.log(scalars)
+
+    # ---- router-only checkpoints ----------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the routers and the run description (a router-only delta) instead of the whole model."""
+        if not self.args.should_save:
+            return
+        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        routers = router_state_dict(self.accelerator.unwrap_model(self.model))
+        if state_dict is not None:  # FSDP / DeepSpeed gathered the full state dict for us
+            routers = {n: state_dict[n].detach().float().cpu() for n in routers if n in state_dict} or routers
+        write_router_delta(output_dir, TrainedRouters(output_dir, output_dir, routers, self.run_info()))
+
+    def run_info(self) -> dict[str, Any]:
+        return {
+            "source_model": self.args.model_name_or_path or self.moe.source,
+            "source_dir": self.moe.source,
+            "architecture": self.moe.architecture,
+            "layout": self.moe.layout,
+            "num_experts": self.moe.num_experts,
+            "top_k": self.moe.top_k,
+            "moe_layers": self.moe.moe_layers,
+            "fingerprints": self.fingerprints,
+            "global_step": self.state.global_step,
+            "nonfinite_steps": self.nonfinite_steps,
+            "router_rescaling": self.router_rescaling,
+            "trainable_parameters": self.param_counts.trainable,
+            "total_parameters": self.param_counts.total,
+            "sources": self.source_names,
+            "recipe": self.args.public_dict(),
+        }
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        trained = read_trained_routers(resume_from_checkpoint)
+        load_router_state_dict(self.accelerator.unwrap_model(model or self.model), trained.tensors)
+
+    def train(self, *args, **kwargs):
+        """The stock `train`, plus the held-out evaluation before and after (eval/report.*),
+        the run plots and the routing table at the end."""
+        evaluation = self._evaluation_blocks()
+        # Before super().train(): on resume the checkpoint is loaded inside it, and "before"
+        # must describe the source model's routers.
+        before = self._evaluate(evaluation, "before training") if evaluation else None
+        if before is not None and self.telemetry.first_summary is None:
+            # the untrained routers are the "start" of the run plots (else the first window is)
+            self.telemetry.first_step, self.telemetry.first_summary = 0, before.routing
+        with stop_on_signals(self):
+            result = super().train(*args, **kwargs)
+        if evaluation:
+            after = self._evaluate(evaluation, f"step {self.state.global_step}")
+            if self.is_world_process_zero():
+                results = {"before": before, "after": after}
+                write_report(
+                    Path(self.args.output_dir) / "eval",
+                    results,
+                    title=f"router_tune evaluation: {self.args.output_dir}",
+                    meta={"global_step": self.state.global_step},
+                )
+                print(format_comparison(results))
+        if self.is_world_process_zero():
+            plots = self.telemetry.save_plots(self.state.log_history)
+            if self.telemetry.last_summary is not None:
+                print(format_routing_table(self.telemetry.last_summary))
+            logger.info("plots: %s", ", ".join(str(p) for p in plots))
+        return result
+
+    def _evaluation_blocks(self) -> dict | None:
+        """Held-out blocks of the recipe's sources; None when the run has no before/after evaluation.
+
+        Skipped under FSDP / DeepSpeed (sharded weights): run `router-tune eval OUTPUT_DIR` after.
+        """
+        args = self.args
+        if not (args.eval_before_after and args.datasets) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return None
+        return data.build_eval_blocks(
+            data.parse_sources(args.datasets),
+            self.processing_class,
+            args.block_size,
+            eval_fraction=args.eval_fraction,
+            max_blocks=args.eval_max_blocks,
+            max_bad_records=args.max_bad_records,
+        )
+
+    def _evaluate(self, blocks: dict, label: str):
+        """Every rank evaluates the same blocks (identical results, no collective to wait on)."""
+        return evaluate_model(
+            self.accelerator.unwrap_model(self.model),
+            blocks,
+            top_k=self.moe.top_k,
+            batch_size=self.args.per_device_eval_batch_size,
+            label=label,
+            progress=self.is_world_process_zero(),
+        )

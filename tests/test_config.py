@@ -1,0 +1,51 @@
+"""RouterTuneConfig and recipes: validation before any weight is read, shipped recipes, generated docs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router_tune.data import parse_sources
+from router_tune.errors import RouterTuneError
+from router_tune.training.config import load_recipe
+from router_tune.training.recipe_keys import keys_markdown
+
+
+def test_unknown_recipe_key_names_closest(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: x\nrouter_aux_loss_coeff: 0.1\n")
+    with pytest.raises(RouterTuneError, match="router_aux_loss_coeff.*Did you mean `router_aux_loss_coef`"):
+        load_recipe(recipe)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("router_aux_loss_coef: 0.1\n", "model_name_or_path` is missing"),
+        ("model_name_or_path: x\naux_loss_scope: global\n", "aux_loss_scope"),
+        ("model_name_or_path: x\nrouter_z_loss_coef: -1\n", "router_z_loss_coef` must be >= 0"),
+        ("- a\n- b\n", "must be a mapping"),
+    ],
+)
+def test_bad_recipes(tmp_path, body, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(body)
+    with pytest.raises(RouterTuneError, match=message):
+        load_recipe(recipe)
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).parent.parent.glob("recipes/*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe):
+    config = load_recipe(recipe, use_cpu=True)  # GPU recipes (bf16) validate here on the CPU
+    assert config.model_name_or_path and config.datasets
+    assert parse_sources(config.datasets)
+    header = recipe.read_text().splitlines()[:12]
+    assert any("router-tune train recipes/" in line or "router_tune train recipes/" in line for line in header), (
+        "every recipe starts with the command that runs it"
+    )
+
+
+def test_recipe_key_docs_are_current():
+    doc = Path(__file__).parent.parent / "docs" / "recipe-keys.md"
+    assert doc.read_text() == keys_markdown(), "run: python -m router_tune.training.recipe_keys > docs/recipe-keys.md"
