@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from router_tune.architectures.base import LAYOUTS, Layout, LegacyNaming, MoeArchitecture
 from router_tune.architectures.mixtral import Mixtral
+from router_tune.architectures.olmoe import Olmoe
 from router_tune.architectures.qwen2_moe import Qwen2Moe
 from router_tune.architectures.qwen3_moe import Qwen3Moe
 from router_tune.errors import RouterTuneError
 
-REGISTRY: dict[str, MoeArchitecture] = {a.model_type: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe())}
+REGISTRY: dict[str, MoeArchitecture] = {a.model_type: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe())}
 SUPPORTED = ", ".join(a.display_name for a in REGISTRY.values())
 
 
