@@ -67,6 +67,11 @@ def qwen3_moe(models_root):
 
 
 @pytest.fixture(scope="session")
+def olmoe(models_root):
+    return factories.olmoe(models_root / "olmoe")
+
+
+@pytest.fixture(scope="session")
 def dense_llama(models_root):
     return factories.dense_llama(models_root / "llama-dense")
 

@@ -17,6 +17,8 @@ from transformers import (
     LlamaForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
@@ -136,6 +138,22 @@ def qwen3_moe(out: Path, seed: int = 0, identical_experts: bool = False) -> Path
                 layer.mlp.experts.gate_up_proj[:] = layer.mlp.experts.gate_up_proj[0]
                 layer.mlp.experts.down_proj[:] = layer.mlp.experts.down_proj[0]
     return _save(model, out)
+
+
+def olmoe(out: Path, seed: int = 0) -> Path:
+    """An OLMoE (every layer sparse, norm_topk_prob False by default), saved in the legacy layout."""
+    torch.manual_seed(seed)
+    config = OlmoeConfig(
+        **COMMON,
+        intermediate_size=32,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        vocab_size=320,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return _save(OlmoeForCausalLM(config), out)
 
 
 def dense_llama(out: Path, seed: int = 0) -> Path:

@@ -130,7 +130,7 @@ def sharded_mixtral(tmp_path):
     return out
 
 
-@pytest.mark.parametrize("fixture", ["mixtral_legacy", "mixtral_fused", "qwen2_moe", "mixtral_bf16"])
+@pytest.mark.parametrize("fixture", ["mixtral_legacy", "mixtral_fused", "qwen2_moe", "mixtral_bf16", "olmoe"])
 def test_full_export_same_layout(fixture, request, tmp_path):
     source = request.getfixturevalue(fixture)
     before = file_hashes(source)
@@ -172,11 +172,12 @@ def assert_same_bytes(a: torch.Tensor, b: torch.Tensor) -> None:
     [
         ("mixtral_fused", ("block_sparse_moe", "w1", "w3", "w2")),
         ("qwen3_moe", ("mlp", "gate_proj", "up_proj", "down_proj")),
+        ("olmoe", ("mlp", "gate_proj", "up_proj", "down_proj")),
     ],
 )
 def test_fused_to_legacy_and_back_is_exact(fixture, legacy_names, request, tmp_path):
     source = request.getfixturevalue(fixture)
-    if fixture == "qwen3_moe":  # the Qwen fixture is stored legacy: make a fused copy first
+    if fixture != "mixtral_fused":  # the Qwen and OLMoE fixtures are stored legacy: make a fused copy first
         fused = tmp_path / "fused-src"
         AutoModelForCausalLM.from_pretrained(source).save_pretrained(fused, save_original_format=False)
         shutil.copy(source / "tokenizer.json", fused)

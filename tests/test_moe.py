@@ -32,6 +32,7 @@ QWEN2_ROUTERS = MIXTRAL_ROUTERS | {
         ("mixtral_fused", "mixtral", "fused", MIXTRAL_ROUTERS),
         ("qwen2_moe", "qwen2_moe", "legacy", QWEN2_ROUTERS),
         ("qwen3_moe", "qwen3_moe", "legacy", MIXTRAL_ROUTERS),
+        ("olmoe", "olmoe", "legacy", MIXTRAL_ROUTERS),
     ],
 )
 def test_router_names_and_freezing(request, fixture, arch, layout, names):

@@ -285,3 +285,17 @@ def test_identical_experts_are_announced_before_training(fixture, expected, requ
         make_trainer(model_dir, tmp_path / "run", steps=1, data=text_blocks(model_dir, 4))
     messages = " ".join(r.getMessage() for r in caplog.records if r.name == "router_tune.training.trainer")
     assert (expected in messages) if expected else "identical" not in messages
+
+
+def test_olmoe_routers_train_and_nothing_else_changes(olmoe, tmp_path):
+    """OLMoE, added as one architecture module: routers found, trained, the rest bit-identical."""
+    before = source_tensors(olmoe)
+    trainer = make_trainer(olmoe, tmp_path / "run")
+    assert trainer.moe.architecture == "olmoe" and trainer.moe.normalizes_topk is False
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    routers = set(router_param_names(trainer.model))
+    assert routers == {f"model.layers.{i}.mlp.gate.weight" for i in range(2)}
+    for name, tensor in before.items():
+        changed = not torch.equal(after[name].detach().float(), tensor)
+        assert changed == (name in routers), name
