@@ -1,6 +1,6 @@
 """Run by tests/test_ddp.py, under `accelerate launch` (2 gloo processes) or alone (1 process).
 
-python tests/ddp_script.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH
+python tests/ddp_script.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH GRAD_ACCUMULATION
 """
 
 import sys
@@ -8,19 +8,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.test_trainer import make_trainer, text_blocks  # noqa: E402
+from tests.test_trainer import make_trainer, uneven_blocks  # noqa: E402
 
-model_dir, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model_dir, out, batch, ga = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 trainer = make_trainer(
     model_dir,
     out,
     steps=3,
     batch=batch,
-    data=text_blocks(Path(model_dir), 24),
+    ga=ga,
+    data=uneven_blocks(Path(model_dir), 24),
     train_sampling_strategy="sequential",
     use_cpu=False,
-    aux_loss_reduce="global",
-    router_aux_loss_coef=0.01,
+    aux_loss_reduce="global_prev",
+    router_aux_loss_coef=0.1,
+    router_z_loss_coef=0.01,
 )
 trainer.train()
 trainer.save_model()

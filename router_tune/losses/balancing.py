@@ -111,12 +111,20 @@ def all_reduce_counts(counts: Tensor) -> Tensor:
     return counts
 
 
+def _token_count(weight: Tensor, num_tokens: Tensor | float | None) -> Tensor:
+    """The denominator of per-token means: the micro-batch's real tokens, or a count given by the caller."""
+    if num_tokens is None:
+        return weight.sum()
+    return torch.as_tensor(num_tokens, dtype=weight.dtype, device=weight.device)
+
+
 def load_balancing_loss(
     router_logits: Sequence[Tensor],
     top_k: int,
     mask: Tensor | None = None,
     scope: str = "layer",
     counts: Tensor | None = None,
+    num_tokens: Tensor | float | None = None,
 ) -> Tensor:
     """Switch-Transformer load-balancing loss, E * sum_i f_i * P_i.
 
@@ -140,6 +148,10 @@ def load_balancing_loss(
             times top_k), and the local micro-batch only supplies P, which carries the
             gradient. A router may then specialise within a micro-batch (one domain per
             sequence) as long as the global batch stays balanced. The counts are detached.
+        num_tokens: the number of real tokens P is averaged over; default the micro-batch's own.
+            The trainer passes the real tokens of the whole optimizer step on all ranks, so each
+            micro-batch contributes its share of P and the sum over micro-batches and ranks is
+            the loss of one big batch exactly, however unevenly tokens are spread.
 
     Returns:
         fp32 scalar tensor. If every token is padding the loss is 0, not NaN.
@@ -160,7 +172,9 @@ def load_balancing_loss(
         counts = counts.detach().to(device=logits.device, dtype=logits.dtype)
     # Padding rows carry weight 0, so they add nothing to P whatever their logits are.
     prob_sum = torch.einsum("lte,t->le", probs, weight)
-    tokens = weight.sum()
+    tokens = (
+        weight.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logits.dtype, device=logits.device)
+    )
     # The mask is 0/1: clamping at 1 only changes the all-padding case (0 instead of 0/0).
     if scope == "layer":
         f = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
@@ -172,15 +186,22 @@ def load_balancing_loss(
     return num_experts * (f * p).sum()
 
 
-def router_z_loss(router_logits: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+def router_z_loss(
+    router_logits: Sequence[Tensor], mask: Tensor | None = None, num_tokens: Tensor | float | None = None
+) -> Tensor:
     """ST-MoE router z-loss: mean over layers of the mean over real tokens of logsumexp(logits)^2.
 
     It keeps logits small, which keeps the softmax out of saturation (where the balancing loss
     has no gradient left) and the fp32 router numerically safe. 0 if every token is padding.
+    `num_tokens` replaces the micro-batch's own token count as the denominator (see
+    `load_balancing_loss`).
     """
     logits, weight = stack_router_logits(router_logits, mask)
     lse_sq = torch.logsumexp(logits, dim=-1).square()
-    per_layer = (lse_sq * weight).sum(dim=-1) / weight.sum().clamp_min(1.0)
+    tokens = (
+        weight.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logits.dtype, device=logits.device)
+    )
+    per_layer = (lse_sq * weight).sum(dim=-1) / tokens.clamp_min(1.0)
     return per_layer.mean()
 
 

@@ -20,6 +20,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from router_tune.errors import RouterTuneError
+from router_tune.training.global_batch import REDUCE_MODES
 
 # Recipe keys and environment variables whose values must never reach logs, checkpoints,
 # wandb or model cards.
@@ -65,10 +66,12 @@ class RouterTuneConfig(TrainingArguments):
     aux_loss_reduce: str = field(
         default="global",
         metadata={
-            "help": "global: expert counts summed over data-parallel ranks and the "
-            "accumulation micro-batches so far (Qwen's global-batch balancing). "
-            "micro: counts of the local micro-batch.",
-            "choices": ["global", "micro"],
+            "help": "Where the balancing loss's expert counts f come from. global: summed over data-parallel "
+            "ranks and the step's accumulation micro-batches so far (Qwen's global-batch balancing). "
+            "global_prev: the previous step's counts over all its micro-batches and ranks (the same f "
+            "for a whole step: one all-reduce per step, exact under accumulation). micro: the local "
+            "micro-batch's own counts.",
+            "choices": list(REDUCE_MODES),
         },
     )
     router_z_loss_coef: float = field(
@@ -151,8 +154,10 @@ class RouterTuneConfig(TrainingArguments):
                 problems.append(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.aux_loss_scope not in ("layer", "pooled"):
             problems.append(f"`aux_loss_scope` must be layer or pooled, got {self.aux_loss_scope!r}.")
-        if self.aux_loss_reduce not in ("global", "micro"):
-            problems.append(f"`aux_loss_reduce` must be global or micro, got {self.aux_loss_reduce!r}.")
+        if self.aux_loss_reduce not in REDUCE_MODES:
+            problems.append(
+                f"`aux_loss_reduce` must be one of {', '.join(REDUCE_MODES)}, got {self.aux_loss_reduce!r}."
+            )
         if self.router_rescale not in ("auto", "off"):
             try:
                 if float(self.router_rescale) <= 0:

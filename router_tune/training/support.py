@@ -36,27 +36,32 @@ class RouterTrainingCallback(TrainerCallback):
 
 
 class LossWindow:
-    """Sums of the loss parts since the last log, kept on device (no host sync per step)."""
+    """Sums of the loss parts since the last log, kept on device (no host sync per step).
+
+    Inside a training step the balancing and z terms of a micro-batch are its share of the step's
+    value (normalised by the step's tokens on all ranks), so they are summed over ranks and divided
+    by the steps; outside a step (`whole=True`) each value is a whole one and they are averaged.
+    """
 
     def __init__(self):
         self.micro_batches = 0
+        self.steps = 0
 
-    def add(self, ce_sum, targets, aux, z):
-        if self.micro_batches == 0:
-            self.ce, self.targets, self.aux, self.z = ce_sum, targets, aux, z
-        else:
-            self.ce, self.targets = self.ce + ce_sum, self.targets + targets
-            self.aux, self.z = self.aux + aux, self.z + z
+    def add(self, ce_sum, targets, aux, z, whole: bool = False):
+        weight = torch.ones((), device=ce_sum.device) if whole else torch.zeros((), device=ce_sum.device)
+        parts = torch.stack([ce_sum.float(), targets.float(), aux.float(), z.float(), weight])
+        self.sums = parts if self.micro_batches == 0 else self.sums + parts
         self.micro_batches += 1
 
     def flush(self) -> dict[str, float]:
-        n = self.micro_batches
-        out = {
-            "lm_loss": (self.ce / self.targets.clamp_min(1)).item(),
-            "aux_loss": (self.aux / n).item(),
-            "z_loss": (self.z / n).item(),
-        }
-        self.micro_batches = 0
+        """The window's mean LM, balancing and z losses over all ranks (a collective: every rank calls it)."""
+        sums = self.sums.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        ce, targets, aux, z, whole = sums.tolist()
+        norm = whole if whole else float(max(self.steps, 1))
+        out = {"lm_loss": ce / max(targets, 1.0), "aux_loss": aux / norm, "z_loss": z / norm}
+        self.micro_batches, self.steps = 0, 0
         return out
 
 

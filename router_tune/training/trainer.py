@@ -47,6 +47,7 @@ from router_tune.model.routers import (
 from router_tune.routing.stats import RoutingStats
 from router_tune.routing.telemetry import RoutingTelemetry, format_routing_table, tensorboard_writer
 from router_tune.training.config import RouterTuneConfig
+from router_tune.training.global_batch import GlobalBatch
 from router_tune.training.rescale import rescale_routers
 from router_tune.training.support import LossWindow, RouterTrainingCallback, stop_on_signals, warn_identical_experts
 
@@ -147,7 +148,9 @@ class RouterTrainer(Trainer):
         )
         self.telemetry = RoutingTelemetry(args.output_dir, args.report_to)
         self._window = LossWindow()
-        self._step_counts: torch.Tensor | None = None
+        self.global_batch = GlobalBatch(
+            args.aux_loss_reduce, self.moe.top_k, across_ranks=args.average_tokens_across_devices
+        )
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
         self._interrupted = False
@@ -173,34 +176,36 @@ class RouterTrainer(Trainer):
         mask = mask.reshape(-1) if mask is not None else None
 
         targets = (labels[:, 1:] != data.IGNORE_INDEX).sum()
-        ga = (
-            getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-            if model.training
-            else 1
-        )
-        if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
-            num_items_in_batch, scale = targets * ga, 1
-        else:  # global target count: DDP averages gradients over ranks, so undo that for the CE
+        in_step = model.training and num_items_in_batch is not None and self.global_batch.tokens is not None
+        if in_step:
+            # Every term is normalised by the whole step's (all micro-batches, all ranks) token counts;
+            # DDP averages gradients over ranks, so `scale` undoes that average.
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        lm = ce_sum / torch.as_tensor(num_items_in_batch, device=ce_sum.device).clamp_min(1)
-
-        counts = None
-        if self.args.aux_loss_reduce == "global" and model.training:
-            counts = losses.all_reduce_counts(losses.selection_counts(router_logits, self.moe.top_k, mask))
-            if self._step_counts is not None:
-                counts = counts + self._step_counts
-            self._step_counts = counts
-        aux = losses.load_balancing_loss(router_logits, self.moe.top_k, mask, self.args.aux_loss_scope, counts)
-        z = losses.router_z_loss(router_logits, mask)
-        loss = lm * scale + (self.args.router_aux_loss_coef * aux + self.args.router_z_loss_coef * z) / ga
+            step_targets, step_tokens = num_items_in_batch, self.global_batch.tokens
+            counts = self.global_batch.counts_for(router_logits, mask)
+        else:  # evaluation, or a caller outside the training loop: this micro-batch alone
+            scale, step_targets, step_tokens, counts = 1, targets, None, None
+        lm = ce_sum / torch.as_tensor(step_targets, device=ce_sum.device).clamp_min(1)
+        aux = losses.load_balancing_loss(
+            router_logits, self.moe.top_k, mask, self.args.aux_loss_scope, counts, num_tokens=step_tokens
+        )
+        z = losses.router_z_loss(router_logits, mask, num_tokens=step_tokens)
+        loss = (lm + self.args.router_aux_loss_coef * aux + self.args.router_z_loss_coef * z) * scale
 
         if model.training:
-            self._window.add(ce_sum.detach(), targets, aux.detach(), z.detach())
+            self._window.add(ce_sum.detach(), targets, aux.detach(), z.detach(), whole=not in_step)
             if self.args.routing_log_every:
                 with_sources = source_id is not None and self.source_names
                 tokens = source_id.repeat_interleave(labels.shape[1]) if with_sources else None
                 self.routing_stats.update(router_logits, mask, tokens)
         return (loss, outputs) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The stock step batches, plus the step's real-token count for the z and balancing losses."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self.global_batch.begin_step(batch_samples, device)
+        self._window.steps += 1
+        return batch_samples, num_items_in_batch
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -212,7 +217,7 @@ class RouterTrainer(Trainer):
             Checked on the gradients, once per optimizer step: under DDP they are already
             all-reduced, so a NaN on one rank is a NaN on every rank and all ranks skip together,
             with no extra collective and no host sync per micro-batch."""
-            self._step_counts = None  # a new optimizer step starts a new global-batch count
+            self.global_batch.end_step()
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             if grads and torch.isfinite(torch.nn.utils.get_total_norm(grads)).item():
                 self._nonfinite_in_a_row = 0
@@ -288,11 +293,14 @@ class RouterTrainer(Trainer):
             "total_parameters": self.param_counts.total,
             "sources": self.source_names,
             "recipe": self.args.public_dict(),
+            # aux_loss_reduce global_prev: the last step's expert counts, which the next step balances with
+            "balance_counts": self.global_batch.state(),
         }
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         trained = read_trained_routers(resume_from_checkpoint)
         load_router_state_dict(self.accelerator.unwrap_model(model or self.model), trained.tensors)
+        self.global_batch.load_state(trained.meta.get("balance_counts"), self.args.device)
 
     def train(self, *args, **kwargs):
         """The stock `train`, plus the held-out evaluation before and after (eval/report.*),
