@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(mixtral_legacy, tmp_path):
     recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=10_000, save_steps=10_000, routing_log_every=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "router_tune", "train", str(recipe)],
+        [sys.executable, "-m", "router_tune", "train", str(recipe), "--learning_rate", "0.02"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -112,7 +113,30 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(mixtral_legacy, tmp_path):
     checkpoints = list((tmp_path / "run").glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "routers.safetensors").is_file()
     assert int(checkpoints[0].name.split("-")[1]) < 10_000
-    assert "stopped early (interrupted)" in output and "--resume_from_checkpoint" in output
+    assert "stopped early (interrupted)" in output
+    # The hint is the whole command, overrides included, and it works as printed.
+    hint = next(line for line in output.splitlines() if line.startswith("resume with: "))
+    printed = shlex.split(hint.removeprefix("resume with: "))
+    assert printed == [
+        "router-tune",
+        "train",
+        str(recipe),
+        "--learning_rate",
+        "0.02",
+        "--resume_from_checkpoint",
+        "true",
+    ]
+    step = int(checkpoints[0].name.split("-")[1])
+    resumed = subprocess.run(
+        [sys.executable, "-m", "router_tune", *printed[1:], "--max_steps", str(step + 1)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoints[0]}" in resumed.stderr and f"finished at step {step + 1}" in resumed.stdout
 
 
 @pytest.mark.parametrize(

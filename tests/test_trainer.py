@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from router_tune.errors import RouterTuneError
@@ -180,23 +180,40 @@ def test_gradient_accumulation_matches_big_batch(mixtral_legacy, tmp_path):
 
 
 def test_checkpoint_holds_routers_only_and_resume_is_exact(mixtral_legacy, tmp_path):
-    full = make_trainer(mixtral_legacy, tmp_path / "full", steps=6, save_steps=3)
+    settings = dict(steps=6, save_steps=3, aux_loss_reduce="global_prev", router_aux_loss_coef=0.1)
+    full = make_trainer(mixtral_legacy, tmp_path / "full", **settings)
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-3"
     names = {p.name for p in ckpt.iterdir()}
-    assert "routers.safetensors" in names and "optimizer.pt" in names and "router_tune.json" in names
+    assert {"routers.safetensors", "optimizer.pt", "router_tune.json", "router_tune_complete"} <= names
     assert not any(n.startswith("model") for n in names), names
     with safe_open(ckpt / "routers.safetensors", "pt") as f:
         assert set(f.keys()) == set(router_param_names(full.model))
     model_bytes = sum(p.stat().st_size for p in Path(mixtral_legacy).glob("*.safetensors"))
     assert (ckpt / "routers.safetensors").stat().st_size < model_bytes / 50
 
-    resumed = make_trainer(mixtral_legacy, tmp_path / "full", steps=6, save_steps=3)
-    resumed.train(resume_from_checkpoint=str(ckpt))
-    final_full = load_file(tmp_path / "full" / "checkpoint-6" / "routers.safetensors")
+    # The resumed run has only a copy of checkpoint-3, in a directory of its own; it is compared
+    # with the uninterrupted run's routers in memory, not with a file it wrote itself.
+    shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoint-3")
+    resumed = make_trainer(mixtral_legacy, tmp_path / "resumed", **settings)
+    resumed.train(resume_from_checkpoint="last")
+    assert resumed.state.global_step == 6
+    uninterrupted = {n: p.detach() for n, p in full.model.named_parameters() if p.requires_grad}
     for n, p in resumed.model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.detach(), final_full[n], rtol=0, atol=1e-7)
+            torch.testing.assert_close(p.detach(), uninterrupted[n], rtol=0, atol=1e-7)
+
+
+def test_resume_value_is_checked_before_any_weight_is_read(mixtral_legacy, tmp_path):
+    with pytest.raises(RouterTuneError, match="does not exist: pass a checkpoint-N directory"):
+        load_recipe(None, model_name_or_path=str(mixtral_legacy), resume_from_checkpoint=str(tmp_path / "nope"))
+    partial = tmp_path / "run" / "checkpoint-4"
+    partial.mkdir(parents=True)
+    (partial / "routers.safetensors").write_bytes(b"half")
+    with pytest.raises(RouterTuneError, match="not a complete router_tune checkpoint"):
+        load_recipe(None, model_name_or_path=str(mixtral_legacy), resume_from_checkpoint=str(partial))
+    for value in ("true", "last", "false"):
+        load_recipe(None, model_name_or_path=str(mixtral_legacy), resume_from_checkpoint=value)
 
 
 def test_nonfinite_loss_skips_the_step(mixtral_legacy, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -66,6 +67,19 @@ def format_plan(p: dict) -> str:
     return "dry run: nothing trained\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that was run (`train RECIPE --key value ...`, every override kept), resuming."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume_from_checkpoint":
+            skip = True
+        elif not arg.startswith("--resume_from_checkpoint="):
+            kept.append(arg)
+    return shlex.join(["router-tune", *kept, "--resume_from_checkpoint", "true"])
+
+
 def train(config) -> int:
     trainer = RouterTrainer(args=config)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
@@ -77,6 +91,6 @@ def train(config) -> int:
             f"router-tune train: {state} at step {trainer.state.global_step}; routers in {out / 'routers.safetensors'}"
         )
         if trainer._interrupted:
-            print(f"resume with: router-tune train {' '.join(sys.argv[2:3])} --resume_from_checkpoint true")
+            print(f"resume with: {resume_command(sys.argv[1:])}")
         print(json.dumps({"global_step": trainer.state.global_step, "nonfinite_steps": trainer.nonfinite_steps}))
     return 0

@@ -20,6 +20,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from router_tune.errors import RouterTuneError
+from router_tune.training.checkpoints import check_resume_value
 from router_tune.training.global_batch import REDUCE_MODES
 
 # Recipe keys and environment variables whose values must never reach logs, checkpoints,
@@ -174,6 +175,10 @@ class RouterTuneConfig(TrainingArguments):
             problems.append(
                 "`datasets` must be a non-empty list of sources, e.g. [{source: redpajama, path: DIR, weight: 0.7}]."
             )
+        try:
+            check_resume_value(self.resume_from_checkpoint, self.output_dir)
+        except RouterTuneError as err:
+            problems.append(str(err))
         if problems:
             raise RouterTuneError(" ".join(problems))
 

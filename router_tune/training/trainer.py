@@ -46,6 +46,7 @@ from router_tune.model.routers import (
 )
 from router_tune.routing.stats import RoutingStats
 from router_tune.routing.telemetry import RoutingTelemetry, format_routing_table, tensorboard_writer
+from router_tune.training.checkpoints import mark_complete, resolve_resume
 from router_tune.training.config import RouterTuneConfig
 from router_tune.training.global_batch import GlobalBatch
 from router_tune.training.rescale import rescale_routers
@@ -297,14 +298,27 @@ class RouterTrainer(Trainer):
             "balance_counts": self.global_batch.state(),
         }
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The stock checkpoint (routers via `_save`, optimizer, scheduler, RNG, trainer state), then the
+        marker that says it is complete: a run killed while saving never resumes from a partial one."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            mark_complete(Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}")
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         trained = read_trained_routers(resume_from_checkpoint)
         load_router_state_dict(self.accelerator.unwrap_model(model or self.model), trained.tensors)
         self.global_batch.load_state(trained.meta.get("balance_counts"), self.args.device)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """The stock `train`, plus the held-out evaluation before and after (eval/report.*),
-        the run plots and the routing table at the end."""
+        the run plots and the routing table at the end.
+
+        `resume_from_checkpoint`: a checkpoint-N directory, or True / "true" / "last" for the latest
+        complete checkpoint in output_dir (incomplete ones, left by a kill while saving, are skipped).
+        """
+        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir, main_process=self.is_world_process_zero())
+        self.accelerator.wait_for_everyone()  # incomplete checkpoints are removed before any rank reads
         evaluation = self._evaluation_blocks()
         # Before super().train(): on resume the checkpoint is loaded inside it, and "before"
         # must describe the source model's routers.
@@ -313,7 +327,7 @@ class RouterTrainer(Trainer):
             # the untrained routers are the "start" of the run plots (else the first window is)
             self.telemetry.first_step, self.telemetry.first_summary = 0, before.routing
         with stop_on_signals(self):
-            result = super().train(*args, **kwargs)
+            result = super().train(resume_from_checkpoint=resume, **kwargs)
         if evaluation:
             after = self._evaluate(evaluation, f"step {self.state.global_step}")
             if self.is_world_process_zero():

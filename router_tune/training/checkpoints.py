@@ -1,0 +1,91 @@
+"""Which checkpoint a run resumes from, so that a killed run always resumes with the documented command.
+
+    router-tune train RECIPE --resume_from_checkpoint true      # or `last`, or a checkpoint-N path
+
+transformers writes a checkpoint file by file into `checkpoint-N/` with nothing marking the end,
+so a run killed while saving leaves a directory that looks like a checkpoint and is not one.
+RouterTrainer writes `COMPLETE` last, after every file of the checkpoint (routers, optimizer,
+scheduler, RNG, trainer state) is on disk; only checkpoints holding it are resumed from.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from router_tune.errors import RouterTuneError
+
+COMPLETE = "router_tune_complete"
+LATEST = ("true", "last")
+NO_RESUME = ("", "false", "none", "no")
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    step = path.name.removeprefix("checkpoint-")
+    return int(step) if path.name.startswith("checkpoint-") and step.isdigit() else None
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE).is_file()
+
+
+def mark_complete(checkpoint: Path) -> None:
+    """Write the marker through a temporary name and a rename, so it exists whole or not at all."""
+    tmp = checkpoint / f".{COMPLETE}.tmp"
+    tmp.write_text("every file of this checkpoint was written\n")
+    tmp.replace(checkpoint / COMPLETE)
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-N directories of a run, oldest first."""
+    root = Path(output_dir)
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def check_resume_value(value: str | bool | None, output_dir: str | Path) -> None:
+    """Validate `resume_from_checkpoint` before any weight is loaded (see `resolve_resume`)."""
+    if value is None or value is True or value is False or str(value).lower() in LATEST + NO_RESUME:
+        return
+    path = Path(value)
+    if not path.is_dir():
+        raise RouterTuneError(
+            f"resume_from_checkpoint {value} does not exist: pass a checkpoint-N directory of the run, or `true` for "
+            f"the latest complete checkpoint in {output_dir}."
+        )
+    if not is_complete(path):
+        raise RouterTuneError(
+            f"{value} is not a complete router_tune checkpoint (no {COMPLETE}: the run was killed while writing it, "
+            f"or it was not written by router-tune). Pass `--resume_from_checkpoint true` to resume from the latest "
+            f"complete checkpoint in {output_dir}."
+        )
+
+
+def resolve_resume(value: str | bool | None, output_dir: str | Path, *, main_process: bool = True) -> str | None:
+    """The checkpoint directory to resume from, or None to start at step 0.
+
+    `true` / `last` take the latest complete checkpoint in `output_dir`; incomplete ones after it
+    (left by a kill while saving) are reported and, on the main process, removed, so that the
+    re-run never mixes their stale files with new ones. With no complete checkpoint the run
+    starts at step 0, and says so.
+    """
+    if value is None or value is False or str(value).lower() in NO_RESUME:
+        return None
+    if value is not True and str(value).lower() not in LATEST:
+        check_resume_value(value, output_dir)
+        return str(value)
+    found = checkpoints(output_dir)
+    complete = [p for p in found if is_complete(p)]
+    latest = complete[-1] if complete else None
+    after_latest = [p for p in found if latest is None or checkpoint_step(p) > checkpoint_step(latest)]
+    for partial in (p for p in after_latest if not is_complete(p)):
+        logger.warning("%s is incomplete (the run stopped while writing it): skipped and removed", partial)
+        if main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+    if latest is None:
+        logger.warning("no complete checkpoint in %s: training starts at step 0", output_dir)
+        return None
+    logger.warning("resuming from %s", latest)
+    return str(latest)
