@@ -55,7 +55,8 @@ def uneven_blocks(model_dir: Path, n: int, block: int = BLOCK) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def make_trainer(model_dir, out, *, steps=4, batch=4, ga=1, lr=1e-2, data=None, **kw) -> RouterTrainer:
+def make_trainer(model_dir, out, *, steps=4, batch=4, ga=1, lr=1e-2, data="text", **kw) -> RouterTrainer:
+    """A RouterTrainer on `data` (default: 64 text blocks; None: the recipe's `datasets`)."""
     defaults = dict(
         router_aux_loss_coef=0.01,
         router_z_loss_coef=0.001,
@@ -82,7 +83,9 @@ def make_trainer(model_dir, out, *, steps=4, batch=4, ga=1, lr=1e-2, data=None, 
         **defaults,
     )
     return RouterTrainer(
-        args=args, train_dataset=data if data is not None else text_blocks(model_dir, 64), source_names=["even", "odd"]
+        args=args,
+        train_dataset=text_blocks(model_dir, 64) if isinstance(data, str) else data,
+        source_names=["even", "odd"] if data is not None else None,
     )
 
 

@@ -23,7 +23,9 @@ SUPPORTED = ", ".join(a.display_name for a in REGISTRY.values())
 def architecture_for(config) -> MoeArchitecture:
     """The architecture of a transformers config, or a RouterTuneError saying why it is not supported."""
     if config.model_type in REGISTRY:
-        return REGISTRY[config.model_type]
+        architecture = REGISTRY[config.model_type]
+        check_top_k(config, architecture)
+        return architecture
     arch = (getattr(config, "architectures", None) or [config.model_type])[0]
     if any(("expert" in k or k.startswith("moe_")) and v for k, v in config.to_dict().items()):
         raise RouterTuneError(
@@ -34,6 +36,18 @@ def architecture_for(config) -> MoeArchitecture:
         f"this is a dense {arch}; router_tune needs a MoE checkpoint: {SUPPORTED}. "
         "Build one from dense fine-tunes with mergekit-moe first."
     )
+
+
+def check_top_k(config, architecture: MoeArchitecture) -> None:
+    """Refuse a config whose experts per token is not between 1 and the number of experts (a
+    hand-edited or broken merge config would otherwise fail deep inside torch.topk)."""
+    top_k, experts = getattr(config, "num_experts_per_tok", None), architecture.num_experts(config)
+    if not isinstance(top_k, int) or not 1 <= top_k <= experts:
+        raise RouterTuneError(
+            f"config.json sets num_experts_per_tok = {top_k!r} but the model has {experts} experts per layer: it "
+            f"must be between 1 and {experts}. Fix num_experts_per_tok in config.json (mergekit-moe writes "
+            "experts_per_token from its YAML)."
+        )
 
 
 def architecture_named(model_type: str) -> MoeArchitecture:

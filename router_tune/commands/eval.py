@@ -82,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also measure oracle routing: each source sent to its own expert (e.g. "
         "code=0,python_docs=1,book=2,chat=3 for the demo), the bound router training approaches",
     )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR_OR_HUB_ID",
+        help="the tokenizer, when the checkpoint has none "
+        "(default: the run's tokenizer_name_or_path, else the checkpoint's own)",
+    )
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights (can run code)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
 
@@ -133,12 +139,12 @@ def run(args: argparse.Namespace) -> int:
     compare = None if args.no_compare else args.compare or (str(trained.source_dir()) if trained else None)
     if compare is not None:  # fail on a missing model or a tokenizer mismatch before any long evaluation
         check_same_tokenizer(
-            tokenizer_of(args.model, args.trust_remote_code),
-            tokenizer_of(compare, args.trust_remote_code),
+            tokenizer_of(args.model, args.trust_remote_code, args.tokenizer),
+            tokenizer_of(compare, args.trust_remote_code, args.tokenizer),
             args.model,
             compare,
         )
-    load = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    load = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     model, tokenizer, info, label = load_for_eval(args.model, **load)
     settings = eval_settings(
         args, (trained.meta.get("recipe") if trained else None), getattr(model.config, "max_position_embeddings", None)

@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the package's sample if shipped, else a built-in paragraph)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR_OR_HUB_ID",
+        help="the tokenizer for the sample-text routing statistics, when the checkpoint has none",
+    )
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights (can run code)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
     parser.add_argument(
@@ -47,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
+        tokenizer=args.tokenizer,
     )
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0

@@ -50,17 +50,10 @@ def chat_template_for(spec: SourceSpec, tokenizer) -> str:
     return template
 
 
-def check_tokenizer(tokenizer) -> None:
-    """Raise unless the tokenizer is a fast (Rust) one: batched speed and assistant masks need it."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise RouterTuneError(
-            f"{type(tokenizer).__name__} is a slow tokenizer; the data pipeline needs a fast "
-            "one (AutoTokenizer.from_pretrained(..., use_fast=True), tokenizer.json)."
-        )
-
-
 def tokenize_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
     """Each text as [bos] + tokens + [eos] (each where the tokenizer has one); every token a target."""
+    if not texts:  # every document of the batch held out or malformed (the tokenizer refuses [])
+        return [], []
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

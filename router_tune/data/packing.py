@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from router_tune.data.chat import IGNORE_INDEX
+from router_tune.errors import RouterTuneError
 
 BLOCK_KEYS = ("input_ids", "labels", "position_ids", "token_mask", "source_id")
 # Documents per packing batch; at most one padded block per batch.
@@ -79,5 +80,7 @@ def collate_blocks(blocks: list[dict]) -> dict[str, torch.Tensor]:
 
     Blocks of this pipeline carry every BLOCK_KEYS field; blocks made elsewhere need only
     `input_ids` and `labels` (plus an `attention_mask` when they are padded)."""
+    if not blocks:
+        raise RouterTuneError("collate_blocks got no blocks: there is nothing to batch (see data.first_blocks).")
     keys = [k for k in (*BLOCK_KEYS, "attention_mask") if k in blocks[0]]
     return {key: torch.tensor([b[key] for b in blocks], dtype=torch.long) for key in keys}

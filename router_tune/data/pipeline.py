@@ -7,6 +7,7 @@ batches from rank 0, or `datasets.distributed.split_dataset_by_node`).
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from functools import partial
@@ -14,11 +15,12 @@ from functools import partial
 import datasets
 from datasets import Features, List, Value
 
-from router_tune.data.chat import chat_template_for, check_tokenizer, tokenize_chats, tokenize_texts
+from router_tune.data.chat import chat_template_for, tokenize_chats, tokenize_texts
 from router_tune.data.packing import PACK_BATCH, pack_documents
 from router_tune.data.records import BadRecord, normalise
 from router_tune.data.sources import SourceSpec, check_utf8, load_file, resolve_files
 from router_tune.data.split import is_heldout
+from router_tune.data.tokenizer import check_tokenizer
 from router_tune.errors import RouterTuneError
 
 BLOCK_FEATURES = Features(
@@ -31,6 +33,38 @@ BLOCK_FEATURES = Features(
     }
 )
 _BAD_FIX = "Fix or remove it, or allow skipping malformed records with `max_bad_records`."
+# Records of each hub file read and checked before training (local files are read whole).
+HUB_CHECK_RECORDS = 100
+
+
+class BadRecords:
+    """Malformed records met while streaming the training data, skipped and counted.
+
+    Under DDP only rank 0 reads the data (accelerate dispatches batches), so a raise in its data
+    loader would leave the other ranks waiting in a collective. The data pipeline therefore only
+    counts; the trainer compares the count with `max_bad_records` on every rank at once
+    (`RouterTrainingCallback`) and reports the skipped records at the end. `strict` (evaluation,
+    one process) raises at the first record over the limit instead.
+    """
+
+    def __init__(self, limit: int, *, strict: bool = False):
+        self.limit, self.strict = limit, strict
+        self.seen: dict[tuple[str, int], str] = {}
+
+    def add(self, path: str, index: int, problem: str) -> None:
+        self.seen[(path, index)] = problem
+        if self.strict and self.over_limit():
+            raise RouterTuneError(f"{path}: record {index + 1}: {problem}. {_BAD_FIX}")
+
+    def over_limit(self) -> bool:
+        return len(self.seen) > self.limit
+
+    def summary(self) -> str:
+        (path, index), problem = next(iter(self.seen.items()))
+        return (
+            f"{len(self.seen)} malformed record(s) skipped (max_bad_records = {self.limit}); first: {path}: "
+            f"record {index + 1}: {problem}"
+        )
 
 
 def check_block_size(block_size: int, model_config) -> None:
@@ -47,7 +81,8 @@ def check_block_size(block_size: int, model_config) -> None:
 
 def check_sources(specs: list[SourceSpec], *, max_bad_records: int = 0) -> dict[str, int]:
     """Read every record of every local source once, before training: files exist, are UTF-8
-    and follow the source's schema. Hub sources are checked as they stream.
+    and follow the source's schema. Of hub files, the first HUB_CHECK_RECORDS records are read
+    and checked; the rest are counted as they stream (`BadRecords`).
 
     Returns: malformed (skipped) records per source name.
     Raises:
@@ -58,10 +93,12 @@ def check_sources(specs: list[SourceSpec], *, max_bad_records: int = 0) -> dict[
     for spec in specs:
         skipped[spec.name] = 0
         for path in resolve_files(spec):
+            records = load_file(path)
             if path.startswith("hf://"):
-                continue
-            check_utf8(path)
-            for index, record in enumerate(load_file(path)):
+                records = records.take(HUB_CHECK_RECORDS)
+            else:
+                check_utf8(path)
+            for index, record in enumerate(records):
                 try:
                     normalise(spec, record, path)
                 except BadRecord as exc:
@@ -89,8 +126,7 @@ def _tokenize_batch(
     template,
     keep_heldout: bool,
     eval_fraction: float,
-    max_bad_records: int,
-    bad: set,
+    bad: BadRecords,
 ) -> dict:
     """Same-length map: each record -> its tokens, or empty lists when it is not in this split."""
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -99,9 +135,7 @@ def _tokenize_batch(
         try:
             doc = normalise(spec, record, path)
         except BadRecord as exc:
-            bad.add((path, index))
-            if len(bad) > max_bad_records:
-                raise RouterTuneError(f"{path}: record {index + 1}: {exc}. {_BAD_FIX}") from None
+            bad.add(path, index, str(exc))
             doc = None
         docs.append(doc[1] if doc is not None and is_heldout(doc[0], eval_fraction) == keep_heldout else None)
     kept = [d for d in docs if d is not None]
@@ -122,11 +156,12 @@ def source_blocks(
     *,
     heldout: bool,
     eval_fraction: float,
-    max_bad_records: int = 0,
+    bad: BadRecords | None = None,
 ) -> datasets.IterableDataset:
-    """The packed blocks of one source, in file order, files taken round-robin."""
+    """The packed blocks of one source, in file order, files taken round-robin (malformed records
+    counted in `bad`; by default none is allowed)."""
+    bad = bad if bad is not None else BadRecords(0, strict=True)
     template = chat_template_for(spec, tokenizer) if spec.is_chat else None
-    bad: set = set()
     per_file = []
     for path in resolve_files(spec):
         docs = load_file(path).map(
@@ -138,7 +173,6 @@ def source_blocks(
                 template=template,
                 keep_heldout=heldout,
                 eval_fraction=eval_fraction,
-                max_bad_records=max_bad_records,
                 bad=bad,
             ),
             batched=True,
@@ -170,6 +204,7 @@ def build_train_dataset(
     eval_fraction: float = 0.05,
     max_bad_records: int = 0,
     check: bool = True,
+    bad_records: BadRecords | None = None,
 ) -> datasets.IterableDataset:
     """The training blocks: each source packed on its own, then sources drawn block by block with
     probabilities proportional to their weights (so weights are shares of training tokens).
@@ -182,6 +217,8 @@ def build_train_dataset(
         eval_fraction: share of whole documents kept out of training for `build_eval_blocks`.
         max_bad_records: malformed records that may be skipped (warned about) instead of raising.
         check: read local sources once up front (`check_sources`) so errors come before training.
+        bad_records: where malformed records met while streaming are counted (the trainer checks it
+            on every rank); default: one that raises past `max_bad_records`.
 
     Returns:
         An IterableDataset of blocks {"input_ids", "labels", "position_ids", "token_mask",
@@ -192,12 +229,11 @@ def build_train_dataset(
     check_tokenizer(tokenizer)
     if not 0.0 <= eval_fraction < 1.0:
         raise RouterTuneError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}.")
+    bad = bad_records if bad_records is not None else BadRecords(max_bad_records, strict=True)
     if check:
-        check_sources(specs, max_bad_records=max_bad_records)
+        check_sources(specs, max_bad_records=bad.limit)
     streams = [
-        source_blocks(
-            s, i, tokenizer, block_size, heldout=False, eval_fraction=eval_fraction, max_bad_records=max_bad_records
-        )
+        source_blocks(s, i, tokenizer, block_size, heldout=False, eval_fraction=eval_fraction, bad=bad)
         for i, s in enumerate(specs)
     ]
     if len(streams) == 1:
@@ -224,10 +260,9 @@ def build_eval_blocks(
     """
     check_tokenizer(tokenizer)
     out: dict[str, list[dict]] = {}
+    bad = BadRecords(max_bad_records, strict=True)
     for i, spec in enumerate(specs):
-        blocks = source_blocks(
-            spec, i, tokenizer, block_size, heldout=True, eval_fraction=eval_fraction, max_bad_records=max_bad_records
-        )
+        blocks = source_blocks(spec, i, tokenizer, block_size, heldout=True, eval_fraction=eval_fraction, bad=bad)
         out[spec.name] = list(blocks.take(max_blocks) if max_blocks is not None else blocks)
         if not out[spec.name]:
             raise RouterTuneError(
@@ -235,6 +270,20 @@ def build_eval_blocks(
                 f"{eval_fraction}: raise eval_fraction or add documents."
             )
     return out
+
+
+def first_blocks(dataset, n: int) -> list[dict]:
+    """The first `n` training blocks (for the rescale probe), or a clear error when there are none."""
+    if dataset is None:
+        return []
+    blocks = list(itertools.islice(iter(dataset), n))
+    if not blocks:
+        raise RouterTuneError(
+            "there are no training blocks: every document of the training sources is held out for evaluation "
+            "(eval_fraction), skipped as malformed, or empty. Lower eval_fraction, add documents, or check the "
+            "`datasets` paths."
+        )
+    return blocks
 
 
 def pipeline_throughput(specs: list[SourceSpec], tokenizer, block_size: int, n_blocks: int, *, seed: int = 0) -> float:

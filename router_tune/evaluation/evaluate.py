@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
-from router_tune.data import IGNORE_INDEX, collate_blocks
+from router_tune.data import IGNORE_INDEX, collate_blocks, load_tokenizer
 from router_tune.errors import RouterTuneError
 from router_tune.io.checkpoint import resolve_checkpoint
 from router_tune.io.router_files import ROUTERS_FILE, read_trained_routers
@@ -211,6 +210,7 @@ def load_for_eval(
     dtype="auto",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    tokenizer: str | Path | None = None,
 ):
     """Load a model to evaluate: a checkpoint directory or hub id, or a router_tune run.
 
@@ -221,6 +221,8 @@ def load_for_eval(
             trained routers are copied in.
         routers: a routers.safetensors file or run directory whose routers replace the model's.
         dtype: weights dtype for a plain model; a run loads in its recipe's `model_dtype`.
+        tokenizer: where the tokenizer is, when not in the checkpoint (default: the run's
+            `tokenizer_name_or_path`, else the checkpoint's own).
 
     Returns:
         (model, tokenizer, MoeInfo, label): label says what was loaded, for reports.
@@ -248,8 +250,7 @@ def load_for_eval(
             load_router_state_dict(model, extra.tensors)
     if routers is not None:
         label += f" + routers {routers}"
-    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    return model, tokenizer, info, label
+    return model, tokenizer_of(model_or_run, trust_remote_code, tokenizer), info, label
 
 
 @contextlib.contextmanager
@@ -322,10 +323,12 @@ def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:
         )
 
 
-def tokenizer_of(model_or_run: str, trust_remote_code: bool):
-    path = (
-        read_trained_routers(model_or_run).source_dir()
-        if is_run_dir(model_or_run)
-        else resolve_checkpoint(model_or_run, trust_remote_code=trust_remote_code)
-    )
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+def tokenizer_of(model_or_run: str | Path, trust_remote_code: bool, tokenizer: str | Path | None = None):
+    """The tokenizer of a model or run: `tokenizer` when given, a run's `tokenizer_name_or_path`, else
+    the checkpoint's own (a clear error when it has none, see data.load_tokenizer)."""
+    if tokenizer is None and is_run_dir(model_or_run):
+        trained = read_trained_routers(model_or_run)
+        tokenizer = (trained.meta.get("recipe") or {}).get("tokenizer_name_or_path") or trained.source_dir()
+    if tokenizer is None:
+        tokenizer = resolve_checkpoint(model_or_run, trust_remote_code=trust_remote_code)
+    return load_tokenizer(tokenizer, trust_remote_code)

@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from router_tune.data import load_tokenizer
 from router_tune.errors import RouterTuneError
 from router_tune.model.fingerprints import expert_fingerprints, identical_expert_groups
 from router_tune.model.loading import MoeInfo, load_moe
@@ -39,8 +39,12 @@ def inspect_model(
     max_tokens: int = 512,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    tokenizer: str | Path | None = None,
 ) -> dict:
-    """Load a checkpoint on CPU (routers in fp32) and return the full inspection report."""
+    """Load a checkpoint on CPU (routers in fp32) and return the full inspection report.
+
+    `tokenizer` names one when the checkpoint has none; without any, the routing statistics on
+    sample text are skipped and the report says so."""
     if max_tokens < 2:
         raise RouterTuneError(f"--max-tokens {max_tokens} is too small: routing statistics need at least 2 tokens.")
     text, text_source = _sample(sample_text)
@@ -53,11 +57,14 @@ def inspect_model(
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):  # no tokenizer files: the rest of the report still stands
-        tokenizer = None
-    return routing_report(model, info, tokenizer, text, text_source=text_source, max_tokens=max_tokens)
+    if tokenizer is not None:
+        loaded = load_tokenizer(tokenizer, trust_remote_code)
+    else:
+        try:
+            loaded = load_tokenizer(model.config._name_or_path, trust_remote_code)
+        except RouterTuneError:  # no tokenizer files: the rest of the report still stands
+            loaded = None
+    return routing_report(model, info, loaded, text, text_source=text_source, max_tokens=max_tokens)
 
 
 def _sample(sample_text: str | Path | None) -> tuple[str, str]:
@@ -204,5 +211,7 @@ def findings(report: dict) -> list[str]:
                 "of the sample text"
             )
     if report["sample"] is None:
-        out.append("no tokenizer in the checkpoint: routing statistics on sample text were skipped")
+        out.append(
+            "no tokenizer in the checkpoint: routing statistics on sample text were skipped (name one with --tokenizer)"
+        )
     return out or ["no problems found"]

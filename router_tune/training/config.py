@@ -36,6 +36,13 @@ class RouterTuneConfig(TrainingArguments):
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "The merged MoE checkpoint: a local directory or a hub id."}
     )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The tokenizer, when the checkpoint has none of its own: the directory or hub id of the "
+            "model it was merged from (default: the checkpoint's)."
+        },
+    )
     datasets: list[dict] | None = field(
         default=None, metadata={"help": "Training sources, a list of {source, path, weight, ...} (see README: Data)."}
     )

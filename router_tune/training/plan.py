@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import itertools
-
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from router_tune.architectures import architecture_for
-from router_tune.data import build_train_dataset, check_block_size, parse_sources, source_names
+from router_tune.data import (
+    build_train_dataset,
+    check_block_size,
+    first_blocks,
+    load_tokenizer,
+    parse_sources,
+    source_names,
+)
 from router_tune.errors import RouterTuneError
 from router_tune.io.checkpoint import resolve_checkpoint
 from router_tune.model.loading import TORCH_DTYPES, describe_moe
@@ -31,7 +36,7 @@ def plan(config) -> dict:
         raise RouterTuneError("the recipe has no `datasets`: list at least one source (see recipes/demo.yaml).")
     specs = parse_sources(config.datasets)
     check_block_size(config.block_size, model_config)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(config.tokenizer_name_or_path or path, config.trust_remote_code)
     # every local record is checked, then the first blocks are really tokenized and packed
     train = build_train_dataset(
         specs,
@@ -43,7 +48,7 @@ def plan(config) -> dict:
     )
     names = source_names(specs)
     blocks = dict.fromkeys(names, 0)
-    for block in itertools.islice(train, 16):
+    for block in first_blocks(train, 16):
         blocks[names[block["source_id"]]] += 1
     world = max(1, config.world_size)
     tokens_per_step = (

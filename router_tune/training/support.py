@@ -12,13 +12,15 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from router_tune.errors import RouterTuneError
 from router_tune.model.fingerprints import identical_expert_groups
 
 logger = logging.getLogger("router_tune.training.trainer")  # one logger for the trainer and its loop support
 
 
 class RouterTrainingCallback(TrainerCallback):
-    """Routing logs every `routing_log_every` steps and a clean stop after SIGINT / SIGTERM."""
+    """Routing logs every `routing_log_every` steps, a clean stop after SIGINT / SIGTERM, and a stop on
+    every rank at once when the data held more malformed records than `max_bad_records`."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -28,7 +30,15 @@ class RouterTrainingCallback(TrainerCallback):
         every = args.routing_log_every
         if every and (state.global_step % every == 0 or state.global_step >= state.max_steps):
             trainer.log_routing()
-        if any_rank(trainer._interrupted, args.device):
+        interrupted, too_many_bad = any_rank([trainer._interrupted, trainer.bad_records.over_limit()], args.device)
+        if too_many_bad:
+            raise RouterTuneError(
+                f"the training data held more malformed records than max_bad_records ({args.max_bad_records}) "
+                f"at step {state.global_step}; the last checkpoint in {args.output_dir} is intact. Fix or remove "
+                "them, or raise max_bad_records, and resume."
+                + (f" {trainer.bad_records.summary()}." if trainer.bad_records.seen else "")
+            )
+        if interrupted:
             logger.warning("interrupted: saving a checkpoint at step %d and stopping", state.global_step)
             control.should_save = True
             control.should_training_stop = True
@@ -65,13 +75,14 @@ class LossWindow:
         return out
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank when `flag` is true on any (the tensor lives on `device`: NCCL needs the GPU)."""
+def any_rank(flags: list[bool], device) -> list[bool]:
+    """Each flag true on every rank when it is true on any: one all-reduce for all of them (the tensor
+    lives on `device`: NCCL needs the GPU)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([float(flag)], device=device)
+        t = torch.tensor([float(f) for f in flags], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-    return flag
+        return [bool(x) for x in t.tolist()]
+    return list(flags)
 
 
 @contextlib.contextmanager

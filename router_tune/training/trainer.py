@@ -18,19 +18,20 @@ accumulation, mixed precision, DeepSpeed/FSDP, progress bars, `report_to` — is
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, Trainer
+from transformers import AutoConfig, Trainer
 
 from router_tune import data
+from router_tune.architectures import architecture_for
 from router_tune.errors import RouterTuneError
 from router_tune.evaluation.evaluate import evaluate_model
 from router_tune.evaluation.report import format_comparison, write_report
+from router_tune.io.checkpoint import resolve_checkpoint
 from router_tune.io.router_files import TrainedRouters, read_trained_routers, write_router_delta
 from router_tune.losses import balancing as losses
 from router_tune.losses.lm_loss import next_token_loss_sum
@@ -87,9 +88,41 @@ class RouterTrainer(Trainer):
             raise RouterTuneError(
                 "RouterTrainer needs `args`: a RouterTuneConfig, e.g. load_recipe('recipes/demo.yaml')."
             )
-        if model is None or isinstance(model, (str, os.PathLike)):
-            model, self.moe = load_moe(
+        # Everything cheap is checked before the weights load: the checkpoint's files and config,
+        # the tokenizer, and the first training blocks.
+        source = model if model is not None and not isinstance(model, (str, os.PathLike)) else None
+        if source is None:
+            path = resolve_checkpoint(
                 model or args.model_name_or_path,
+                allow_pickle=args.allow_pickle,
+                trust_remote_code=args.trust_remote_code,
+            )
+            model_config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+            architecture_for(model_config)
+        else:
+            path, model_config = source.config._name_or_path, source.config
+        if processing_class is None:
+            processing_class = data.load_tokenizer(args.tokenizer_name_or_path or path, args.trust_remote_code)
+        self.source_names: list[str] = list(source_names or [])
+        self.bad_records = data.BadRecords(args.max_bad_records)
+        if train_dataset is None and args.datasets:
+            specs = data.parse_sources(args.datasets)
+            data.check_block_size(args.block_size, model_config)
+            self.source_names = data.source_names(specs)
+            train_dataset = data.build_train_dataset(
+                specs,
+                processing_class,
+                args.block_size,
+                seed=args.seed,
+                eval_fraction=args.eval_fraction,
+                bad_records=self.bad_records,
+            )
+        data_collator = data_collator or data.collate_blocks
+        first_blocks = data.first_blocks(train_dataset, max(1, args.per_device_train_batch_size))
+
+        if source is None:
+            model, self.moe = load_moe(
+                path,
                 dtype=TORCH_DTYPES.get(args.model_dtype, "auto"),
                 allow_pickle=args.allow_pickle,
                 trust_remote_code=args.trust_remote_code,
@@ -105,28 +138,10 @@ class RouterTrainer(Trainer):
         model.config.router_aux_loss_coef = 0.0
         model.config.output_router_logits = False
 
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(self.moe.source or args.model_name_or_path)
-        self.source_names: list[str] = list(source_names or [])
-        if train_dataset is None and args.datasets:
-            specs = data.parse_sources(args.datasets)
-            data.check_block_size(args.block_size, model.config)
-            self.source_names = data.source_names(specs)
-            train_dataset = data.build_train_dataset(
-                specs,
-                processing_class,
-                args.block_size,
-                seed=args.seed,
-                eval_fraction=args.eval_fraction,
-                max_bad_records=args.max_bad_records,
-            )
-        data_collator = data_collator or data.collate_blocks
-
         self.router_rescaling = []
-        if args.router_rescale != "off" and train_dataset is not None:
+        if args.router_rescale != "off" and first_blocks:
             # measured on the first training blocks, before any step
-            first = list(itertools.islice(iter(train_dataset), max(1, args.per_device_train_batch_size)))
-            self.router_rescaling = rescale_routers(model, self.moe, data_collator(first), args.router_rescale)
+            self.router_rescaling = rescale_routers(model, self.moe, data_collator(first_blocks), args.router_rescale)
 
         callbacks = [RouterTrainingCallback(self)] + list(callbacks or [])
         super().__init__(
@@ -293,6 +308,7 @@ class RouterTrainer(Trainer):
             "trainable_parameters": self.param_counts.trainable,
             "total_parameters": self.param_counts.total,
             "sources": self.source_names,
+            "skipped_records": len(self.bad_records.seen),
             "recipe": self.args.public_dict(),
             # aux_loss_reduce global_prev: the last step's expert counts, which the next step balances with
             "balance_counts": self.global_batch.state(),
@@ -340,6 +356,8 @@ class RouterTrainer(Trainer):
                 )
                 print(format_comparison(results))
         if self.is_world_process_zero():
+            if self.bad_records.seen:
+                logger.warning(self.bad_records.summary())
             plots = self.telemetry.save_plots(self.state.log_history)
             if self.telemetry.last_summary is not None:
                 print(format_routing_table(self.telemetry.last_summary))
