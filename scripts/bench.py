@@ -15,7 +15,7 @@ Cases
               intermediate 1024, vocab 32000, seq 512); experts 4/8/16 at top-2; seq 256/1024;
               the demo frankenMoE (router_tune/assets/demo-moe) on real text when it exists.
   checkpoint  bytes and save time of the final checkpoint of the main runs.
-  export      scripts/bench_export.py: splice vs from_pretrained + save_pretrained (>= 1 GB).
+  export      scripts/bench_export.py: default export and splice vs from_pretrained + save_pretrained (>= 1 GB).
   data        router_tune.data.pipeline_throughput on the bundled samples vs training tokens/s.
   telemetry   router_tune with routing statistics (routing_log_every 10) vs off (0).
 
@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from provenance import describe, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
@@ -329,16 +331,7 @@ def machine_info(args) -> dict:
             pass
     if args.device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        )
-        info["git"] = sha + ("+dirty" if dirty else "")
-    except OSError:
-        pass
+    info.update(provenance())
     return info
 
 
@@ -373,7 +366,9 @@ def markdown(res: dict) -> str:
         "",
         f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads_used']} torch threads"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")
-        + f"; torch {m['torch']}, transformers {m['transformers']}; git {m.get('git', '?')}; "
+        + f"; torch {m['torch']}, transformers {m['transformers']}; "
+        + (describe(m) if "commit" in m else "commit not recorded")
+        + "; "
         f"load average at start {m['load_average'][0]:.1f} (shared machine: ratios are side by side, interleaved).",
         f"Settings: device {s['device']}, dtype {s['dtype']}, {s['repeats']} repeats, {s['steps']} steps per run "
         f"({s['warmup']} warm-up, untimed), batch {s['batch']}, routing_log_every {s['routing_log_every']}. "
@@ -571,26 +566,26 @@ def export_table(e) -> list[str]:
         return []
     if "skipped" in e:
         return ["## Export", "", f"> {e['skipped']}", ""]
-    t, r = (
-        e["splice"]["seconds"] / e["reload_save"]["seconds"],
-        e["splice"]["peak_rss_mb"] / e["reload_save"]["peak_rss_mb"],
-    )
-    net = (e["splice"]["peak_rss_mb"] - e["splice"]["rss_after_imports_mb"]) / max(
-        e["reload_save"]["peak_rss_mb"] - e["reload_save"]["rss_after_imports_mb"], 1e-9
-    )
+    base = e["reload_save"]
+
+    def row(method: str, label: str) -> list[str]:
+        m = e[method]
+        t, r = m["seconds"] / base["seconds"], m["peak_rss_mb"] / base["peak_rss_mb"]
+        return [
+            f"| {label}: time, s | {m['seconds']:.2f} {m.get('all_seconds', '')} | "
+            f"{base['seconds']:.2f} {base.get('all_seconds', '')} | {t:.2f} | <= 0.33 | {verdict('export_s', t)} |",
+            f"| {label}: peak RSS, MB | {m['peak_rss_mb']:,.0f} | {base['peak_rss_mb']:,.0f} | {r:.2f} | <= 0.25 | "
+            f"{verdict('export_rss', r)} |",
+        ]
+
     return [
         f"## Export ({e['checkpoint_gb']} GB {e['dtype']} checkpoint, {e['shards']} shards, "
         f"largest {e['largest_shard_mb']} MB; scripts/bench_export.py, medians of {e['repeats']})",
         "",
-        "| | splice (router_tune) | from_pretrained + save_pretrained | ratio | target | |",
+        "| | router_tune | from_pretrained + save_pretrained | ratio | target | |",
         "|---|---|---|---|---|---|",
-        f"| time, s | {e['splice']['seconds']:.2f} {e['splice'].get('all_seconds', '')} | "
-        f"{e['reload_save']['seconds']:.2f} {e['reload_save'].get('all_seconds', '')} | {t:.2f} | <= 0.33 | "
-        f"{verdict('export_s', t)} |",
-        f"| peak RSS, MB | {e['splice']['peak_rss_mb']:,.0f} | {e['reload_save']['peak_rss_mb']:,.0f} | {r:.2f} | "
-        f"<= 0.25 | {verdict('export_rss', r)} |",
-        f"| peak RSS above imports, MB | {e['splice']['peak_rss_mb'] - e['splice']['rss_after_imports_mb']:,.0f} | "
-        f"{e['reload_save']['peak_rss_mb'] - e['reload_save']['rss_after_imports_mb']:,.0f} | {net:.2f} | | |",
+        *row("export", "default export (verified)"),
+        *row("splice", "--no-verify (splice only)"),
         "",
     ]
 

@@ -1,11 +1,12 @@
-"""Export benchmark: splicing routers into shards vs loading and re-saving the whole model.
+"""Export benchmark: the default (verified) export and the bare splice vs loading and re-saving the model.
 
     python scripts/bench_export.py --out bench/export.json [--work-dir bench/work] [--repeats 3]
 
 Generates (once, kept in the work dir) a random bf16 Mixtral checkpoint of >= 1 GB in three
 shards, legacy layout, plus a run directory with trained routers. Then, each in a fresh
 subprocess so that peak RSS is the method's own, `repeats` times, interleaved:
-  splice  `export_run(run, out, fmt="full", layout="same", verify=False)`
+  export  `export_run(run, out)`: the default, fingerprint check + splice + verification
+  splice  `export_run(run, out, verify=False)`: fingerprint check + splice (`--no-verify`)
   reload  `from_pretrained` + `load_router_state_dict` + `save_pretrained`
 and reports the median wall time of the operation (imports excluded) and the median peak RSS
 (VmHWM, which includes torch + transformers after import: also reported).
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 # 12 layers x (8 experts x 3 x 1024 x 2048 + attention) + 2 x 32000 x 1024 embeddings = 0.67 G params = 1.34 GB in bf16
@@ -102,6 +105,9 @@ def make_run(model_dir: Path, run_dir: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    from router_tune.model.fingerprints import FORMAT as FINGERPRINT_FORMAT
+    from router_tune.model.fingerprints import checkpoint_fingerprints
+
     run_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(1)
     routers = {
@@ -123,7 +129,8 @@ def make_run(model_dir: Path, run_dir: Path) -> Path:
         "layout": "legacy",
         "num_experts": SHAPE["num_local_experts"],
         "top_k": SHAPE["num_experts_per_tok"],
-        "fingerprints": None,
+        "fingerprints": checkpoint_fingerprints(model_dir),
+        "fingerprint_format": FINGERPRINT_FORMAT,
         "global_step": 0,
         "recipe": {},
     }
@@ -157,8 +164,8 @@ def child(method: str, model_dir: Path, run_dir: Path, out_dir: Path) -> dict:
     torch.set_num_threads(2)
     base_rss = peak_rss_mb()
     start = time.perf_counter()
-    if method == "splice":
-        export_run(run_dir, out_dir, fmt="full", layout="same", verify=False)
+    if method in ("export", "splice"):  # the default export verifies; --no-verify is the splice alone
+        export_run(run_dir, out_dir, fmt="full", layout="same", verify=method == "export")
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         load_router_state_dict(model, read_trained_routers(run_dir).tensors)
@@ -174,7 +181,7 @@ def run_benchmark(work_dir: str | Path = ROOT / "bench" / "work", repeats: int =
     model_dir = make_checkpoint(work / "mixtral-random-bf16")
     make_run(model_dir, work / "run")  # the child processes export this run
     shards = sorted(model_dir.glob("*.safetensors"))
-    samples: dict[str, list[dict]] = {"splice": [], "reload_save": []}
+    samples: dict[str, list[dict]] = {"export": [], "splice": [], "reload_save": []}
     for _ in range(repeats):
         for method in samples:
             out = work / f"out-{method}"
@@ -196,12 +203,14 @@ def run_benchmark(work_dir: str | Path = ROOT / "bench" / "work", repeats: int =
         "shards": len(shards),
         "dtype": "bfloat16",
         "repeats": repeats,
+        **provenance(),
     }
     for method, runs in samples.items():
         result[method] = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
         result[method]["all_seconds"] = [round(r["seconds"], 3) for r in runs]
-    result["speedup"] = round(result["reload_save"]["seconds"] / result["splice"]["seconds"], 2)
-    result["rss_ratio"] = round(result["reload_save"]["peak_rss_mb"] / result["splice"]["peak_rss_mb"], 2)
+    for method in ("export", "splice"):  # against from_pretrained + save_pretrained
+        result[f"{method}_time_ratio"] = round(result[method]["seconds"] / result["reload_save"]["seconds"], 3)
+        result[f"{method}_rss_ratio"] = round(result[method]["peak_rss_mb"] / result["reload_save"]["peak_rss_mb"], 3)
     return result
 
 
@@ -210,7 +219,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the result JSON here")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "bench" / "work")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", choices=["splice", "reload_save"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["export", "splice", "reload_save"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         work = args.work_dir

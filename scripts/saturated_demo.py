@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from provenance import provenance
 from safetensors.torch import load_file, save_file
 
 from router_tune import RouterTrainer, load_recipe
@@ -70,7 +71,7 @@ def main() -> None:
     model = random_gate_variant(args.out / "random-gates-moe")
     runs = {mode: train(model, args.out / f"rescale-{mode}", mode, args.steps) for mode in ("off", "auto")}
     untrained = runs["off"]["before"]["overall"]
-    summary = {"steps": args.steps, "untrained_random_gates": untrained, "runs": runs}
+    summary = {"steps": args.steps, "untrained_random_gates": untrained, "runs": runs, **provenance()}
     for run in runs.values():
         run["reduction_vs_untrained"] = 1 - run["after"]["overall"] / untrained
     (args.out / "saturated.json").write_text(json.dumps(summary, indent=2))

@@ -20,6 +20,7 @@ from router_tune.data.sources import sources_from_files
 from router_tune.errors import RouterTuneError
 from router_tune.evaluation.evaluate import EvalResult, evaluate_model, load_for_eval
 from router_tune.evaluation.report import format_comparison, write_report
+from router_tune.model.fingerprints import FORMAT as FINGERPRINT_FORMAT
 from router_tune.model.fingerprints import expert_fingerprints
 from router_tune.model.loading import load_moe
 from router_tune.model.routers import router_state_dict
@@ -100,6 +101,7 @@ def make_run(source: Path, root: Path, *, step: int = 5) -> tuple[Path, dict]:
         "top_k": info.top_k,
         "moe_layers": info.moe_layers,
         "fingerprints": expert_fingerprints(model),
+        "fingerprint_format": FINGERPRINT_FORMAT,
         "global_step": step,
         "recipe": {
             "model_name_or_path": str(source),
@@ -302,3 +304,33 @@ def test_forced_routing_equals_a_model_of_that_expert_alone(mixtral_legacy):
         normal = model(input_ids=ids).logits  # the hooks are gone again
     torch.testing.assert_close(forced, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(normal, forced)
+
+
+def test_bf16_figures_are_the_deployed_model_with_fp32_router_figures_beside(mixtral_bf16, data_files):
+    """In bf16, `perplexity` is what the exported checkpoint computes under plain transformers (bf16
+    routers, the stock forward); the fp32-router-logit figures, as training sees them, come beside."""
+    model, info = load_moe(mixtral_bf16)  # fp32 routers, as training and `router-tune eval` load it
+    with torch.no_grad():  # training-like routers that bf16 cannot hold exactly
+        for ref in info.routers:
+            ref.module.weight.add_(torch.randn_like(ref.module.weight) * 1e-3)
+    blocks = build_eval_blocks(
+        parse_sources(sources_from_files([str(p) for p in data_files])),
+        AutoTokenizer.from_pretrained(mixtral_bf16),
+        BLOCK,
+        eval_fraction=FRACTION,
+        max_blocks=MAX_BLOCKS,
+    )
+    result = evaluate_model(model, blocks, batch_size=2, progress=False)
+    stock = AutoModelForCausalLM.from_pretrained(mixtral_bf16).eval()  # the export: routers stored in bf16
+    stock.load_state_dict({n: t.to(torch.bfloat16) for n, t in router_state_dict(model).items()}, strict=False)
+    ce, targets = direct(stock, blocks)
+    deployed = math.exp(sum(ce.values()) / sum(targets.values()))
+    assert result.perplexity["overall"] == pytest.approx(deployed, rel=2e-6)
+    fp32 = result.perplexity_fp32_routers
+    # the two differ by more than the tolerance: the check above can tell them apart
+    assert fp32 is not None and abs(fp32["overall"] / result.perplexity["overall"] - 1) > 5e-6
+    ce32, _ = direct(model, blocks)  # the fp32-router model itself
+    assert fp32["overall"] == pytest.approx(math.exp(sum(ce32.values()) / sum(targets.values())), rel=2e-6)
+    assert "with fp32 router logits" in format_comparison({"after": result})
+    # the training model is left as it was: fp32 master routers, fp32 forward
+    assert all(ref.module.weight.dtype == torch.float32 for ref in info.routers)

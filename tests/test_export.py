@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from router_tune.cli import main as cli_main
@@ -19,6 +19,7 @@ from router_tune.errors import RouterTuneError
 from router_tune.export import splice
 from router_tune.export.apply import apply_routers
 from router_tune.export.exporter import export_run
+from router_tune.model.fingerprints import FORMAT as FINGERPRINT_FORMAT
 from router_tune.model.fingerprints import expert_fingerprints
 from router_tune.model.loading import load_moe
 from router_tune.model.routers import router_state_dict
@@ -42,6 +43,7 @@ def make_run(
         "num_experts": info.num_experts,
         "top_k": info.top_k,
         "fingerprints": expert_fingerprints(model),
+        "fingerprint_format": FINGERPRINT_FORMAT,
         "global_step": step,
         "recipe": {
             "model_name_or_path": str(source),
@@ -366,9 +368,24 @@ def test_export_refuses_a_changed_source(copy_of, mixtral_legacy, tmp_path):
     source = copy_of(mixtral_legacy)
     run, _ = make_run(source, tmp_path)
     factories.mixtral(source, seed=3)  # the source was re-created since training
-    with pytest.raises(RouterTuneError, match="trained for a different model"):
-        export_run(run, tmp_path / "out")
-    assert no_leftovers(tmp_path / "out")
+    for verify in (True, False):
+        with pytest.raises(RouterTuneError, match="trained for a different model"):
+            export_run(run, tmp_path / "out", verify=verify)
+        assert no_leftovers(tmp_path / "out")
+
+
+def test_only_router_tensors_are_ever_spliced_in(mixtral_legacy, tmp_path):
+    """A delta that also names a non-router parameter, in that parameter's own shape, is refused with
+    or without --no-verify (before, the splice wrote any tensor of the source whose shape matched)."""
+    run, _ = make_run(mixtral_legacy, tmp_path)
+    impostor = "model.norm.weight"
+    tensors = load_file(run / "routers.safetensors")
+    tensors[impostor] = torch.zeros(32)
+    save_file(tensors, str(run / "routers.safetensors"), metadata={"format": "router_tune.routers"})
+    for verify in (True, False):
+        with pytest.raises(RouterTuneError, match=f"not routers there: \\['{impostor}'\\]"):
+            export_run(run, tmp_path / "out", verify=verify)
+        assert no_leftovers(tmp_path / "out")
 
 
 @pytest.mark.parametrize("fixture", ["mixtral_legacy", "qwen2_moe", "mixtral_bf16"])

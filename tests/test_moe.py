@@ -8,7 +8,7 @@ from torch import nn
 
 from router_tune.architectures.on_disk import detect_layout
 from router_tune.errors import RouterTuneError
-from router_tune.model.fingerprints import expert_fingerprints, identical_expert_groups
+from router_tune.model.fingerprints import checkpoint_fingerprints, expert_fingerprints, identical_expert_groups
 from router_tune.model.loading import describe_moe, load_moe
 from router_tune.model.routers import (
     find_routers,
@@ -142,6 +142,16 @@ def test_fingerprints(mixtral_legacy, mixtral_fused, mixtral_identical):
     identical = expert_fingerprints(load_moe(mixtral_identical)[0])
     assert identical_expert_groups(identical) == [[[0, 1, 2, 3]], [[0, 1, 2, 3]]]
     assert identical_expert_groups([["a", "b", "a", "c", "b"]]) == [[[0, 2], [1, 4]]]
+
+
+@pytest.mark.parametrize("fixture", ["mixtral_legacy", "mixtral_fused", "mixtral_bf16", "qwen2_moe", "olmoe"])
+def test_fingerprints_from_the_files_equal_the_loaded_model(request, fixture):
+    """Two independent routes to one digest: the safetensors bytes of either layout, read as byte
+    ranges, and the tensors transformers loaded (fused, converted from legacy when stored so)."""
+    path = request.getfixturevalue(fixture)
+    from_model = expert_fingerprints(load_moe(path, fp32_routers=False)[0])
+    assert checkpoint_fingerprints(path) == from_model
+    assert len(from_model) == 2 and all(len(set(layer)) == 4 for layer in from_model)
 
 
 def test_router_count_mismatch_lists_matches(mixtral_legacy):

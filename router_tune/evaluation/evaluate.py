@@ -30,7 +30,7 @@ from router_tune.io.checkpoint import resolve_checkpoint
 from router_tune.io.router_files import ROUTERS_FILE, read_trained_routers
 from router_tune.losses.lm_loss import next_token_loss_sum
 from router_tune.model.loading import TORCH_DTYPES, describe_moe, load_moe
-from router_tune.model.routers import find_routers, lm_head_as_identity, load_router_state_dict
+from router_tune.model.routers import deployed_routers, find_routers, lm_head_as_identity, load_router_state_dict
 from router_tune.routing.stats import RoutingStats, RoutingSummary
 
 SAMPLES = Path(__file__).parent.parent / "assets" / "samples"
@@ -52,6 +52,8 @@ class EvalResult:
         tokens: {source: target tokens, "overall": ...} (tokens whose next-token loss was counted).
         routing: routing statistics over the real tokens of the same blocks.
         model: where the model came from (a path, hub id or run description).
+        perplexity_fp32_routers: the perplexity with router logits computed in fp32 (as training
+            does), measured when the model's dtype is not fp32; `perplexity` is the deployed one.
     """
 
     perplexity: dict[str, float]
@@ -60,6 +62,7 @@ class EvalResult:
     routing: RoutingSummary
     model: str = ""
     blocks: dict[str, int] = field(default_factory=dict)
+    perplexity_fp32_routers: dict[str, float] | None = None
 
     def balance(self) -> dict[str, float]:
         """Routing means over MoE layers: max_load (1 = balanced), token entropy (nats), dead experts (sum)."""
@@ -80,6 +83,8 @@ class EvalResult:
             "blocks": dict(self.blocks),
             "balance": self.balance(),
             "routing": self.routing.to_dict(),
+            # the deployed model's figures are `perplexity`; these, with fp32 router logits, beside them
+            **({"perplexity_fp32_routers": dict(self.perplexity_fp32_routers)} if self.perplexity_fp32_routers else {}),
         }
 
     @classmethod
@@ -91,6 +96,7 @@ class EvalResult:
             routing=RoutingSummary.from_dict(data["routing"]),
             model=data.get("model", ""),
             blocks=dict(data.get("blocks") or {}),
+            perplexity_fp32_routers=data.get("perplexity_fp32_routers"),
         )
 
 
@@ -123,7 +129,11 @@ def evaluate_model(
     label: str = "",
     progress: bool = True,
 ) -> EvalResult:
-    """Held-out perplexity per source and overall, and routing statistics over the same tokens.
+    """Held-out perplexity per source and overall, and routing statistics over the same tokens, of
+    the model as it ships: routers rounded to the model's dtype and run by the architecture's own
+    forward, as in an exported checkpoint (`deployed_routers`). When the model is not fp32, the
+    perplexity with fp32 router logits (how training computes them) is measured too and kept in
+    `EvalResult.perplexity_fp32_routers`.
 
     Args:
         model: a loaded (unwrapped) MoE causal LM; put in eval mode, its training flag is restored.
@@ -152,11 +162,30 @@ def evaluate_model(
         device=device,
         layer_ids=info.moe_layers,
     )
-    ce = {s: torch.zeros((), dtype=torch.float64) for s in sources}
-    targets = dict.fromkeys(sources, 0)
     batches = [
         (s, eval_blocks[s][i : i + batch_size]) for s in sources for i in range(0, len(eval_blocks[s]), batch_size)
     ]
+    with deployed_routers(model):
+        loss, tokens = _held_out_loss(model, batches, sources, device, stats, progress)
+    fp32_routers = None
+    if info.dtype != torch.float32:
+        fp32_loss, _ = _held_out_loss(model, batches, sources, device, None, progress)
+        fp32_routers = {k: math.exp(v) for k, v in fp32_loss.items()}
+    return EvalResult(
+        perplexity={k: math.exp(v) for k, v in loss.items()},
+        loss=loss,
+        tokens=tokens,
+        routing=stats.summary(),
+        model=label,
+        blocks={s: len(b) for s, b in eval_blocks.items()},
+        perplexity_fp32_routers=fp32_routers,
+    )
+
+
+def _held_out_loss(model, batches, sources, device, stats: RoutingStats | None, progress: bool):
+    """Mean next-token CE per source and overall over `batches`, routing statistics into `stats`."""
+    ce = {s: torch.zeros((), dtype=torch.float64) for s in sources}
+    targets = dict.fromkeys(sources, 0)
     was_training = model.training
     model.eval()
     try:
@@ -169,13 +198,16 @@ def evaluate_model(
                     input_ids=batch["input_ids"],
                     position_ids=batch["position_ids"],
                     use_cache=False,
-                    output_router_logits=True,
+                    output_router_logits=stats is not None,
                 )
                 ce[source] += next_token_loss_sum(outputs.logits, head, batch["labels"], CE_CHUNK_TOKENS).double().cpu()
                 targets[source] += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                # Every block of the batch belongs to this source; its index in `sources` is the id.
-                ids = torch.full((batch["input_ids"].numel(),), sources.index(source), dtype=torch.long, device=device)
-                stats.update(outputs.router_logits, batch["token_mask"].reshape(-1), ids)
+                if stats is not None:
+                    # Every block of the batch belongs to this source; its index in `sources` is the id.
+                    ids = torch.full(
+                        (batch["input_ids"].numel(),), sources.index(source), dtype=torch.long, device=device
+                    )
+                    stats.update(outputs.router_logits, batch["token_mask"].reshape(-1), ids)
     finally:
         model.train(was_training)
     empty = [s for s in sources if targets[s] == 0]
@@ -187,15 +219,7 @@ def evaluate_model(
         )
     loss = {s: float(ce[s]) / targets[s] for s in sources}
     loss["overall"] = float(sum(ce.values())) / sum(targets.values())
-    tokens = {**targets, "overall": sum(targets.values())}
-    return EvalResult(
-        perplexity={k: math.exp(v) for k, v in loss.items()},
-        loss=loss,
-        tokens=tokens,
-        routing=stats.summary(),
-        model=label,
-        blocks={s: len(b) for s, b in eval_blocks.items()},
-    )
+    return loss, {**targets, "overall": sum(targets.values())}
 
 
 def is_run_dir(path: str | Path) -> bool:

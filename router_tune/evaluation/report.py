@@ -137,7 +137,25 @@ def format_comparison(results: Mapping[str, EvalResult], baseline: str | None = 
     """The console table: perplexity per source (with delta and % change for two results) and
     per-layer routing (max/mean load: 1 = balanced; H(tok): routing entropy in nats; dead experts)."""
     ppl, layers = _tables(results, baseline, markdown=False)
-    return "held-out perplexity (lower is better)\n" + ppl + "\n\nrouting per MoE layer\n" + layers
+    return (
+        "held-out perplexity of the deployed model (lower is better)\n"
+        + ppl
+        + _fp32_routers_note(results)
+        + "\n\nrouting per MoE layer\n"
+        + layers
+    )
+
+
+def _fp32_routers_note(results: Mapping[str, EvalResult]) -> str:
+    """What the figures are: routers as exported (model dtype, stock forward); the fp32-logit figures beside."""
+    fp32 = {n: r.perplexity_fp32_routers for n, r in results.items() if r.perplexity_fp32_routers}
+    if not fp32:
+        return "\n(routers and model in fp32: the deployed model computes exactly as training did)"
+    figures = ", ".join(f"{n} {p['overall']:.3f}" for n, p in fp32.items())
+    return (
+        "\n(deployed: routers rounded to the model's dtype, the architecture's own forward, as the export runs; "
+        f"with fp32 router logits, as training computes them, overall: {figures})"
+    )
 
 
 def _source_expert_md(result: EvalResult) -> str:
@@ -219,6 +237,7 @@ def _markdown(title: str, results: Mapping[str, EvalResult], baseline: str | Non
         f"top-{first.routing.top_k}.\n",
         "## Perplexity (held-out, token-weighted; lower is better)\n",
         ppl,
+        _fp32_routers_note(results).strip(),
         "",
         "## Routing per MoE layer\n",
         "max/mean: the busiest expert's share over the mean share (1 = balanced, E = one expert takes "

@@ -87,15 +87,10 @@ def publish(
 ) -> Path:
     """Write a full checkpoint or a PEFT adapter of `trained` on `source_dir` (shared by export and apply)."""
 
+    checks.check_source(source_dir, trained)  # always, first: nothing is written for routers of another model
+
     def reference(on_model=None):
-        return checks.build_reference(
-            source_dir,
-            trained.tensors,
-            trained.meta.get("fingerprints"),
-            str(trained.path),
-            trained.fingerprints_dtype,
-            on_model,
-        )
+        return checks.build_reference(source_dir, trained.tensors, on_model)
 
     with staged_output(out_dir, force=force, protect=[source_dir], keep=[trained.path]) as tmp:
         if fmt == "peft":  # the adapter is made from the trained model itself, so it is loaded anyway
@@ -104,7 +99,7 @@ def publish(
                 check_adapter(source_dir, tmp, ref)
             out_layout = trained.meta.get("layout", "same")
         else:
-            ref = reference() if verify else None  # first, so a wrong source fails before anything is written
+            ref = reference() if verify else None
             result = splice_checkpoint(source_dir, tmp, trained.tensors, layout=layout)
             if verify:
                 if result.layout == result.source_layout:

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from router_tune.errors import RouterTuneError
 from router_tune.io import checkpoint
-from router_tune.io.router_files import check_fingerprints
-from router_tune.model.fingerprints import expert_fingerprints, tensor_digest
+from router_tune.io.router_files import TrainedRouters, check_fingerprints
+from router_tune.model.fingerprints import FORMAT as FINGERPRINT_FORMAT
+from router_tune.model.fingerprints import checkpoint_fingerprints, tensor_digest
 from router_tune.model.loading import load_moe
 from router_tune.model.routers import load_router_state_dict, router_param_names
 
@@ -53,30 +54,11 @@ def logits_of(model) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def trained_model(
-    source_dir: Path,
-    routers: dict[str, torch.Tensor],
-    fingerprints: list | None,
-    label: str,
-    fingerprints_dtype: str = "auto",
-):
-    """The source (in its stored dtype) with the trained routers loaded, after checking the
-    source's experts against the run's fingerprints (skipped when `fingerprints` is None).
-
-    Fingerprints hash the experts in the dtype training loaded them in; when the recipe forced
-    another dtype than the stored one, they are checked on a separate load in that dtype first.
-    """
-    if fingerprints is not None and fingerprints_dtype != "auto":
-        model, _ = load_moe(source_dir, dtype=getattr(torch, fingerprints_dtype), fp32_routers=False)
-        actual = expert_fingerprints(model)
-        del model
-        gc.collect()
-        check_fingerprints(fingerprints, actual, str(source_dir), label)
+def trained_model(source_dir: Path, routers: dict[str, torch.Tensor]):
+    """The source, in its stored dtype, with the trained routers loaded (one model in memory)."""
     model, _ = load_moe(source_dir, fp32_routers=False)
     try:
         model.eval()
-        if fingerprints is not None and fingerprints_dtype == "auto":
-            check_fingerprints(fingerprints, expert_fingerprints(model), str(source_dir), label)
         load_router_state_dict(model, routers)
         yield model
     finally:
@@ -84,23 +66,49 @@ def trained_model(
         gc.collect()
 
 
-def build_reference(
-    source_dir: Path,
-    routers: dict[str, torch.Tensor],
-    fingerprints: list | None,
-    label: str,
-    fingerprints_dtype: str = "auto",
-    on_model=None,
-) -> Reference:
+def build_reference(source_dir: Path, routers: dict[str, torch.Tensor], on_model=None) -> Reference:
     """Capture the trained model's reference, run `on_model(model)` on it if given, and free it
     before returning (so the export can be loaded next without two models in memory)."""
-    with trained_model(source_dir, routers, fingerprints, label, fingerprints_dtype) as model:
+    with trained_model(source_dir, routers) as model:
         ref = capture_reference(model)
         if on_model is not None:
             on_model(model)
         del model  # the with-target would keep the model alive until the caller returns
     gc.collect()
     return ref
+
+
+def check_source(source_dir: Path, trained: TrainedRouters) -> None:
+    """Refuse, before anything is read into memory or written, routers that are not exactly the
+    routers of `source_dir` (names and shapes, from its config alone) or were trained on other experts
+    (fingerprints from its safetensors bytes). Runs whatever the verify setting."""
+    names = router_shapes(source_dir)
+    got = {n: tuple(t.shape) for n, t in trained.tensors.items()}
+    if got != names:
+        unexpected, missing = sorted(set(got) - set(names)), sorted(set(names) - set(got))
+        wrong = sorted(n for n in set(got) & set(names) if got[n] != names[n])
+        raise RouterTuneError(
+            f"{trained.path} does not hold exactly the routers of {source_dir} (not routers there: {unexpected[:4]}; "
+            f"missing: {missing[:4]}; other shapes: {wrong[:4]}). Only router tensors are ever spliced in: export "
+            "routers trained on this very model."
+        )
+    if trained.meta.get("fingerprint_format") != FINGERPRINT_FORMAT:
+        raise RouterTuneError(
+            f"{trained.path} records no expert fingerprints of format {FINGERPRINT_FORMAT} (written by an older "
+            "router_tune or by hand), so router_tune cannot check that these routers belong to this source. "
+            "Export them again from the training run with this version."
+        )
+    check_fingerprints(
+        trained.meta.get("fingerprints"), checkpoint_fingerprints(source_dir), str(source_dir), str(trained.path)
+    )
+
+
+def router_shapes(source_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Router parameter names and shapes of a checkpoint, from its config on the meta device (no weights)."""
+    config = AutoConfig.from_pretrained(source_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {n: tuple(model.get_parameter(n).shape) for n in router_param_names(model)}
 
 
 def capture_reference(model) -> Reference:

@@ -34,6 +34,7 @@ DELTA_KEYS = (
     "top_k",
     "fingerprints",
     "fingerprints_dtype",
+    "fingerprint_format",
     "global_step",
 )
 

@@ -134,6 +134,27 @@ def routers_to_fp32(model: nn.Module, jitter: float = 0.0) -> None:
         ref.module.router_jitter = float(jitter)
 
 
+@contextlib.contextmanager
+def deployed_routers(model: nn.Module) -> Iterator[None]:
+    """Run the routers as an exported checkpoint does: weights rounded to the dtype of the model's
+    other weights (export stores them so) and the architecture's own forward (its logits in that
+    dtype, no fp32). Restores the fp32 master weights and forward afterwards. A no-op for fp32 models."""
+    names = set(router_param_names(model))
+    dtype = next(p.dtype for n, p in model.named_parameters() if n not in names)
+    saved = []
+    for name in names:
+        module = model.get_submodule(name.rpartition(".")[0])
+        saved.append((module, module.__class__, module.weight.data))
+        if getattr(module, "fp32_router", False):
+            module.__class__ = module.__class__.__mro__[1]  # the architecture's own class
+        module.weight.data = module.weight.data.to(dtype)
+    try:
+        yield
+    finally:
+        for module, cls, weight in saved:
+            module.__class__, module.weight.data = cls, weight
+
+
 def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Routing parameters under their in-memory names, fp32 on CPU (what routers.safetensors holds)."""
     return {n: model.get_parameter(n).detach().float().cpu().clone() for n in router_param_names(model)}

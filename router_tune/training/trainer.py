@@ -35,7 +35,8 @@ from router_tune.io.checkpoint import resolve_checkpoint
 from router_tune.io.router_files import TrainedRouters, read_trained_routers, write_router_delta
 from router_tune.losses import balancing as losses
 from router_tune.losses.lm_loss import next_token_loss_sum
-from router_tune.model.fingerprints import expert_fingerprints
+from router_tune.model.fingerprints import FORMAT as FINGERPRINT_FORMAT
+from router_tune.model.fingerprints import fingerprints_of
 from router_tune.model.loading import TORCH_DTYPES, describe_moe, load_moe
 from router_tune.model.routers import (
     RouterLogitsCapture,
@@ -129,7 +130,7 @@ class RouterTrainer(Trainer):
             )
         else:
             self.moe = describe_moe(model)
-        self.fingerprints = expert_fingerprints(model)
+        self.fingerprints = fingerprints_of(model, self.moe.source)
         warn_identical_experts(self.fingerprints, self.moe)
         routers_to_fp32(model, jitter=args.router_jitter)
         self.param_counts = freeze_all_but_routers(model)
@@ -302,6 +303,7 @@ class RouterTrainer(Trainer):
             "top_k": self.moe.top_k,
             "moe_layers": self.moe.moe_layers,
             "fingerprints": self.fingerprints,
+            "fingerprint_format": FINGERPRINT_FORMAT,
             "global_step": self.state.global_step,
             "nonfinite_steps": self.nonfinite_steps,
             "router_rescaling": self.router_rescaling,

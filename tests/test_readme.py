@@ -1,0 +1,51 @@
+"""Every `router-tune` command the README shows is one the CLI accepts: the sub-command, every
+flag, and every `--key value` recipe override. (Running them is `make demo`'s job for the demo
+flow, and the CLI tests'; commands on hub models cannot run offline, so they are parsed here.)"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from router_tune.cli import build_parser, command_module
+from router_tune.training.config import config_field_names
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def readme_commands() -> list[str]:
+    """`router-tune ...` and `... -m router_tune ...` lines of the README's shell code blocks."""
+    commands, fence = [], None
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            fence = None if fence is not None else line[3:].strip()
+            continue
+        if fence not in ("bash", "sh", "") or fence is None:
+            continue
+        line = line.split("  #")[0].strip()
+        if line.startswith("router-tune ") or " -m router_tune " in line:
+            commands.append(
+                "router-tune "
+                + line.split("router-tune " if line.startswith("router-tune") else "-m router_tune ", 1)[1]
+            )
+    return commands
+
+
+def test_the_readme_shows_commands():
+    assert len(readme_commands()) >= 10
+
+
+@pytest.mark.parametrize("line", readme_commands())
+def test_readme_command_parses(line):
+    argv = [a for a in shlex.split(line)[1:] if not (a.startswith("[") or a.endswith("]"))]
+    if not argv or argv[0] not in ("inspect", "train", "eval", "export", "apply"):
+        pytest.skip(f"not a sub-command line: {line}")
+    parser = build_parser(argv[0])
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        assert getattr(command_module(argv[0]), "ACCEPTS_OVERRIDES", False), f"unknown flags {extra} in: {line}"
+        keys = [a[2:].split("=")[0] for a in extra if a.startswith("--")]
+        unknown = set(keys) - set(config_field_names())
+        assert not unknown, f"{line}: {unknown} are not recipe keys"
