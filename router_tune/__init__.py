@@ -12,8 +12,13 @@ and transformers.
 from __future__ import annotations
 
 import importlib
+import logging
 
 from router_tune.errors import RouterTuneError
+
+# bitsandbytes (imported by peft, which transformers' Trainer imports) warns on every CPU import
+# that an optional kernel-hub package is missing; on a CPU it only falls back to its own kernel.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
