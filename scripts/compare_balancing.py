@@ -1,6 +1,6 @@
 """Balancing counts per step (`aux_loss_reduce: global`) vs from the previous step (`global_prev`), on the demo.
 
-    python scripts/compare_balancing.py [--steps 500] [--out bench]
+    python scripts/compare_balancing.py [--steps 500] [--batchings 8x1 2x4] [--out bench]
 
 Trains the demo's routers with recipes/demo.yaml for each mode, once as the recipe batches
 (8 blocks, no accumulation) and once as large models are trained (2 blocks x 4 accumulation
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "bench" / "work" / "balancing")
+    parser.add_argument("--batchings", nargs="+", choices=list(BATCHINGS), default=list(BATCHINGS))
     args = parser.parse_args()
     origin = provenance()
     config = load_recipe(RECIPE)
@@ -81,7 +82,7 @@ def main() -> None:
     oracle = evaluate_oracle(model, blocks, ORACLE)["perplexity"]["overall"]
     del model
     runs = {}
-    for batching in BATCHINGS:
+    for batching in args.batchings:
         for mode in ("global", "global_prev"):
             run = train(mode, batching, args.steps, args.work_dir, blocks)
             run["gap_closed"] = (before - run["perplexity"]["overall"]) / (before - oracle)
@@ -93,7 +94,8 @@ def main() -> None:
     lines = [
         "# Balancing counts: `global` vs `global_prev` on the demo",
         "",
-        f"{describe(origin)}; `python scripts/compare_balancing.py --steps {args.steps}`. recipes/demo.yaml, "
+        f"{describe(origin)}; `python scripts/compare_balancing.py --steps {args.steps} --batchings "
+        f"{' '.join(args.batchings)}`. recipes/demo.yaml, "
         "batch x accumulation as in the first column (same tokens per step); held-out mixed perplexity of the "
         f"deployed model: untrained (mergekit gates) {before:.2f}, oracle routing {oracle:.2f}.",
         "",
