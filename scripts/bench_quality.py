@@ -176,10 +176,11 @@ def git_state() -> dict:
 
 
 def write_markdown(result: dict, path: Path) -> None:
+    tree = "clean tree" if result["git"]["clean_tree"] else "uncommitted changes"
     lines = [
         "# Router training quality (`make bench-quality`)",
         "",
-        f"Commit `{result['git']['commit'][:12]}` ({'clean tree' if result['git']['clean_tree'] else 'uncommitted changes'}),"
+        f"Commit `{result['git']['commit'][:12]}` ({tree}),"
         f" {result['threads']} threads, {result['steps']} steps, evaluated every {result['eval_every']} steps on "
         f"{EVAL_BLOCKS} held-out blocks per source. Command: `{result['command']}`.",
         "",
