@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.router-tune-installed
 
-.PHONY: setup test test-slow lint demo bench clean
+.PHONY: setup test test-slow lint demo bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out bench
+
+# Gap to oracle routing closed per model x gate kind x router gradient mode (bench/quality.md, .json);
+# builds the second frankenMoE (scripts/make_second_moe.py) on first use. CPU hours on 2 cores.
+bench-quality: $(STAMP)
+	$(PY) scripts/bench_quality.py --out bench
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

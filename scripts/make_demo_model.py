@@ -309,15 +309,17 @@ def routing(model, heldout: dict[str, torch.Tensor], top_k: int) -> dict:
 # ---------------------------------------------------------------- merge
 
 
-def merge(work: Path) -> Path:
-    """Run mergekit-moe as a user would, from the work dir so the YAML holds relative paths."""
+def merge(work: Path, experts: dict[str, list[str]] | None = None, gate_mode: str = "hidden") -> Path:
+    """Run mergekit-moe as a user would, from the work dir so the YAML holds relative paths.
+    `experts`: {name under work/experts: positive prompts}, in merge order (default: the demo's)."""
+    experts = experts or {d: POSITIVE_PROMPTS[d] for d in DOMAINS}
     config = {
         "base_model": "base",
         "architecture": "mixtral",
-        "gate_mode": "hidden",
+        "gate_mode": gate_mode,
         "dtype": "float32",
         "experts_per_token": 2,
-        "experts": [{"source_model": f"experts/{d}", "positive_prompts": POSITIVE_PROMPTS[d]} for d in DOMAINS],
+        "experts": [{"source_model": f"experts/{name}", "positive_prompts": p} for name, p in experts.items()],
     }
     (work / "mergekit_moe.yml").write_text(yaml.safe_dump(config, sort_keys=False, width=100), encoding="utf-8")
     merged = work / "merged"

@@ -342,3 +342,30 @@ def test_olmoe_routers_train_and_nothing_else_changes(olmoe, tmp_path):
     for name, tensor in before.items():
         changed = not torch.equal(after[name].detach().float(), tensor)
         assert changed == (name in routers), name
+
+
+@pytest.mark.parametrize("mode", ["dense", "default_moe"])
+def test_router_gradient_modes_train_routers_only_under_checkpointing(mode, mixtral_legacy, tmp_path):
+    """A mode other than sparse changes where the routers go, never a frozen weight; the mixed schedule
+    (`router_gradient_steps`) switches to sparse after its steps."""
+    data, before = text_blocks(mixtral_legacy, 16), source_tensors(mixtral_legacy)
+    runs, active = {}, []
+    for name, kw in {"sparse": {}, mode: {"router_gradient": mode, "router_gradient_steps": 2}}.items():
+        trainer = make_trainer(mixtral_legacy, tmp_path / name, steps=3, data=data, activation_checkpointing=True, **kw)
+        inner = trainer.compute_loss
+
+        def compute_loss(*args, _inner=inner, _trainer=trainer, **kwargs):
+            loss = _inner(*args, **kwargs)  # the mode is chosen inside, from the step count
+            active.append((_trainer.args.router_gradient, _trainer.router_gradient.active))
+            return loss
+
+        trainer.compute_loss = compute_loss
+        trainer.train()
+        runs[name] = dict(trainer.model.named_parameters())
+    assert active == [("sparse", False)] * 3 + [(mode, True), (mode, True), (mode, False)]
+    routers = set(router_param_names(trainer.model))
+    for name, tensor in before.items():
+        if name in routers:
+            assert not torch.allclose(runs[mode][name], runs["sparse"][name], rtol=1e-4, atol=1e-6), name
+        else:
+            assert torch.equal(runs[mode][name].detach(), tensor), f"frozen {name} changed"

@@ -18,9 +18,34 @@ from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
+from transformers import AutoConfig
+
+from router_tune.errors import RouterTuneError
 
 Layout = Literal["legacy", "fused"]
 LAYOUTS: tuple[Layout, ...] = ("legacy", "fused")
+
+
+# Config keys a dense model of the same family shares with the MoE (attention, norms, embeddings).
+DENSE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "attention_bias",
+    "attention_dropout",
+    "initializer_range",
+)
 
 
 @dataclass(frozen=True)
@@ -74,6 +99,26 @@ class MoeArchitecture:
     def extra_routing_modules(self, block: nn.Module, hidden_size: int) -> dict[str, nn.Module]:
         """Routing modules beside the top-k router, by child name (Qwen2-MoE's shared-expert gate)."""
         return {}
+
+    def dense_equivalent(self, config):
+        """(dense CausalLM class, its config) computing what this MoE computes when all experts are one
+        MLP and top-k weights sum to 1; raises RouterTuneError saying why when no such class exists."""
+        raise RouterTuneError(
+            f"a {self.display_name} MoE cannot be collapsed: transformers has no dense model with its "
+            "attention and norms, so the result could not be loaded as a standard checkpoint."
+        )
+
+    def _dense_config(self, config, dense_type: str, keys: tuple[str, ...] = DENSE_KEYS, **fixed):
+        """The dense config: the MoE's attention / norm / embedding settings, the experts' width."""
+        if self.moe_layers(config) != list(range(config.num_hidden_layers)):
+            raise RouterTuneError(
+                f"this {self.display_name} has dense MLP layers beside its MoE layers (decoder_sparse_step / "
+                "mlp_only_layers), of another width: no single dense config describes both, so it cannot be "
+                "collapsed."
+            )
+        values = {k: getattr(config, k) for k in keys if hasattr(config, k)}
+        values["intermediate_size"] = self.expert_intermediate_size(config)
+        return AutoConfig.for_model(dense_type, **values, **fixed)
 
     def wrap_class_names(self) -> dict[str, list[str]]:
         """Module classes for sharded training: FSDP2 units (decoder layers) and ZeRO-3 leaves (MoE

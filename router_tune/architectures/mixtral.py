@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from transformers import LlamaForCausalLM
+
 from router_tune.architectures.base import LegacyNaming, MoeArchitecture
+from router_tune.errors import RouterTuneError
 
 
 class Mixtral(MoeArchitecture):
@@ -18,3 +21,12 @@ class Mixtral(MoeArchitecture):
 
     def normalizes_topk(self, config) -> bool:
         return True  # MixtralTopKRouter always divides the top-k probabilities by their sum
+
+    def dense_equivalent(self, config):
+        # Mixtral's attention, norms and rotary embedding are Llama's; only the MLP differs.
+        if config.sliding_window is not None:
+            raise RouterTuneError(
+                f"this Mixtral uses sliding-window attention (sliding_window={config.sliding_window}), which "
+                "LlamaForCausalLM does not implement: it cannot be collapsed into an equivalent Llama."
+            )
+        return LlamaForCausalLM, self._dense_config(config, "llama", mlp_bias=False)

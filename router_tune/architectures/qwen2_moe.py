@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from router_tune.architectures.base import LegacyNaming, MoeArchitecture
+from router_tune.errors import RouterTuneError
 
 
 def sparse_layers(config) -> list[int]:
@@ -34,3 +35,10 @@ class Qwen2Moe(MoeArchitecture):
             for name, m in block.named_children()
             if isinstance(m, nn.Linear) and tuple(m.weight.shape) == (1, hidden_size)
         }
+
+    def dense_equivalent(self, config):
+        raise RouterTuneError(
+            "a Qwen2-MoE cannot be collapsed exactly: besides the experts, each layer adds a shared expert "
+            "scaled by a per-token sigmoid gate, sigmoid(g.h) * shared(h), which no dense transformers model "
+            "computes. Its routed experts being identical does not make the layer a single MLP."
+        )

@@ -3,7 +3,9 @@ defaults to False, so the top-k weights need not sum to 1."""
 
 from __future__ import annotations
 
-from router_tune.architectures.base import LegacyNaming, MoeArchitecture
+from transformers import Qwen3ForCausalLM
+
+from router_tune.architectures.base import DENSE_KEYS, LegacyNaming, MoeArchitecture
 from router_tune.architectures.qwen2_moe import sparse_layers
 
 
@@ -19,3 +21,8 @@ class Qwen3Moe(MoeArchitecture):
 
     def expert_intermediate_size(self, config) -> int:
         return config.moe_intermediate_size
+
+    def dense_equivalent(self, config):
+        # Qwen3-MoE's attention (with per-head q/k RMSNorm) is Qwen3's; only the MLP differs.
+        keys = DENSE_KEYS + ("use_sliding_window", "sliding_window", "max_window_layers")
+        return Qwen3ForCausalLM, self._dense_config(config, "qwen3", keys)

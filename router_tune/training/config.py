@@ -26,6 +26,7 @@ from router_tune.training.global_batch import REDUCE_MODES
 # Recipe keys and environment variables whose values must never reach logs, checkpoints,
 # wandb or model cards.
 SECRET_KEY = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
+ROUTER_GRADIENTS = ("sparse", "dense", "default_moe")
 
 
 @dataclass
@@ -95,6 +96,19 @@ class RouterTuneConfig(TrainingArguments):
             "auto (layers whose mean top-1 probability exceeds 0.9, to a logit std of "
             "1), off, or a number: every layer to that logit std."
         },
+    )
+    router_gradient: str = field(
+        default="sparse",
+        metadata={
+            "help": "What the router learns from experts outside a token's top-k (the forward is unchanged): "
+            "sparse (the model's own gradient: nothing), dense (DenseMixer: their real outputs, one extra "
+            "no-grad expert forward), default_moe (an EMA of each expert's output stands in).",
+            "choices": list(ROUTER_GRADIENTS),
+        },
+    )
+    router_gradient_steps: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps that use `router_gradient` before switching to sparse (0 = the whole run)."},
     )
     routing_log_every: int = field(
         default=50,
@@ -166,6 +180,10 @@ class RouterTuneConfig(TrainingArguments):
             problems.append(
                 f"`aux_loss_reduce` must be one of {', '.join(REDUCE_MODES)}, got {self.aux_loss_reduce!r}."
             )
+        if self.router_gradient not in ROUTER_GRADIENTS:
+            problems.append(f"`router_gradient` must be sparse, dense or default_moe, got {self.router_gradient!r}.")
+        if self.router_gradient_steps < 0:
+            problems.append(f"`router_gradient_steps` must be >= 0 (0 = every step), got {self.router_gradient_steps}.")
         if self.router_rescale not in ("auto", "off"):
             try:
                 if float(self.router_rescale) <= 0:

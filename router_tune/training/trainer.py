@@ -7,6 +7,8 @@
 What it changes in the stock Trainer (everything else — accelerate launch, gradient
 accumulation, mixed precision, DeepSpeed/FSDP, progress bars, `report_to` — is inherited):
 - model set-up: all but the routers frozen, routers in fp32, the model's own aux loss off;
+- the router gradient: `router_gradient` dense / default_moe adds what unselected experts would
+  have contributed to the router's gradient, the forward unchanged (router_gradient.py);
 - `compute_loss`: CE / global target tokens + aux_coef * aux + z_coef * z, without the
   stock path's inflation of a model-added aux loss by world size and accumulation
   (transformers #48690), and the CE computed chunk-wise from hidden states (losses/lm_loss.py);
@@ -52,6 +54,7 @@ from router_tune.training.checkpoints import mark_complete, resolve_resume
 from router_tune.training.config import RouterTuneConfig
 from router_tune.training.global_batch import GlobalBatch
 from router_tune.training.rescale import rescale_routers
+from router_tune.training.router_gradient import RouterGradient
 from router_tune.training.support import LossWindow, RouterTrainingCallback, stop_on_signals, warn_identical_experts
 
 logger = logging.getLogger(__name__)
@@ -135,6 +138,7 @@ class RouterTrainer(Trainer):
         routers_to_fp32(model, jitter=args.router_jitter)
         self.param_counts = freeze_all_but_routers(model)
         self.router_capture = RouterLogitsCapture(model)
+        self.router_gradient = RouterGradient(model, args.router_gradient)
         # We add the balancing loss ourselves, once, with the right scaling.
         model.config.router_aux_loss_coef = 0.0
         model.config.output_router_logits = False
@@ -183,7 +187,12 @@ class RouterTrainer(Trainer):
         token_mask = inputs.pop("token_mask", None)
         unwrapped = self.accelerator.unwrap_model(model)
         chunked = self.args.ce_chunk_tokens > 0 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        steps = self.args.router_gradient_steps
+        self.router_gradient.active = self.args.router_gradient != "sparse" and (
+            steps == 0 or self.state.global_step < steps
+        )
         with (
+            self.router_gradient.updating() if model.training else contextlib.nullcontext(),
             self.router_capture() as router_logits,
             lm_head_as_identity(unwrapped) if chunked else contextlib.nullcontext() as head,
         ):

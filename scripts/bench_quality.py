@@ -1,0 +1,255 @@
+"""make bench-quality   (python scripts/bench_quality.py [--steps 150] [--models ...] [--modes ...])
+
+How fast router training closes the gap to oracle routing, per model x gate kind x router gradient
+mode, with the shipped defaults (the recipe gives only the model and the data: the demo's four
+bundled sources, block 256, batch 8). Models: the embedded demo (`hidden` gates, and the same
+experts with mergekit `random` gates, scripts/saturated_demo.py) and the second frankenMoE of
+scripts/make_second_moe.py (built on demand). For each run, every --eval-every steps: mixed held-out
+perplexity, the share of the gap (untrained -> oracle) closed, per-layer max-load / mean and dead
+experts; tokens and training seconds (evaluation excluded) to 75% and 90% of the gap. Then the
+cost of each mode: forward and backward seconds per step on the demo, measured apart.
+
+Writes bench/quality.json and bench/quality.md with the commit and whether the tree was clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from router_tune import data  # noqa: E402
+from router_tune.evaluation.evaluate import evaluate_model, evaluate_oracle  # noqa: E402
+from router_tune.training.config import load_recipe  # noqa: E402
+from router_tune.training.trainer import RouterTrainer  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "demo.yaml"
+DEMO_ORACLE = {"code": 0, "python_docs": 1, "book": 2, "chat": 3}  # experts in mergekit_moe.yml order
+SECOND = ROOT / "build" / "second-moe"
+EVAL_BLOCKS = 16  # per source: 4 x 16 x 256 tokens, a few seconds per evaluation on 2 cores
+MARKS = (0.75, 0.90)
+
+
+def models(names: list[str]) -> dict[str, tuple[Path, dict]]:
+    """{name: (model dir, oracle expert per source)}, building what is missing."""
+    import saturated_demo
+
+    out = {}
+    for name in names:
+        if name == "demo-hidden":
+            out[name] = (ROOT / "router_tune" / "assets" / "demo-moe", DEMO_ORACLE)
+        elif name == "demo-random":
+            path = ROOT / "build" / "quality" / "demo-random"
+            if not path.exists():
+                saturated_demo.random_gate_variant(path)
+            out[name] = (path, DEMO_ORACLE)
+        else:  # second-hidden / second-random
+            if not (SECOND / "figures.json").exists():
+                subprocess.run([sys.executable, str(ROOT / "scripts" / "make_second_moe.py")], check=True)
+            figures = json.loads((SECOND / "figures.json").read_text())
+            out[name] = (SECOND / name.split("-")[1], figures["oracle_experts"])
+    return out
+
+
+class Probe(TrainerCallback):
+    """Evaluates every `every` steps and keeps the training clock without the evaluation time."""
+
+    def __init__(self, blocks, every: int, top_k: int):
+        self.blocks, self.every, self.top_k = blocks, every, top_k
+        self.trainer, self.points, self.eval_seconds, self.start = None, [], 0.0, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.points.append(self.measure(state.global_step))
+
+    def measure(self, step: int) -> dict:
+        begin = time.perf_counter()
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        result = evaluate_model(model, self.blocks, top_k=self.top_k, batch_size=8, progress=False)
+        self.eval_seconds += time.perf_counter() - begin
+        args = self.trainer.args
+        return {
+            "step": step,
+            "tokens": step * args.per_device_train_batch_size * args.block_size,
+            "seconds": round(time.perf_counter() - self.start - self.eval_seconds, 1) if step else 0.0,
+            "perplexity": round(result.perplexity["overall"], 3),
+            "max_load_per_layer": [round(float(x), 3) for x in result.routing.max_load],
+            "dead_experts": int(result.routing.dead.sum()),
+        }
+
+
+def run(model_dir: Path, oracle_map: dict, mode: str, steps: int, every: int, out: Path, **overrides) -> dict:
+    recipe = load_recipe(RECIPE)
+    args = load_recipe(
+        None,
+        model_name_or_path=str(model_dir),
+        datasets=recipe.datasets,
+        block_size=recipe.block_size,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        max_steps=steps,
+        router_gradient=mode,
+        output_dir=str(out),
+        eval_before_after=False,
+        save_strategy="no",
+        report_to="none",
+        routing_log_every=0,
+        logging_steps=max(steps // 10, 1),
+        disable_tqdm=True,
+        seed=42,
+        dataloader_num_workers=0,
+        **overrides,
+    )
+    trainer = RouterTrainer(args=args)
+    specs = data.parse_sources(args.datasets)
+    blocks = data.build_eval_blocks(specs, trainer.processing_class, args.block_size, max_blocks=EVAL_BLOCKS)
+    probe = Probe(blocks, every, trainer.moe.top_k)
+    probe.trainer = trainer
+    trainer.add_callback(probe)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    oracle = evaluate_oracle(model, blocks, oracle_map, top_k=trainer.moe.top_k)["perplexity"]["overall"]
+    probe.points.append(probe.measure(0))
+    trainer.train()
+    return summarise(probe.points, oracle, args)
+
+
+def summarise(points: list[dict], oracle: float, args) -> dict:
+    untrained = points[0]["perplexity"]
+    for p in points:
+        p["gap_closed"] = round((untrained - p["perplexity"]) / (untrained - oracle), 3)
+    reach = {}
+    for mark in MARKS:
+        hit = next((p for p in points if p["gap_closed"] >= mark), None)
+        reach[f"{int(mark * 100)}%"] = {"tokens": hit["tokens"], "seconds": hit["seconds"]} if hit else None
+    best = min(points, key=lambda p: p["perplexity"])
+    return {
+        "learning_rate": args.learning_rate,
+        "oracle_perplexity": round(oracle, 3),
+        "untrained_perplexity": untrained,
+        "best": {
+            "step": best["step"],
+            "perplexity": best["perplexity"],
+            "vs_oracle": round(best["perplexity"] - oracle, 3),
+        },
+        "reach": reach,
+        "points": points,
+    }
+
+
+def mode_cost(model_dir: Path, modes: list[str], micro_batches: int = 6) -> dict:
+    """Seconds per forward and per backward of one training micro-batch, each mode, same batches."""
+    out = {}
+    for mode in modes:
+        trainer = RouterTrainer(
+            args=load_recipe(RECIPE, model_name_or_path=str(model_dir), router_gradient=mode, report_to="none")
+        )
+        loader = trainer.get_train_dataloader()
+        model = trainer.model.train()
+        fwd = bwd = 0.0
+        for i, batch in zip(range(micro_batches + 1), loader):
+            t0 = time.perf_counter()
+            loss = trainer.compute_loss(model, batch)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            if i:  # the first batch warms up
+                fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
+        out[mode] = {"forward_s": round(fwd / micro_batches, 3), "backward_s": round(bwd / micro_batches, 3)}
+    return out
+
+
+def git_state() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    return {"commit": commit, "clean_tree": not dirty.strip()}
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    tree = "clean tree" if result["git"]["clean_tree"] else "uncommitted changes"
+    lines = [
+        "# Router training quality (`make bench-quality`)",
+        "",
+        f"Commit `{result['git']['commit'][:12]}` ({tree}),"
+        f" {result['threads']} threads, {result['steps']} steps, evaluated every {result['eval_every']} steps on "
+        f"{EVAL_BLOCKS} held-out blocks per source. Command: `{result['command']}`.",
+        "",
+        "| model | mode | lr | untrained | oracle | "
+        + " | ".join(f"ppl@{s}" for s in result["report_steps"])
+        + " | "
+        + " | ".join(f"gap@{s}" for s in result["report_steps"])
+        + " | 75%: tokens / s | 90%: tokens / s | best (step) | max-load/mean per layer | dead |",
+        "|" + "---|" * (9 + 2 * len(result["report_steps"])),
+    ]
+    for name, run in result["runs"].items():
+        model, mode = name.split("/")[:2]
+        at = {p["step"]: p for p in run["points"]}
+        ppl = [f"{at[s]['perplexity']:.2f}" if s in at else "-" for s in result["report_steps"]]
+        gap = [f"{100 * at[s]['gap_closed']:.0f}%" if s in at else "-" for s in result["report_steps"]]
+        reach = [f"{r['tokens']:,} / {r['seconds']:.0f}" if r else "not reached" for r in run["reach"].values()]
+        last = run["points"][-1]
+        lines.append(
+            f"| {model} | {mode} | {run['learning_rate']:g} | {run['untrained_perplexity']:.2f} | "
+            f"{run['oracle_perplexity']:.2f} | "
+            + " | ".join(ppl + gap + reach)
+            + f" | {run['best']['perplexity']:.2f} ({run['best']['step']}) | "
+            f"{', '.join(f'{x:.2f}' for x in last['max_load_per_layer'])} | {last['dead_experts']} |"
+        )
+    if result.get("cost"):
+        lines += ["", "Seconds per micro-batch on the demo (8 x 256 tokens), forward and backward measured apart:", ""]
+        lines += ["| mode | forward | backward |", "|---|---|---|"]
+        lines += [f"| {m} | {c['forward_s']} | {c['backward_s']} |" for m, c in result["cost"].items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--models", nargs="+", default=["demo-hidden", "demo-random", "second-hidden", "second-random"])
+    parser.add_argument("--modes", nargs="+", default=["sparse", "dense", "default_moe"])
+    parser.add_argument("--learning-rates", nargs="+", type=float, default=[None])
+    parser.add_argument("--no-cost", dest="cost", action="store_false")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    result = {
+        "git": git_state(),
+        "command": "python scripts/bench_quality.py " + " ".join(sys.argv[1:]),
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "report_steps": [s for s in (50, 150, 500) if s <= args.steps],
+        "runs": {},
+    }
+    work = ROOT / "build" / "quality"
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, (model_dir, oracle_map) in models(args.models).items():
+        for mode in args.modes:
+            for lr in args.learning_rates:
+                key = f"{name}/{mode}" + (f"/lr={lr:g}" if lr else "")
+                extra = {"learning_rate": lr} if lr else {}
+                result["runs"][key] = run(
+                    model_dir, oracle_map, mode, args.steps, args.eval_every, work / "runs", **extra
+                )
+                print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
+                (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.cost:
+        result["cost"] = mode_cost(ROOT / "router_tune" / "assets" / "demo-moe", args.modes)
+    (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, args.out / "quality.md")
+    print((args.out / "quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
