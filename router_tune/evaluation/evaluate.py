@@ -31,6 +31,7 @@ from router_tune.io.checkpoint import resolve_checkpoint
 from router_tune.io.router_files import ROUTERS_FILE, read_trained_routers
 from router_tune.losses.lm_loss import next_token_loss_sum
 from router_tune.model.loading import TORCH_DTYPES, describe_moe, load_moe
+from router_tune.model.quantize import check_quantization, quantize_model
 from router_tune.model.routers import find_routers, lm_head_as_identity, load_router_state_dict
 from router_tune.routing.stats import RoutingStats, RoutingSummary
 
@@ -209,6 +210,7 @@ def load_for_eval(
     *,
     routers: str | Path | None = None,
     dtype="auto",
+    quantize: str = "none",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ):
@@ -221,6 +223,8 @@ def load_for_eval(
             trained routers are copied in.
         routers: a routers.safetensors file or run directory whose routers replace the model's.
         dtype: weights dtype for a plain model; a run loads in its recipe's `model_dtype`.
+        quantize: none (full precision: what export writes and users deploy), nf4 or int8 (the frozen
+            weights quantized as in a quantized training run).
 
     Returns:
         (model, tokenizer, MoeInfo, label): label says what was loaded, for reports.
@@ -242,12 +246,18 @@ def load_for_eval(
             f"{model_or_run} does not exist: pass a model directory, a hub id, or a router_tune "
             "run directory (it holds routers.safetensors and router_tune.json)."
         )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_quantization(quantize, device)  # before any weight loads
     model, info = load_moe(source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     for extra in (trained, read_trained_routers(routers) if routers is not None else None):
         if extra is not None:
             load_router_state_dict(model, extra.tensors)
     if routers is not None:
         label += f" + routers {routers}"
+    if quantize != "none":
+        quantize_model(model, quantize, device=device)
+        model.to(device)
+        label += f" ({quantize}-quantized)"
     tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     return model, tokenizer, info, label
 
