@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.router-tune-installed
 
-.PHONY: setup test test-slow lint demo bench clean
+.PHONY: setup test test-slow lint demo bench bench-quant clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out bench
+
+# quantize none / nf4 / int8: demo routing quality, memory and speed on the Raiden-shaped scale model
+# (builds build/scale-model first, ~6 GB); writes bench/quant.json and bench/quant.md
+bench-quant: $(STAMP)
+	$(PY) scripts/bench_quant.py --out bench
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -41,6 +41,9 @@ NF4_BLOCK = 64  # elements per absmax block (bitsandbytes' default for nf4)
 # block (double quantization), plus one fp32 scale per 256 absmax blocks. int8: one byte, plus one
 # fp32 scale per output row (counted in `stored_bytes`, not here).
 BYTES_PER_ELEMENT = {"nf4": 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * 256), "int8": 1.0}
+# Per quantized matrix, nf4 keeps its own codebooks: 16 fp32 NF4 levels, the 256-entry fp32 map of the
+# nested absmax quantization and its fp32 offset (1 KiB: noise at 3B-parameter scale, not on tiny models).
+BYTES_PER_MATRIX = {"nf4": 16 * 4 + 256 * 4 + 4, "int8": 0}
 
 
 @dataclass
