@@ -225,3 +225,13 @@ def test_memory_plan_counts_what_quantization_stores(qwen2_moe):
     planned = plans["nf4"]["weights_bytes"] - (plain["weights_bytes"] - summary.bytes_before)
     assert held == summary.bytes_after
     assert 0.98 < held / planned < 1.02, (held, planned)
+
+
+def test_routing_modules_are_never_quantized(qwen2_moe):
+    """Excluded by name, not only by class: before routers_to_fp32, shared_expert_gate is a plain nn.Linear."""
+    model, _ = load_moe(qwen2_moe, fp32_routers=False)
+    quantize_model(model, "int8")
+    for layer in model.model.layers:
+        assert type(layer.mlp.shared_expert_gate) is nn.Linear
+        assert type(layer.mlp.gate).__name__ == "Qwen2MoeTopKRouter"
+        assert isinstance(layer.mlp.shared_expert.gate_proj, bnb.nn.Linear8bitLt)
