@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -57,28 +58,31 @@ def cli(*args: str, log: Path) -> float:
 # ---- demo routing quality -----------------------------------------------------------------
 
 
-def demo(work: Path, steps: int | None) -> dict:
+def demo(work: Path, steps: int | None, reuse: bool) -> dict:
     rows = {}
     for mode in MODES:
         run, export, report = work / f"demo-{mode}", work / f"demo-{mode}-export", work / f"demo-{mode}-eval"
-        for old in (run, export, report):  # every figure from this invocation's runs
-            shutil.rmtree(old, ignore_errors=True)
-        extra = ["--max_steps", str(steps), "--save_steps", str(steps)] if steps else []
-        train_s = cli(
-            "train", str(DEMO_RECIPE), "--quantize", mode, "--output_dir", str(run), "--eval_before_after", "false",
-            *extra, log=work / f"demo-{mode}-train.log",
-        )  # fmt: skip
-        cli("export", str(run), "--out", str(export), "--force", log=work / f"demo-{mode}-export.log")
-        cli(
-            "eval", str(export), "--compare", str(DEMO_MODEL), "--data", str(DEMO_RECIPE), "--oracle", ORACLE,
-            "--out", str(report), log=work / f"demo-{mode}-eval.log",
-        )  # fmt: skip
+        stamp = work / f"demo-{mode}.git.json"  # the commit this mode's run measured
+        if not (reuse and stamp.exists() and (report / "report.json").exists()):
+            for old in (run, export, report, stamp):  # every figure from this invocation's runs
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            extra = ["--max_steps", str(steps), "--save_steps", str(steps)] if steps else []
+            cli(
+                "train", str(DEMO_RECIPE), "--quantize", mode, "--output_dir", str(run), "--eval_before_after",
+                "false", *extra, log=work / f"demo-{mode}-train.log",
+            )  # fmt: skip
+            cli("export", str(run), "--out", str(export), "--force", log=work / f"demo-{mode}-export.log")
+            cli(
+                "eval", str(export), "--compare", str(DEMO_MODEL), "--data", str(DEMO_RECIPE), "--oracle", ORACLE,
+                "--out", str(report), log=work / f"demo-{mode}-eval.log",
+            )  # fmt: skip
+            stamp.write_text(json.dumps(git_state()))
         r = json.loads((report / "report.json").read_text())
         before, after = r["before"]["perplexity"]["overall"], r["after"]["perplexity"]["overall"]
         oracle = r["oracle"]["perplexity"]["overall"]
         state = json.loads((run / "router_tune.json").read_text())
-        history = json.loads(next(run.glob("checkpoint-*/trainer_state.json")).read_text())["log_history"]
-        runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
+        # the Trainer's own train_runtime (training loop only: no loading), from its final log line
+        runtime = float(re.findall(r"'train_runtime': '([0-9.]+)'", (work / f"demo-{mode}-train.log").read_text())[-1])
         recipe = state["recipe"]
         tokens = state["global_step"] * recipe["per_device_train_batch_size"] * recipe["block_size"]
         rows[mode] = {
@@ -89,7 +93,7 @@ def demo(work: Path, steps: int | None) -> dict:
             "gap_closed": (before - after) / (before - oracle),
             "per_source_after": r["after"]["perplexity"],
             "train_runtime_s": runtime,
-            "train_wall_s": train_s,
+            "git": json.loads(stamp.read_text()),
             "tokens_per_s": tokens / runtime,
             "quantization": state.get("quantization"),
         }
@@ -98,7 +102,7 @@ def demo(work: Path, steps: int | None) -> dict:
     for mode in MODES:
         rows[mode]["gap_closed_vs_none"] = rows[mode]["gap_closed"] / base["gap_closed"]
         rows[mode]["speed_vs_none"] = rows[mode]["tokens_per_s"] / base["tokens_per_s"]
-    return {"recipe": str(DEMO_RECIPE.relative_to(ROOT)), "steps_override": steps, "modes": rows, "git": git_state()}
+    return {"recipe": str(DEMO_RECIPE.relative_to(ROOT)), "steps_override": steps, "modes": rows}
 
 
 # ---- scale model: memory and speed --------------------------------------------------------
@@ -310,7 +314,12 @@ def markdown(data: dict) -> str:
         steps = f"{d['steps_override']} steps" if d["steps_override"] else "the recipe's steps"
         lines += [
             f"## Demo routing quality ({d['recipe']}, {steps}, CPU; full-precision export evaluated)\n",
-            _commit_line(d["git"]),
+            "Commits measured: "
+            + ", ".join(
+                f"{m} {r['git']['commit'][:12]} ({'clean' if r['git']['clean'] else 'uncommitted changes'})"
+                for m, r in d["modes"].items()
+            )
+            + ".\n",
             "| mode | held-out ppl before | after | oracle | gap closed | vs none (target >= 0.90) | tokens/s | "
             "speed vs none |",
             "|---|---|---|---|---|---|---|---|",
@@ -366,6 +375,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quant")
     parser.add_argument("--demo-steps", type=int, help="override the demo recipe's max_steps")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep demo modes already measured in --work (each records its commit)"
+    )
     parser.add_argument("--model", type=Path, default=ROOT / "build" / "scale-model")
     parser.add_argument("--seq", type=int, default=256, help="tokens per step on the scale model")
     parser.add_argument("--steps", type=int, default=4, help="training steps per mode on the scale model")
@@ -380,7 +392,7 @@ def main() -> None:
     path = args.out / "quant.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     if args.part in ("demo", "all"):
-        data["demo"] = demo(args.work, args.demo_steps)
+        data["demo"] = demo(args.work, args.demo_steps, args.reuse)
     if args.part in ("scale", "all"):
         data["scale"] = scale(args.work, args.model, args.seq, args.steps)
     import torch
