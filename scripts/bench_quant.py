@@ -157,7 +157,7 @@ def measure_scale(mode: str, model_dir: Path, seq: int, steps: int, out_dir: Pat
 
     torch.manual_seed(0)
     blocks = [
-        {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(seq)}
+        {"input_ids": ids.tolist(), "labels": ids.tolist(), "position_ids": list(range(seq))}
         for ids in torch.randint(3, 3000, (steps, seq))
     ]
     config = load_recipe(
