@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         f"{quantize}-quantized (bitsandbytes), as in quantized training"
         if quantize != "none"
         else "full precision, as exported"
-        + (f" (routers trained against a {trained_on}-quantized base)" if trained_on else "")
+        + (f" (routers trained against an {trained_on}-quantized base)" if trained_on else "")
     )
     if oracle:
         meta["oracle"] = oracle

@@ -160,7 +160,7 @@ def _quantized_base(quantization: dict | None) -> list[str]:
     if not quantization:
         return []
     return [
-        f"- Routers trained against a {quantization['mode']}-quantized base (bitsandbytes "
+        f"- Routers trained against an {quantization['mode']}-quantized base (bitsandbytes "
         f"{quantization.get('bitsandbytes')}, frozen experts and attention"
         + (" and LM head" if quantization.get("head") else "")
         + "); the weights here are the original full-precision ones, only the routers are new"
