@@ -58,9 +58,9 @@ def cli(*args: str, log: Path) -> float:
 # ---- demo routing quality -----------------------------------------------------------------
 
 
-def demo(work: Path, steps: int | None, reuse: bool) -> dict:
+def demo(work: Path, steps: int | None, reuse: bool, modes: list[str]) -> dict:
     rows = {}
-    for mode in MODES:
+    for mode in modes:
         run, export, report = work / f"demo-{mode}", work / f"demo-{mode}-export", work / f"demo-{mode}-eval"
         stamp = work / f"demo-{mode}.git.json"  # the commit this mode's run measured
         if not (reuse and stamp.exists() and (report / "report.json").exists()):
@@ -99,7 +99,7 @@ def demo(work: Path, steps: int | None, reuse: bool) -> dict:
         }
         print(f"demo {mode}: ppl {before:.2f} -> {after:.2f} (oracle {oracle:.2f}), {tokens / runtime:.0f} tok/s")
     base = rows["none"]
-    for mode in MODES:
+    for mode in modes:
         rows[mode]["gap_closed_vs_none"] = rows[mode]["gap_closed"] / base["gap_closed"]
         rows[mode]["speed_vs_none"] = rows[mode]["tokens_per_s"] / base["tokens_per_s"]
     return {"recipe": str(DEMO_RECIPE.relative_to(ROOT)), "steps_override": steps, "modes": rows}
@@ -375,6 +375,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quant")
     parser.add_argument("--demo-steps", type=int, help="override the demo recipe's max_steps")
+    parser.add_argument("--demo-modes", nargs="+", choices=MODES, default=list(MODES), help="none is required")
     parser.add_argument(
         "--reuse", action="store_true", help="keep demo modes already measured in --work (each records its commit)"
     )
@@ -392,7 +393,7 @@ def main() -> None:
     path = args.out / "quant.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     if args.part in ("demo", "all"):
-        data["demo"] = demo(args.work, args.demo_steps, args.reuse)
+        data["demo"] = demo(args.work, args.demo_steps, args.reuse, args.demo_modes)
     if args.part in ("scale", "all"):
         data["scale"] = scale(args.work, args.model, args.seq, args.steps)
     import torch
