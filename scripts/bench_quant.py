@@ -248,7 +248,7 @@ def plan_memory(model_dir: Path, mode: str, layers: int | None, seq: int, checkp
     )
 
 
-def scale(work: Path, model_dir: Path, seq: int, steps: int) -> dict:
+def scale(work: Path, model_dir: Path, seq: int, steps: int, reuse: bool, modes: list[str]) -> dict:
     if not model_dir.is_dir():
         subprocess.run(
             [sys.executable, str(ROOT / "scripts" / "make_scale_model.py"), "--out", str(model_dir)], check=True
@@ -258,29 +258,37 @@ def scale(work: Path, model_dir: Path, seq: int, steps: int) -> dict:
     recipe = yaml.safe_load(ONE_GPU_RECIPE.read_text())
     recipe_tokens = recipe["per_device_train_batch_size"] * recipe["block_size"]
     rows = {}
-    for mode in MODES:
-        out = work / f"scale-{mode}.json"
-        subprocess.run(
-            [sys.executable, __file__, "--measure-scale", mode, "--model", str(model_dir), "--seq", str(seq),
-             "--steps", str(steps), "--json", str(out), "--work", str(work)],
-            env=ENV, check=True, cwd=ROOT,
-        )  # fmt: skip
-        rows[mode] = json.loads(out.read_text())
+    for mode in modes:
+        out, stamp = work / f"scale-{mode}.json", work / f"scale-{mode}.git.json"
+        if reuse and out.exists() and stamp.exists():
+            rows[mode] = {**json.loads(out.read_text()), "git": json.loads(stamp.read_text())}
+        else:
+            rows[mode] = measure_in_child(mode, model_dir, seq, steps, work, out)
+            stamp.write_text(json.dumps(rows[mode]["git"]))
         rows[mode]["plan_2_layers"] = plan_memory(model_dir, mode, None, seq, True)
         rows[mode]["plan_26_layers"] = plan_memory(model_dir, mode, 26, recipe_tokens, True)
         print(f"scale {mode}: {json.dumps({k: rows[mode][k] for k in ('frozen_weight_bytes', 'peak_rss_train')})}")
     base = rows["none"]
-    for mode in MODES:
+    for mode in modes:
         rows[mode]["weight_ratio_vs_bf16"] = rows[mode]["frozen_weight_bytes"] / base["frozen_weight_bytes"]
         if rows[mode]["tokens_per_s"] and base["tokens_per_s"]:
             rows[mode]["speed_vs_none"] = rows[mode]["tokens_per_s"] / base["tokens_per_s"]
     return {
-        "git": git_state(),
         "model": "scripts/make_scale_model.py (Raiden widths, 2 layers, bf16)",
         "recipe_for_projection": str(ONE_GPU_RECIPE.relative_to(ROOT)),
         "recipe_tokens_per_micro_batch": recipe_tokens,
         "modes": rows,
     }
+
+
+def measure_in_child(mode: str, model_dir: Path, seq: int, steps: int, work: Path, out: Path) -> dict:
+    """One mode in a fresh process, so its RSS figures are its own."""
+    subprocess.run(
+        [sys.executable, __file__, "--measure-scale", mode, "--model", str(model_dir), "--seq", str(seq),
+         "--steps", str(steps), "--json", str(out), "--work", str(work)],
+        env=ENV, check=True, cwd=ROOT,
+    )  # fmt: skip
+    return {**json.loads(out.read_text()), "git": git_state()}
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -297,10 +305,6 @@ def git_state() -> dict:
 
 def gib(b) -> str:
     return f"{b / 2**30:.2f}"
-
-
-def _commit_line(g: dict) -> str:
-    return f"Commit {g['commit'][:12]} ({'clean tree' if g['clean'] else 'uncommitted changes'}).\n"
 
 
 def markdown(data: dict) -> str:
@@ -337,7 +341,12 @@ def markdown(data: dict) -> str:
         lines += [
             f"## Memory and speed on the scale model ({s['model']}; {m0['seq_len']} tokens per step, "
             "activation checkpointing, CPU)\n",
-            _commit_line(s["git"]),
+            "Commits measured: "
+            + ", ".join(
+                f"{m} {r['git']['commit'][:12]} ({'clean' if r['git']['clean'] else 'uncommitted changes'})"
+                for m, r in s["modes"].items()
+            )
+            + ".\n",
             "Frozen weights: bytes the loaded model's tensors hold (storages counted once, bitsandbytes scales "
             "included, routers excluded). RSS in GiB. Plan: router_tune.model.memory for the same settings.\n",
             "| mode | frozen weights GiB | vs bf16 (nf4 target <= 0.30) | RSS after load | peak RSS loading | "
@@ -375,9 +384,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quant")
     parser.add_argument("--demo-steps", type=int, help="override the demo recipe's max_steps")
+    parser.add_argument("--scale-modes", nargs="+", choices=MODES, default=list(MODES), help="none is required")
     parser.add_argument("--demo-modes", nargs="+", choices=MODES, default=list(MODES), help="none is required")
     parser.add_argument(
-        "--reuse", action="store_true", help="keep demo modes already measured in --work (each records its commit)"
+        "--reuse", action="store_true", help="keep modes already measured in --work (each records its commit)"
     )
     parser.add_argument("--model", type=Path, default=ROOT / "build" / "scale-model")
     parser.add_argument("--seq", type=int, default=256, help="tokens per step on the scale model")
@@ -395,7 +405,7 @@ def main() -> None:
     if args.part in ("demo", "all"):
         data["demo"] = demo(args.work, args.demo_steps, args.reuse, args.demo_modes)
     if args.part in ("scale", "all"):
-        data["scale"] = scale(args.work, args.model, args.seq, args.steps)
+        data["scale"] = scale(args.work, args.model, args.seq, args.steps, args.reuse, args.scale_modes)
     import torch
 
     data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
