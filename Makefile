@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.router-tune-installed
 
-.PHONY: setup test test-slow lint demo bench bench-quality clean
+.PHONY: setup test test-slow lint demo bench bench-quality bench-quant clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ bench: $(STAMP)
 # builds the second frankenMoE (scripts/make_second_moe.py) on first use. CPU hours on 2 cores.
 bench-quality: $(STAMP)
 	$(PY) scripts/bench_quality.py --out bench
+
+# quantize none / nf4 / int8: demo routing quality, memory and speed on the Raiden-shaped scale model
+# (builds build/scale-model first, ~6 GB); writes bench/quant.json and bench/quant.md
+bench-quant: $(STAMP)
+	$(PY) scripts/bench_quant.py --out bench
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -67,6 +67,9 @@ class MoeArchitecture:
     module_path: str  # transformers.models.<x>.modeling_<x>
     router_class_name: str  # the top-k router module (holds `weight` [E, H])
     block_class_name: str  # the sparse MoE block (router + experts)
+    # the experts of one block: fused 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I], forward
+    # dispatched through transformers' ExpertsInterface (what quantized training replaces)
+    experts_class_name: str
     decoder_layer_class_name: str
     legacy_naming: LegacyNaming
 
@@ -78,6 +81,9 @@ class MoeArchitecture:
 
     def block_class(self) -> type:
         return self._cls(self.block_class_name)
+
+    def experts_class(self) -> type:
+        return self._cls(self.experts_class_name)
 
     def decoder_layer_class(self) -> type:
         return self._cls(self.decoder_layer_class_name)

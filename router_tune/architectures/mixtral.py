@@ -13,6 +13,7 @@ class Mixtral(MoeArchitecture):
     module_path = "transformers.models.mixtral.modeling_mixtral"
     router_class_name, block_class_name = "MixtralTopKRouter", "MixtralSparseMoeBlock"
     decoder_layer_class_name = "MixtralDecoderLayer"
+    experts_class_name = "MixtralExperts"
     # mergekit <= 0.1.4, most frankenMoEs on the hub and llama.cpp's converter use these names.
     legacy_naming = LegacyNaming(block="block_sparse_moe", gate="w1", up="w3", down="w2")
 

@@ -11,4 +11,5 @@ class Olmoe(MoeArchitecture):
     module_path = "transformers.models.olmoe.modeling_olmoe"
     router_class_name, block_class_name = "OlmoeTopKRouter", "OlmoeSparseMoeBlock"
     decoder_layer_class_name = "OlmoeDecoderLayer"
+    experts_class_name = "OlmoeExperts"
     legacy_naming = LegacyNaming(block="mlp", gate="gate_proj", up="up_proj", down="down_proj")

@@ -20,6 +20,7 @@ class Qwen2Moe(MoeArchitecture):
     module_path = "transformers.models.qwen2_moe.modeling_qwen2_moe"
     router_class_name, block_class_name = "Qwen2MoeTopKRouter", "Qwen2MoeSparseMoeBlock"
     decoder_layer_class_name = "Qwen2MoeDecoderLayer"
+    experts_class_name = "Qwen2MoeExperts"
     legacy_naming = LegacyNaming(block="mlp", gate="gate_proj", up="up_proj", down="down_proj")
 
     def moe_layers(self, config) -> list[int]:

@@ -14,6 +14,7 @@ class Qwen3Moe(MoeArchitecture):
     module_path = "transformers.models.qwen3_moe.modeling_qwen3_moe"
     router_class_name, block_class_name = "Qwen3MoeTopKRouter", "Qwen3MoeSparseMoeBlock"
     decoder_layer_class_name = "Qwen3MoeDecoderLayer"
+    experts_class_name = "Qwen3MoeExperts"
     legacy_naming = LegacyNaming(block="mlp", gate="gate_proj", up="up_proj", down="down_proj")
 
     def moe_layers(self, config) -> list[int]:

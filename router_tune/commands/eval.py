@@ -88,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the tokenizer, when the checkpoint has none "
         "(default: the run's tokenizer_name_or_path, else the checkpoint's own)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=("nf4", "int8"),
+        help="evaluate with the frozen weights quantized as in a quantized training run (MODEL and OTHER). "
+        "Default: full precision, the model export writes and users deploy",
+    )
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights (can run code)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
 
@@ -144,7 +150,13 @@ def run(args: argparse.Namespace) -> int:
             args.model,
             compare,
         )
-    load = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
+    quantize = args.quantize or "none"
+    load = dict(
+        quantize=quantize,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        tokenizer=args.tokenizer,
+    )
     model, tokenizer, info, label = load_for_eval(args.model, **load)
     settings = eval_settings(
         args, (trained.meta.get("recipe") if trained else None), getattr(model.config, "max_position_embeddings", None)
@@ -180,6 +192,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (Path(args.model) / "eval" if trained else Path("eval-report"))
     step = trained.meta.get("global_step") if trained else None
     meta = {"global_step": step} if step is not None else {}
+    trained_on = (trained.meta.get("quantization") or {}).get("mode") if trained else None
+    meta["weights"] = (
+        f"{quantize}-quantized (bitsandbytes), as in quantized training"
+        if quantize != "none"
+        else "full precision, as exported"
+        + (f" (routers trained against an {trained_on}-quantized base)" if trained_on else "")
+    )
     if oracle:
         meta["oracle"] = oracle
     report = write_report(out, results, title=f"router_tune evaluation: {args.model}", meta=meta)

@@ -83,6 +83,14 @@ def render_text(report: dict) -> str:
             f"{_size(mem['gradients_bytes'] + mem['adam_bytes'])}, activations "
             f"{_size(mem['activations_bytes'])}",
         ),
+        (
+            "Quantized",
+            "; ".join(
+                f"{mode}: weights {_size(q['weights_bytes'])}, peak ~{_size(q['total_bytes'])}"
+                for mode, q in report["memory_quantized"].items()
+            )
+            + f" (quantize: nf4 | int8, activation checkpointing, {mem['seq_len']} tokens)",
+        ),
         ("Sample text", f"{sample['source']} ({sample['tokens']} tokens)" if sample else "none (no tokenizer)"),
     ]
     width = max(len(k) for k, _ in head)

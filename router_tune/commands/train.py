@@ -58,8 +58,15 @@ def format_plan(p: dict) -> str:
             "memory",
             f"~{p['memory']['total_bytes'] / 2**30:.2f} GiB peak per process: weights "
             f"{p['memory']['weights_bytes'] / 2**30:.2f} GiB, activations "
-            f"{p['memory']['activations_bytes'] / 2**30:.2f} GiB for {p['memory']['seq_len']:,} tokens "
-            "(router_tune.model.memory)",
+            f"{p['memory']['activations_bytes'] / 2**30:.2f} GiB for {p['memory']['seq_len']:,} tokens"
+            + (" (activation checkpointing)" if p["memory"]["activation_checkpointing"] else "")
+            + (
+                f", frozen weights in {p['memory']['quantize']} ({p['memory']['quantized_elements']:,} elements "
+                f"quantized), dequantization buffer {p['memory']['dequant_bytes'] / 2**30:.2f} GiB"
+                if p["memory"]["quantize"] != "none"
+                else ""
+            )
+            + " (router_tune.model.memory)",
         ),
         ("output", p["output_dir"]),
     ]

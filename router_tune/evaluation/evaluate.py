@@ -30,6 +30,7 @@ from router_tune.io.checkpoint import resolve_checkpoint
 from router_tune.io.router_files import ROUTERS_FILE, read_trained_routers
 from router_tune.losses.lm_loss import next_token_loss_sum
 from router_tune.model.loading import TORCH_DTYPES, describe_moe, load_moe
+from router_tune.model.quantize import check_quantization, quantize_model
 from router_tune.model.routers import deployed_routers, find_routers, lm_head_as_identity, load_router_state_dict
 from router_tune.routing.stats import RoutingStats, RoutingSummary
 
@@ -232,6 +233,7 @@ def load_for_eval(
     *,
     routers: str | Path | None = None,
     dtype="auto",
+    quantize: str = "none",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     tokenizer: str | Path | None = None,
@@ -245,6 +247,8 @@ def load_for_eval(
             trained routers are copied in.
         routers: a routers.safetensors file or run directory whose routers replace the model's.
         dtype: weights dtype for a plain model; a run loads in its recipe's `model_dtype`.
+        quantize: none (full precision: what export writes and users deploy), nf4 or int8 (the frozen
+            weights quantized as in a quantized training run).
         tokenizer: where the tokenizer is, when not in the checkpoint (default: the run's
             `tokenizer_name_or_path`, else the checkpoint's own).
 
@@ -268,12 +272,18 @@ def load_for_eval(
             f"{model_or_run} does not exist: pass a model directory, a hub id, or a router_tune "
             "run directory (it holds routers.safetensors and router_tune.json)."
         )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_quantization(quantize, device)  # before any weight loads
     model, info = load_moe(source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     for extra in (trained, read_trained_routers(routers) if routers is not None else None):
         if extra is not None:
             load_router_state_dict(model, extra.tensors)
     if routers is not None:
         label += f" + routers {routers}"
+    if quantize != "none":
+        quantize_model(model, quantize, device=device)
+        model.to(device)
+        label += f" ({quantize}-quantized)"
     return model, tokenizer_of(model_or_run, trust_remote_code, tokenizer), info, label
 
 

@@ -200,7 +200,8 @@ def write_report(
     Args:
         results: {name: EvalResult}; names become report.json keys and file names (e.g. before/after).
         baseline: the reference of a two-result comparison (default: the first result).
-        meta: extra top-level report.json keys, e.g. {"global_step": 150} (model cards check it).
+        meta: extra top-level report.json keys, e.g. {"global_step": 150} (model cards check it);
+            `weights` (what precision the models ran in) is also printed in report.md.
     """
     if not results:
         raise RouterTuneError("write_report needs at least one EvalResult.")
@@ -221,17 +222,20 @@ def write_report(
     if len(results) == 2:
         data["comparison"] = comparison(results, baseline)
     (out / REPORT_JSON).write_text(json.dumps(data, indent=2) + "\n")
-    (out / REPORT_MD).write_text(_markdown(title, results, baseline, figures))
+    (out / REPORT_MD).write_text(_markdown(title, results, baseline, figures, (meta or {}).get("weights")))
     return out / REPORT_JSON
 
 
-def _markdown(title: str, results: Mapping[str, EvalResult], baseline: str | None, figures: list[str]) -> str:
+def _markdown(
+    title: str, results: Mapping[str, EvalResult], baseline: str | None, figures: list[str], weights: str | None
+) -> str:
     ppl, layers = _tables(results, baseline, markdown=True)
     first = next(iter(results.values()))
     parts = [f"# {title}\n", "Models:\n"]
     parts += [f"- **{name}**: {r.model or '(unnamed)'}" for name, r in results.items()]
     parts += [
         "",
+        *([f"Weights evaluated: {weights}.\n"] if weights else []),
         f"Held-out data: {', '.join(f'{s} ({n} blocks)' for s, n in first.blocks.items())}; "
         f"{first.routing.tokens:,} real tokens routed per model, {first.routing.num_experts} experts, "
         f"top-{first.routing.top_k}.\n",

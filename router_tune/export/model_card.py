@@ -123,11 +123,14 @@ def render(
         if router_names
         else "- Trained tensors: none",
         f"- Training steps: {meta.get('global_step')}",
+        *_quantized_base(meta.get("quantization")),
         f"- On-disk expert layout: {layout}" + (" (what llama.cpp's converter reads)" if layout == "legacy" else ""),
         "",
     ]
     if report:
         parts += ["## Evaluation (held-out data, before -> after router training)\n", figures_table(report), ""]
+        if report.get("weights"):
+            parts += [f"Weights evaluated: {report['weights']}.\n"]
     datasets = recipe.get("datasets") or []
     if datasets:
         parts.append("## Training data\n")
@@ -151,6 +154,17 @@ def render(
         _usage(fmt, source, layout, title),
     ]
     return "\n".join(parts) + "\n"
+
+
+def _quantized_base(quantization: dict | None) -> list[str]:
+    if not quantization:
+        return []
+    return [
+        f"- Routers trained against an {quantization['mode']}-quantized base (bitsandbytes "
+        f"{quantization.get('bitsandbytes')}, frozen experts and attention"
+        + (" and LM head" if quantization.get("head") else "")
+        + "); the weights here are the original full-precision ones, only the routers are new"
+    ]
 
 
 def _usage(fmt: str, source: str, layout: str, here: str) -> str:

@@ -121,6 +121,13 @@ def routing_report(
         },
         "parameters": {"total": total, "trainable": trainable, "percent": round(100.0 * trainable / total, 4)},
         "memory": training_memory(info, total, trainable, config.vocab_size),
+        # the same plan with the frozen weights quantized (recipe key `quantize`), activation checkpointing on
+        "memory_quantized": {
+            mode: training_memory(
+                info, total, trainable, config.vocab_size, quantize=mode, model=model, activation_checkpointing=True
+            )
+            for mode in ("nf4", "int8")
+        },
         "copied_gates": _copied_gates(info),
         "sample": sample,
         "layers": layers,

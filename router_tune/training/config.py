@@ -124,6 +124,22 @@ class RouterTuneConfig(TrainingArguments):
             "float32. Routers always compute in float32."
         },
     )
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "Frozen weights in 4-bit or 8-bit for one-GPU training (needs router-tune[quant]): nf4 "
+            "(experts and attention in NF4, double-quantized scales), int8 (LLM.int8) or none. Routers stay "
+            "float32; export still splices them into the original full-precision shards.",
+            "choices": ["none", "nf4", "int8"],
+        },
+    )
+    quantize_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Also quantize the LM head (with `quantize`). The loss then takes the plain CE path "
+            "(full logits), as the chunked CE reads the head as a dense matrix."
+        },
+    )
     ce_chunk_tokens: int = field(
         default=4096,
         metadata={
@@ -194,6 +210,10 @@ class RouterTuneConfig(TrainingArguments):
                 )
         if self.model_dtype not in ("auto", "bfloat16", "float16", "float32"):
             problems.append(f"`model_dtype` must be auto, bfloat16, float16 or float32, got {self.model_dtype!r}.")
+        if self.quantize not in ("none", "nf4", "int8"):
+            problems.append(f"`quantize` must be none, nf4 or int8, got {self.quantize!r}.")
+        elif self.quantize_head and self.quantize == "none":
+            problems.append("`quantize_head: true` needs `quantize: nf4` or `int8`.")
         if self.routing_log_every < 0:
             problems.append(f"`routing_log_every` must be >= 0 (0 = off), got {self.routing_log_every}.")
         if self.datasets is not None and (not isinstance(self.datasets, list) or not self.datasets):

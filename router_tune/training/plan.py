@@ -18,6 +18,7 @@ from router_tune.errors import RouterTuneError
 from router_tune.io.checkpoint import resolve_checkpoint
 from router_tune.model.loading import TORCH_DTYPES, describe_moe
 from router_tune.model.memory import training_memory
+from router_tune.model.quantize import check_quantization
 from router_tune.model.routers import freeze_all_but_routers
 
 
@@ -31,6 +32,8 @@ def plan(config) -> dict:
     with torch.device("meta"):  # shapes only: the plan reads no weights
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
     info = describe_moe(model, source=str(path))
+    if config.quantize != "none":  # the mode must run here; the plan itself reads no weights
+        check_quantization(config.quantize, config.device)
     counts = freeze_all_but_routers(model)
     if not config.datasets:
         raise RouterTuneError("the recipe has no `datasets`: list at least one source (see recipes/demo.yaml).")
@@ -61,6 +64,10 @@ def plan(config) -> dict:
         model_config.vocab_size,
         seq_len=config.block_size * config.per_device_train_batch_size,
         dtype=TORCH_DTYPES.get(config.model_dtype),
+        quantize=config.quantize,
+        quantize_head=config.quantize_head,
+        model=model,
+        activation_checkpointing=bool(config.activation_checkpointing),
     )
     return {
         "model": str(config.model_name_or_path),

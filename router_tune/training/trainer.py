@@ -40,6 +40,7 @@ from router_tune.losses.lm_loss import next_token_loss_sum
 from router_tune.model.fingerprints import FORMAT as FINGERPRINT_FORMAT
 from router_tune.model.fingerprints import fingerprints_of
 from router_tune.model.loading import TORCH_DTYPES, describe_moe, load_moe
+from router_tune.model.quantize import check_quantization, quantize_model
 from router_tune.model.routers import (
     RouterLogitsCapture,
     freeze_all_but_routers,
@@ -92,8 +93,10 @@ class RouterTrainer(Trainer):
             raise RouterTuneError(
                 "RouterTrainer needs `args`: a RouterTuneConfig, e.g. load_recipe('recipes/demo.yaml')."
             )
-        # Everything cheap is checked before the weights load: the checkpoint's files and config,
-        # the tokenizer, and the first training blocks.
+        # Everything cheap is checked before the weights load: quantization support, the checkpoint's
+        # files and config, the tokenizer, and the first training blocks.
+        if args.quantize != "none":  # bitsandbytes installed, mode supported here
+            check_quantization(args.quantize, args.device)
         source = model if model is not None and not isinstance(model, (str, os.PathLike)) else None
         if source is None:
             path = resolve_checkpoint(
@@ -137,6 +140,12 @@ class RouterTrainer(Trainer):
         warn_identical_experts(self.fingerprints, self.moe)
         routers_to_fp32(model, jitter=args.router_jitter)
         self.param_counts = freeze_all_but_routers(model)
+        # after fingerprinting and counting, which describe the real weights (export checks them)
+        self.quantization = (
+            quantize_model(model, args.quantize, device=args.device, head=args.quantize_head)
+            if args.quantize != "none"
+            else None
+        )
         self.router_capture = RouterLogitsCapture(model)
         self.router_gradient = RouterGradient(model, args.router_gradient)
         # We add the balancing loss ourselves, once, with the right scaling.
@@ -186,7 +195,11 @@ class RouterTrainer(Trainer):
         # transformers' packed-sequence masking, see data/packing.py); padded batches in attention_mask.
         token_mask = inputs.pop("token_mask", None)
         unwrapped = self.accelerator.unwrap_model(model)
-        chunked = self.args.ce_chunk_tokens > 0 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        # The chunked CE reads the head as a dense [vocab, hidden] matrix: sharded (FSDP / DeepSpeed)
+        # and quantized heads take the plain path instead.
+        chunked = self.args.ce_chunk_tokens > 0 and not (
+            self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.quantize_head
+        )
         steps = self.args.router_gradient_steps
         self.router_gradient.active = self.args.router_gradient != "sparse" and (
             steps == 0 or self.state.global_step < steps
@@ -316,6 +329,8 @@ class RouterTrainer(Trainer):
             "global_step": self.state.global_step,
             "nonfinite_steps": self.nonfinite_steps,
             "router_rescaling": self.router_rescaling,
+            # routers trained against a quantized base; the export is still the full-precision source
+            "quantization": self.quantization.to_dict() if self.quantization else None,
             "trainable_parameters": self.param_counts.trainable,
             "total_parameters": self.param_counts.total,
             "sources": self.source_names,
@@ -363,7 +378,7 @@ class RouterTrainer(Trainer):
                     Path(self.args.output_dir) / "eval",
                     results,
                     title=f"router_tune evaluation: {self.args.output_dir}",
-                    meta={"global_step": self.state.global_step},
+                    meta={"global_step": self.state.global_step, **self._evaluated_weights()},
                 )
                 print(format_comparison(results))
         if self.is_world_process_zero():
@@ -374,6 +389,14 @@ class RouterTrainer(Trainer):
                 print(format_routing_table(self.telemetry.last_summary))
             logger.info("plots: %s", ", ".join(str(p) for p in plots))
         return result
+
+    def _evaluated_weights(self) -> dict:
+        if self.quantization is None:
+            return {}
+        return {
+            "weights": f"{self.quantization.mode}-quantized, as trained; `router-tune eval {self.args.output_dir}` "
+            "evaluates the full-precision model that export writes"
+        }
 
     def _evaluation_blocks(self) -> dict | None:
         """Held-out blocks of the recipe's sources; None when the run has no before/after evaluation.

@@ -1,0 +1,419 @@
+"""Quantized router training (quantize: none | nf4 | int8) measured on this machine.
+
+    make bench-quant                                  # both parts (~45 min on 2 CPU cores)
+    python scripts/bench_quant.py --part demo         # routing quality on the demo frankenMoE
+    python scripts/bench_quant.py --part scale        # memory and speed on the Raiden-shaped scale model
+
+demo   Train the demo recipe (recipes/demo.yaml, CPU) with each mode, export (the export splices the
+       trained routers into the original full-precision shards), and evaluate the exported model
+       against the source and oracle routing (`router-tune eval EXPORT --compare SOURCE --oracle ...`):
+       mixed held-out perplexity and the share of the gap to oracle routing closed. Target: each
+       quantized mode closes >= 90% of the gap the unquantized run closes. Tokens/s per mode from the
+       trainer's own runtime.
+scale  scripts/make_scale_model.py (Raiden's widths, 2 layers, bf16) trained for a few steps per mode,
+       each in a fresh process: bytes the frozen weights really hold (tensor storages counted once,
+       bitsandbytes' scales included), process RSS after loading, peak RSS during the training steps
+       (sampled every 20 ms), tokens/s; the memory plan (router_tune.model.memory) for the same settings
+       beside it, and its projection to 26 layers at recipes/raiden-16x3b-1gpu.yaml's batch settings.
+
+Results merge into OUT/quant.json (each part replaces its own key) and OUT/quant.md is rebuilt from it,
+with the commit and whether the tree was clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODES = ("none", "nf4", "int8")
+DEMO_RECIPE = ROOT / "recipes" / "demo.yaml"
+DEMO_MODEL = ROOT / "router_tune" / "assets" / "demo-moe"
+ORACLE = "code=0,python_docs=1,book=2,chat=3"
+ONE_GPU_RECIPE = ROOT / "recipes" / "raiden-16x3b-1gpu.yaml"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cli(*args: str, log: Path) -> float:
+    """Run `router-tune ARGS` in a fresh process (output to `log`); returns wall seconds."""
+    start = time.perf_counter()
+    with log.open("w") as f:
+        subprocess.run([sys.executable, "-m", "router_tune", *args], cwd=ROOT, env=ENV, stdout=f, stderr=f, check=True)
+    return time.perf_counter() - start
+
+
+# ---- demo routing quality -----------------------------------------------------------------
+
+
+def demo(work: Path, steps: int | None, reuse: bool, modes: list[str]) -> dict:
+    rows = {}
+    for mode in modes:
+        run, export, report = work / f"demo-{mode}", work / f"demo-{mode}-export", work / f"demo-{mode}-eval"
+        stamp = work / f"demo-{mode}.git.json"  # the commit this mode's run measured
+        if not (reuse and stamp.exists() and (report / "report.json").exists()):
+            for old in (run, export, report, stamp):  # every figure from this invocation's runs
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            extra = ["--max_steps", str(steps), "--save_steps", str(steps)] if steps else []
+            cli(
+                "train", str(DEMO_RECIPE), "--quantize", mode, "--output_dir", str(run), "--eval_before_after",
+                "false", *extra, log=work / f"demo-{mode}-train.log",
+            )  # fmt: skip
+            cli("export", str(run), "--out", str(export), "--force", log=work / f"demo-{mode}-export.log")
+            cli(
+                "eval", str(export), "--compare", str(DEMO_MODEL), "--data", str(DEMO_RECIPE), "--oracle", ORACLE,
+                "--out", str(report), log=work / f"demo-{mode}-eval.log",
+            )  # fmt: skip
+            stamp.write_text(json.dumps(git_state()))
+        r = json.loads((report / "report.json").read_text())
+        before, after = r["before"]["perplexity"]["overall"], r["after"]["perplexity"]["overall"]
+        oracle = r["oracle"]["perplexity"]["overall"]
+        state = json.loads((run / "router_tune.json").read_text())
+        # the Trainer's own train_runtime (training loop only: no loading), from its final log line
+        runtime = float(re.findall(r"'train_runtime': '([0-9.]+)'", (work / f"demo-{mode}-train.log").read_text())[-1])
+        recipe = state["recipe"]
+        tokens = state["global_step"] * recipe["per_device_train_batch_size"] * recipe["block_size"]
+        rows[mode] = {
+            "steps": state["global_step"],
+            "perplexity_before": before,
+            "perplexity_after": after,
+            "perplexity_oracle": oracle,
+            "gap_closed": (before - after) / (before - oracle),
+            "per_source_after": r["after"]["perplexity"],
+            "train_runtime_s": runtime,
+            "git": json.loads(stamp.read_text()),
+            "tokens_per_s": tokens / runtime,
+            "quantization": state.get("quantization"),
+        }
+        print(f"demo {mode}: ppl {before:.2f} -> {after:.2f} (oracle {oracle:.2f}), {tokens / runtime:.0f} tok/s")
+    base = rows["none"]
+    for mode in modes:
+        rows[mode]["gap_closed_vs_none"] = rows[mode]["gap_closed"] / base["gap_closed"]
+        rows[mode]["speed_vs_none"] = rows[mode]["tokens_per_s"] / base["tokens_per_s"]
+    return {"recipe": str(DEMO_RECIPE.relative_to(ROOT)), "steps_override": steps, "modes": rows}
+
+
+# ---- scale model: memory and speed --------------------------------------------------------
+
+
+def rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def release_free_memory() -> None:
+    """Return freed heap pages to the OS so RSS shows what is really held (glibc keeps them otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class PeakRss:
+    """Highest RSS seen by a 20 ms sampler between start() and stop()."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(0.02)
+
+    def start(self):
+        self.peak = rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, rss())
+
+
+def measure_scale(mode: str, model_dir: Path, seq: int, steps: int, out_dir: Path) -> dict:
+    """One mode in this process: load (+ quantize) through RouterTrainer, then `steps` training steps."""
+    import torch
+    from transformers import TrainerCallback
+
+    from router_tune.model.quantize import stored_bytes
+    from router_tune.model.routers import router_state_dict
+    from router_tune.training.config import load_recipe
+    from router_tune.training.trainer import RouterTrainer
+
+    torch.manual_seed(0)
+    blocks = [
+        {"input_ids": ids.tolist(), "labels": ids.tolist(), "position_ids": list(range(seq))}
+        for ids in torch.randint(3, 3000, (steps, seq))
+    ]
+    config = load_recipe(
+        None,
+        model_name_or_path=str(model_dir),
+        model_dtype="bfloat16",
+        quantize=mode,
+        output_dir=str(out_dir),
+        max_steps=steps,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        gradient_checkpointing=True,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        router_rescale="off",
+        eval_before_after=False,
+        routing_log_every=0,
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+    base_rss = rss()
+    load_peak = PeakRss()
+    load_peak.start()
+    trainer = RouterTrainer(model=str(model_dir), args=config, train_dataset=blocks)
+    load_peak_rss = load_peak.stop()
+    release_free_memory()
+    model = trainer.model
+    routers = sum(t.numel() * 4 for t in router_state_dict(model).values())
+    after_load = rss()
+
+    step_ends: list[float] = []
+
+    class Times(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            step_ends.append(time.perf_counter())
+
+    trainer.add_callback(Times())
+    peak = PeakRss()
+    peak.start()
+    trainer.train()
+    train_peak = peak.stop()
+    timed = step_ends[1:]  # the first step warms up (allocator, kernels)
+    tokens_per_s = (len(timed) - 1) * seq / (timed[-1] - timed[0]) if len(timed) > 1 else None
+    return {
+        "mode": mode,
+        "frozen_weight_bytes": stored_bytes(model) - routers,
+        "router_bytes": routers,
+        "quantization": trainer.quantization.to_dict() if trainer.quantization else None,
+        "rss_before_load": base_rss,
+        "rss_after_load": after_load,
+        "peak_rss_load": load_peak_rss,
+        "peak_rss_train": train_peak,
+        "train_peak_over_loaded": train_peak - after_load,
+        "seq_len": seq,
+        "steps": steps,
+        "tokens_per_s": tokens_per_s,
+    }
+
+
+def plan_memory(model_dir: Path, mode: str, layers: int | None, seq: int, checkpointing: bool) -> dict:
+    """The memory plan (what `train --dry-run` prints) for the scale model or its 26-layer projection."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from router_tune.model.loading import describe_moe
+    from router_tune.model.memory import training_memory
+    from router_tune.model.routers import freeze_all_but_routers
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if layers:
+        config.num_hidden_layers = layers
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    info = describe_moe(model, source=str(model_dir))
+    counts = freeze_all_but_routers(model)
+    return training_memory(
+        info,
+        counts.total,
+        counts.trainable,
+        config.vocab_size,
+        seq_len=seq,
+        dtype=torch.bfloat16,
+        quantize=mode,
+        model=model,
+        activation_checkpointing=checkpointing,
+    )
+
+
+def scale(work: Path, model_dir: Path, seq: int, steps: int, reuse: bool, modes: list[str]) -> dict:
+    if not model_dir.is_dir():
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "make_scale_model.py"), "--out", str(model_dir)], check=True
+        )
+    import yaml
+
+    recipe = yaml.safe_load(ONE_GPU_RECIPE.read_text())
+    recipe_tokens = recipe["per_device_train_batch_size"] * recipe["block_size"]
+    rows = {}
+    for mode in modes:
+        out, stamp = work / f"scale-{mode}.json", work / f"scale-{mode}.git.json"
+        if reuse and out.exists() and stamp.exists():
+            rows[mode] = {**json.loads(out.read_text()), "git": json.loads(stamp.read_text())}
+        else:
+            rows[mode] = measure_in_child(mode, model_dir, seq, steps, work, out)
+            stamp.write_text(json.dumps(rows[mode]["git"]))
+        rows[mode]["plan_2_layers"] = plan_memory(model_dir, mode, None, seq, True)
+        rows[mode]["plan_26_layers"] = plan_memory(model_dir, mode, 26, recipe_tokens, True)
+        print(f"scale {mode}: {json.dumps({k: rows[mode][k] for k in ('frozen_weight_bytes', 'peak_rss_train')})}")
+    base = rows["none"]
+    for mode in modes:
+        rows[mode]["weight_ratio_vs_bf16"] = rows[mode]["frozen_weight_bytes"] / base["frozen_weight_bytes"]
+        if rows[mode]["tokens_per_s"] and base["tokens_per_s"]:
+            rows[mode]["speed_vs_none"] = rows[mode]["tokens_per_s"] / base["tokens_per_s"]
+    return {
+        "model": "scripts/make_scale_model.py (Raiden widths, 2 layers, bf16)",
+        "recipe_for_projection": str(ONE_GPU_RECIPE.relative_to(ROOT)),
+        "recipe_tokens_per_micro_batch": recipe_tokens,
+        "modes": rows,
+    }
+
+
+def measure_in_child(mode: str, model_dir: Path, seq: int, steps: int, work: Path, out: Path) -> dict:
+    """One mode in a fresh process, so its RSS figures are its own."""
+    subprocess.run(
+        [sys.executable, __file__, "--measure-scale", mode, "--model", str(model_dir), "--seq", str(seq),
+         "--steps", str(steps), "--json", str(out), "--work", str(work)],
+        env=ENV, check=True, cwd=ROOT,
+    )  # fmt: skip
+    return {**json.loads(out.read_text()), "git": git_state()}
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+def git_state() -> dict:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    # the bench's own outputs do not count as changes to the code measured
+    changes = git("status", "--porcelain", "--", ".", ":!bench/quant.json", ":!bench/quant.md")
+    return {"commit": git("rev-parse", "HEAD"), "clean": changes == ""}
+
+
+def gib(b) -> str:
+    return f"{b / 2**30:.2f}"
+
+
+def markdown(data: dict) -> str:
+    lines = [
+        "# Quantized router training (`quantize: none | nf4 | int8`)\n",
+        f"{data.get('machine', '')}. Regenerate: `make bench-quant` (scripts/bench_quant.py). Each part names "
+        "the commit it measured and whether the tree was clean.\n",
+    ]
+    d = data.get("demo")
+    if d:
+        steps = f"{d['steps_override']} steps" if d["steps_override"] else "the recipe's steps"
+        lines += [
+            f"## Demo routing quality ({d['recipe']}, {steps}, CPU; full-precision export evaluated)\n",
+            "Commits measured: "
+            + ", ".join(
+                f"{m} {r['git']['commit'][:12]} ({'clean' if r['git']['clean'] else 'uncommitted changes'})"
+                for m, r in d["modes"].items()
+            )
+            + ".\n",
+            "| mode | held-out ppl before | after | oracle | gap closed | vs none (target >= 0.90) | tokens/s | "
+            "speed vs none |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for mode, r in d["modes"].items():
+            lines.append(
+                f"| {mode} | {r['perplexity_before']:.2f} | {r['perplexity_after']:.2f} | {r['perplexity_oracle']:.2f}"
+                f" | {100 * r['gap_closed']:.1f}% | {r['gap_closed_vs_none']:.3f} | {r['tokens_per_s']:.0f} | "
+                f"{r['speed_vs_none']:.2f} |"
+            )
+        lines.append("")
+    s = data.get("scale")
+    if s:
+        m0 = next(iter(s["modes"].values()))
+        lines += [
+            f"## Memory and speed on the scale model ({s['model']}; {m0['seq_len']} tokens per step, "
+            "activation checkpointing, CPU)\n",
+            "Commits measured: "
+            + ", ".join(
+                f"{m} {r['git']['commit'][:12]} ({'clean' if r['git']['clean'] else 'uncommitted changes'})"
+                for m, r in s["modes"].items()
+            )
+            + ".\n",
+            "Frozen weights: bytes the loaded model's tensors hold (storages counted once, bitsandbytes scales "
+            "included, routers excluded). RSS in GiB. Plan: router_tune.model.memory for the same settings.\n",
+            "| mode | frozen weights GiB | vs bf16 (nf4 target <= 0.30) | RSS after load | peak RSS loading | "
+            "peak RSS training | plan peak (2 layers) | tokens/s | speed vs none |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for mode, r in s["modes"].items():
+            speed = f"{r['tokens_per_s']:.1f}" if r.get("tokens_per_s") else "-"
+            lines.append(
+                f"| {mode} | {gib(r['frozen_weight_bytes'])} | {r['weight_ratio_vs_bf16']:.3f} | "
+                f"{gib(r['rss_after_load'])} | {gib(r['peak_rss_load'])} | {gib(r['peak_rss_train'])} | "
+                f"{gib(r['plan_2_layers']['total_bytes'])} | {speed} | {r.get('speed_vs_none', float('nan')):.2f} |"
+            )
+        lines += [
+            "",
+            f"### Projection to the real 36B model (26 layers), {s['recipe_tokens_per_micro_batch']} tokens per "
+            f"micro-batch ({s['recipe_for_projection']}), from the memory plan\n",
+            "| mode | weights GiB | activations GiB | dequantization buffer GiB | peak GiB | fits 24 GB GPU |",
+            "|---|---|---|---|---|---|",
+        ]
+        for mode, r in s["modes"].items():
+            p = r["plan_26_layers"]
+            lines.append(
+                f"| {mode} | {gib(p['weights_bytes'])} | {gib(p['activations_bytes'])} | "
+                f"{gib(p['dequant_bytes'])} | {gib(p['total_bytes'])} | "
+                f"{'yes' if p['total_bytes'] <= 24e9 * 0.95 else 'no'} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("demo", "scale", "all"), default="all")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quant")
+    parser.add_argument("--demo-steps", type=int, help="override the demo recipe's max_steps")
+    parser.add_argument("--scale-modes", nargs="+", choices=MODES, default=list(MODES), help="none is required")
+    parser.add_argument("--demo-modes", nargs="+", choices=MODES, default=list(MODES), help="none is required")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep modes already measured in --work (each records its commit)"
+    )
+    parser.add_argument("--model", type=Path, default=ROOT / "build" / "scale-model")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per step on the scale model")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per mode on the scale model")
+    parser.add_argument("--measure-scale", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.measure_scale:  # child process: one mode
+        result = measure_scale(args.measure_scale, args.model, args.seq, args.steps, args.work / "scale-run")
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return
+    path = args.out / "quant.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if args.part in ("demo", "all"):
+        data["demo"] = demo(args.work, args.demo_steps, args.reuse, args.demo_modes)
+    if args.part in ("scale", "all"):
+        data["scale"] = scale(args.work, args.model, args.seq, args.steps, args.reuse, args.scale_modes)
+    import torch
+
+    data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    (args.out / "quant.md").write_text(markdown(data))
+    print((args.out / "quant.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""A random frankenMoE with Raiden-16x3.43B's real widths, for memory and start-up measurements.
+
+    python scripts/make_scale_model.py --out build/scale-model                 # 2 layers, ~5.9 GB bf16
+    python scripts/make_scale_model.py --out build/scale-26 --layers 26        # the full 36B shape, ~72 GB
+
+Kquant03/Raiden-16x3.43B is 16 copies of an OpenLLaMA-3B fine-tune's MLP behind top-2 routers: hidden
+3200, intermediate 8640, 32 heads (no grouped KV), vocabulary 32000, 26 layers. This writes the same
+shapes with random weights (normal, std 0.02; routers as unit rows, like mergekit's `hidden` gates),
+in mergekit's legacy Mixtral layout (`block_sparse_moe.experts.E.w1/w2/w3`), split into several
+safetensors shards with an index, as mergekit and the hub ship them. Tensors are generated one
+at a time and each shard is written as soon as it is full, so peak RAM is about one shard
+(`--shard-gb`), whatever `--layers` is. The demo model's SentencePiece tokenizer is copied in (its
+ids are < 32000), so the checkpoint trains with any recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import MixtralConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_FROM = ROOT / "router_tune" / "assets" / "demo-moe"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+RAIDEN = dict(  # Kquant03/Raiden-16x3.43B's config.json, layer count aside
+    hidden_size=3200,
+    intermediate_size=8640,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    num_local_experts=16,
+    num_experts_per_tok=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tensor_specs(config: MixtralConfig) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, init) of every tensor, in the order mergekit writes them; init: normal | ones | router."""
+    h, inter, experts = config.hidden_size, config.intermediate_size, config.num_local_experts
+    specs = [("model.embed_tokens.weight", (config.vocab_size, h), "normal")]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        specs += [(f"{p}.self_attn.{n}_proj.weight", (h, h), "normal") for n in ("q", "k", "v", "o")]
+        specs += [(f"{p}.input_layernorm.weight", (h,), "ones"), (f"{p}.post_attention_layernorm.weight", (h,), "ones")]
+        specs.append((f"{p}.block_sparse_moe.gate.weight", (experts, h), "router"))
+        for e in range(experts):
+            q = f"{p}.block_sparse_moe.experts.{e}"
+            specs += [(f"{q}.w1.weight", (inter, h), "normal"), (f"{q}.w3.weight", (inter, h), "normal")]
+            specs.append((f"{q}.w2.weight", (h, inter), "normal"))
+    specs += [("model.norm.weight", (h,), "ones"), ("lm_head.weight", (config.vocab_size, h), "normal")]
+    return specs
+
+
+def make(t_shape: tuple[int, ...], init: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    if init == "ones":
+        return torch.ones(t_shape, dtype=dtype)
+    t = torch.randn(t_shape, generator=gen)
+    if init == "router":
+        return torch.nn.functional.normalize(t, dim=-1).to(dtype)
+    return t.mul_(0.02).to(dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory to create")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (Raiden has 26)")
+    parser.add_argument("--shard-gb", type=float, default=2.0, help="bytes per shard, in GB (peak RAM ~ one shard)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.out.exists():
+        raise SystemExit(f"{args.out} exists; remove it or pick another --out")
+    dtype = getattr(torch, args.dtype)
+    config = MixtralConfig(**RAIDEN, num_hidden_layers=args.layers, dtype=args.dtype)
+    specs = tensor_specs(config)
+    limit = int(args.shard_gb * 1e9)
+    # Group tensors into shards first, so every file name carries the final shard count.
+    shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = torch.Size(spec[1]).numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    args.out.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(args.seed)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: make(shape, init, dtype, gen) for n, shape, init in shard}
+        save_file(tensors, args.out / name, metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+        print(f"{name}: {len(shard)} tensors", flush=True)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (args.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.architectures = ["MixtralForCausalLM"]
+    config.save_pretrained(args.out)
+    for f in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER_FROM / f, args.out / f)
+    print(f"{args.out}: {args.layers} layers, {len(shards)} shards, {total / 1e9:.2f} GB {args.dtype}")
+
+
+if __name__ == "__main__":
+    main()
