@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from router_tune import data
 from router_tune.architectures import architecture_for
@@ -52,6 +53,7 @@ from router_tune.training.checkpoints import mark_complete, resolve_resume
 from router_tune.training.config import RouterTuneConfig
 from router_tune.training.global_batch import GlobalBatch
 from router_tune.training.rescale import rescale_routers
+from router_tune.training.sharding import check_request, check_sharded, finite_gradients, load_kwargs
 from router_tune.training.support import LossWindow, RouterTrainingCallback, stop_on_signals, warn_identical_experts
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class RouterTrainer(Trainer):
         # Everything cheap is checked before the weights load: the checkpoint's files and config,
         # the tokenizer, and the first training blocks.
         source = model if model is not None and not isinstance(model, (str, os.PathLike)) else None
+        self.backend = check_request(args)
         if source is None:
             path = resolve_checkpoint(
                 model or args.model_name_or_path,
@@ -127,9 +130,11 @@ class RouterTrainer(Trainer):
                 dtype=TORCH_DTYPES.get(args.model_dtype, "auto"),
                 allow_pickle=args.allow_pickle,
                 trust_remote_code=args.trust_remote_code,
+                **load_kwargs(args, self.backend),
             )
         else:
             self.moe = describe_moe(model)
+        check_sharded(model, self.backend)
         self.fingerprints = fingerprints_of(model, self.moe.source)
         warn_identical_experts(self.fingerprints, self.moe)
         routers_to_fp32(model, jitter=args.router_jitter)
@@ -145,15 +150,23 @@ class RouterTrainer(Trainer):
             self.router_rescaling = rescale_routers(model, self.moe, data_collator(first_blocks), args.router_rescale)
 
         callbacks = [RouterTrainingCallback(self)] + list(callbacks or [])
-        super().__init__(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            processing_class=processing_class,
-            data_collator=data_collator,
-            callbacks=callbacks,
-            **kwargs,
-        )
+        # The stock Trainer refuses checkpoints of a model sharded at load time because it cannot save
+        # its optimizer state; ours gathers the (router-only) optimizer state itself, see
+        # `_save_optimizer_and_scheduler`, so the refusal is passed for the construction only.
+        save_only_model = args.save_only_model
+        args.save_only_model = save_only_model or getattr(model, "is_distributed_loading_by_transformers", False)
+        try:
+            super().__init__(
+                model=model,
+                args=args,
+                train_dataset=train_dataset,
+                processing_class=processing_class,
+                data_collator=data_collator,
+                callbacks=callbacks,
+                **kwargs,
+            )
+        finally:
+            args.save_only_model = save_only_model
         # compute_loss already normalises over the whole accumulated, all-rank batch.
         self.loss_is_scaled_for_ga = True
         self.routing_stats = RoutingStats(
@@ -182,7 +195,7 @@ class RouterTrainer(Trainer):
         # transformers' packed-sequence masking, see data/packing.py); padded batches in attention_mask.
         token_mask = inputs.pop("token_mask", None)
         unwrapped = self.accelerator.unwrap_model(model)
-        chunked = self.args.ce_chunk_tokens > 0 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        chunked = self.args.ce_chunk_tokens > 0 and not self.sharded
         with (
             self.router_capture() as router_logits,
             lm_head_as_identity(unwrapped) if chunked else contextlib.nullcontext() as head,
@@ -236,7 +249,7 @@ class RouterTrainer(Trainer):
             with no extra collective and no host sync per micro-batch."""
             self.global_batch.end_step()
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads and torch.isfinite(torch.nn.utils.get_total_norm(grads)).item():
+            if grads and finite_gradients(grads):
                 self._nonfinite_in_a_row = 0
                 return inner_step(*args, **kwargs)
             self.nonfinite_steps += 1
@@ -283,15 +296,55 @@ class RouterTrainer(Trainer):
     # ---- router-only checkpoints ----------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the routers and the run description (a router-only delta) instead of the whole model."""
+        """Write the routers and the run description (a router-only delta) instead of the whole model.
+
+        Every rank gathers the router parameters (a collective when they are sharded); the main
+        process writes them."""
+        routers = router_state_dict(self.accelerator.unwrap_model(self.model))
         if not self.args.should_save:
             return
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        routers = router_state_dict(self.accelerator.unwrap_model(self.model))
         if state_dict is not None:  # FSDP / DeepSpeed gathered the full state dict for us
             routers = {n: state_dict[n].detach().float().cpu() for n in routers if n in state_dict} or routers
         write_router_delta(output_dir, TrainedRouters(output_dir, output_dir, routers, self.run_info()))
+
+    @property
+    def sharded(self) -> bool:
+        """Weights sharded over ranks (FSDP2 at load time, or accelerate's FSDP / DeepSpeed)."""
+        return self.is_fsdp_enabled or self.is_deepspeed_enabled or self.is_distributed_loading_by_transformers
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Routers only, on every backend: the stock sharded save would gather the whole model."""
+        if self.sharded:
+            self._save(output_dir)
+        else:
+            super().save_model(output_dir, _internal_call)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Sharded: the optimizer state (routers only) is gathered whole and written once, so any
+        number of ranks can resume from it; the stock save would write rank 0's shard alone."""
+        if not self.sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(
+            self.model, _inner(self.optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.args.should_save:
+            torch.save(state, Path(output_dir) / OPTIMIZER_NAME)
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self.sharded:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = torch.load(Path(checkpoint) / OPTIMIZER_NAME, weights_only=True)
+        set_optimizer_state_dict(
+            self.model, _inner(self.optimizer), state, options=StateDictOptions(full_state_dict=True)
+        )
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
 
     def run_info(self) -> dict[str, Any]:
         return {
@@ -372,7 +425,7 @@ class RouterTrainer(Trainer):
         Skipped under FSDP / DeepSpeed (sharded weights): run `router-tune eval OUTPUT_DIR` after.
         """
         args = self.args
-        if not (args.eval_before_after and args.datasets) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if not (args.eval_before_after and args.datasets) or self.sharded:
             return None
         return data.build_eval_blocks(
             data.parse_sources(args.datasets),
@@ -393,3 +446,8 @@ class RouterTrainer(Trainer):
             label=label,
             progress=self.is_world_process_zero(),
         )
+
+
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
