@@ -235,6 +235,7 @@ def load_for_eval(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     tokenizer: str | Path | None = None,
+    device_map=None,
 ):
     """Load a model to evaluate: a checkpoint directory or hub id, or a router_tune run.
 
@@ -247,6 +248,7 @@ def load_for_eval(
         dtype: weights dtype for a plain model; a run loads in its recipe's `model_dtype`.
         tokenizer: where the tokenizer is, when not in the checkpoint (default: the run's
             `tokenizer_name_or_path`, else the checkpoint's own).
+        device_map: where the weights load (`from_pretrained`'s): a device, or "auto" over all GPUs.
 
     Returns:
         (model, tokenizer, MoeInfo, label): label says what was loaded, for reports.
@@ -268,7 +270,9 @@ def load_for_eval(
             f"{model_or_run} does not exist: pass a model directory, a hub id, or a router_tune "
             "run directory (it holds routers.safetensors and router_tune.json)."
         )
-    model, info = load_moe(source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    model, info = load_moe(
+        source, dtype=dtype, device_map=device_map, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
     for extra in (trained, read_trained_routers(routers) if routers is not None else None):
         if extra is not None:
             load_router_state_dict(model, extra.tensors)

@@ -443,6 +443,7 @@ class RouterTrainer(Trainer):
             blocks,
             top_k=self.moe.top_k,
             batch_size=self.args.per_device_eval_batch_size,
+            device=self.args.device,  # the training device: the model is already there
             label=label,
             progress=self.is_world_process_zero(),
         )
