@@ -182,3 +182,20 @@ def test_no_silent_downgrade(mixtral_legacy, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RouterTuneError, match="not sharded"):
         sharding.check_sharded(plain, "fsdp")
+
+
+@pytest.mark.slow  # about 40 s: deepspeed start-up on 2 processes
+def test_zero3_routers_found_read_and_written(mixtral_legacy):
+    """Real ZeRO-3 partitions (local shape [0]) on 2 gloo ranks: routers found by `ds_shape`,
+    gathered alone for their state dict, and written back through GatheredParameters."""
+    pytest.importorskip("deepspeed")
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    proc = subprocess.run(
+        run + [str(ROOT / "tests" / "zero3_script.py"), str(mixtral_legacy)],
+        env={**ENV, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("ZERO3 OK") == 2
