@@ -15,6 +15,12 @@ from tests.test_trainer import make_trainer, uneven_blocks  # noqa: E402
 
 model_dir, out, batch, ga, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 resume = sys.argv[6] if len(sys.argv) > 6 else None
+
+import router_tune.training.trainer as trainer_module  # noqa: E402
+
+hashed = []  # which ranks hash the experts' bytes (only the main process should)
+fingerprints_of = trainer_module.fingerprints_of
+trainer_module.fingerprints_of = lambda *a: hashed.append(1) or fingerprints_of(*a)
 trainer = make_trainer(
     model_dir,
     out,
@@ -40,6 +46,9 @@ report = {
     "layer_weights_dtensor": all(isinstance(p, DTensor) for p in frozen),
     "layer_shard_fraction": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in frozen)
     / sum(p.numel() for p in frozen),
+    "fingerprint_calls": len(hashed),
+    "fingerprints": trainer.fingerprints,
+    "startup_phases": sorted(trainer.startup_seconds),
 }
 trainer.train(resume_from_checkpoint=resume)
 trainer.save_model()

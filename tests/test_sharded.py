@@ -63,6 +63,10 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume(mixtral_legacy, tmp_path):
 
     one = _run([sys.executable, str(SCRIPT), str(mixtral_legacy), str(tmp_path / "one"), "8", "1", "3"])
     assert one[0]["world"] == 1 and one[0]["shard_fraction"] == 1.0
+    # expert fingerprints hashed once, on the main process, and broadcast
+    assert [r["fingerprint_calls"] for r in two] == [1, 0]
+    assert two[0]["fingerprints"] == two[1]["fingerprints"] == one[0]["fingerprints"]
+    assert two[0]["startup_phases"] == ["fingerprints", "load", "rescale probe"]
     assert two[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-5)
 
     a, b = load_file(tmp_path / "two" / "routers.safetensors"), load_file(tmp_path / "one" / "routers.safetensors")

@@ -11,12 +11,19 @@ environment `accelerate launch` sets (`ACCELERATE_USE_FSDP`), not from accelerat
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from router_tune.errors import RouterTuneError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _env_true(name: str) -> bool:
@@ -101,3 +108,32 @@ def finite_gradients(grads: list[torch.Tensor]) -> bool:
     if sharded and torch.distributed.is_initialized():
         torch.distributed.all_reduce(norm)
     return bool(torch.isfinite(norm).item())
+
+
+def on_main_process(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` computed on rank 0 alone and broadcast to the other ranks (e.g. the expert
+    fingerprints: hashing every expert's bytes once, not once per rank). Plain call without a
+    process group. `fn` must not itself run collectives."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return fn(*args)
+    box = [fn(*args) if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class StartupTimer:
+    """Wall time of each start-up phase (load, fingerprints, rescale probe), logged and kept in
+    router_tune.json: at seed-model scale these are minutes, and which one grows matters."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
+
+    def report(self) -> dict[str, float]:
+        logger.info("start-up: %s", ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
+        return dict(self.seconds)

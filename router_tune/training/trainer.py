@@ -53,7 +53,14 @@ from router_tune.training.checkpoints import mark_complete, resolve_resume
 from router_tune.training.config import RouterTuneConfig
 from router_tune.training.global_batch import GlobalBatch
 from router_tune.training.rescale import rescale_routers
-from router_tune.training.sharding import check_request, check_sharded, finite_gradients, load_kwargs
+from router_tune.training.sharding import (
+    StartupTimer,
+    check_request,
+    check_sharded,
+    finite_gradients,
+    load_kwargs,
+    on_main_process,
+)
 from router_tune.training.support import LossWindow, RouterTrainingCallback, stop_on_signals, warn_identical_experts
 
 logger = logging.getLogger(__name__)
@@ -124,6 +131,7 @@ class RouterTrainer(Trainer):
         data_collator = data_collator or data.collate_blocks
         first_blocks = data.first_blocks(train_dataset, max(1, args.per_device_train_batch_size))
 
+        timer = StartupTimer()
         if source is None:
             model, self.moe = load_moe(
                 path,
@@ -135,7 +143,9 @@ class RouterTrainer(Trainer):
         else:
             self.moe = describe_moe(model)
         check_sharded(model, self.backend)
-        self.fingerprints = fingerprints_of(model, self.moe.source)
+        timer.lap("load")
+        self.fingerprints = on_main_process(fingerprints_of, model, self.moe.source)
+        timer.lap("fingerprints")
         warn_identical_experts(self.fingerprints, self.moe)
         routers_to_fp32(model, jitter=args.router_jitter)
         self.param_counts = freeze_all_but_routers(model)
@@ -148,6 +158,8 @@ class RouterTrainer(Trainer):
         if args.router_rescale != "off" and first_blocks:
             # measured on the first training blocks, before any step
             self.router_rescaling = rescale_routers(model, self.moe, data_collator(first_blocks), args.router_rescale)
+        timer.lap("rescale probe")
+        self.startup_seconds = timer.report()
 
         callbacks = [RouterTrainingCallback(self)] + list(callbacks or [])
         # The stock Trainer refuses checkpoints of a model sharded at load time because it cannot save
@@ -360,6 +372,7 @@ class RouterTrainer(Trainer):
             "global_step": self.state.global_step,
             "nonfinite_steps": self.nonfinite_steps,
             "router_rescaling": self.router_rescaling,
+            "startup_seconds": self.startup_seconds,
             "trainable_parameters": self.param_counts.trainable,
             "total_parameters": self.param_counts.total,
             "sources": self.source_names,
