@@ -334,3 +334,23 @@ def test_bf16_figures_are_the_deployed_model_with_fp32_router_figures_beside(mix
     assert "with fp32 router logits" in format_comparison({"after": result})
     # the training model is left as it was: fp32 master routers, fp32 forward
     assert all(ref.module.weight.dtype == torch.float32 for ref in info.routers)
+
+
+def test_eval_device(mixtral_legacy, monkeypatch, capsys):
+    """--device picks where the weights load (from_pretrained's device_map), checked before loading."""
+    seen = {}
+
+    def fake_load(*args, **kwargs):
+        seen.update(kwargs)
+        raise RouterTuneError("stop after the load call")
+
+    monkeypatch.setattr("router_tune.evaluation.evaluate.load_moe", fake_load)
+    assert cli_main(["eval", str(mixtral_legacy), "--device", "cpu"]) == 1
+    assert seen["device_map"] == "cpu"
+    seen.clear()
+    assert cli_main(["eval", str(mixtral_legacy), "--device", "nonsense"]) == 1
+    assert "is not a device" in capsys.readouterr().err and not seen
+    if not torch.cuda.is_available():
+        for device in ("cuda", "auto"):
+            assert cli_main(["eval", str(mixtral_legacy), "--device", device]) == 1
+            assert "use --device cpu" in capsys.readouterr().err and not seen

@@ -369,3 +369,24 @@ def test_router_gradient_modes_train_routers_only_under_checkpointing(mode, mixt
             assert not torch.allclose(runs[mode][name], runs["sparse"][name], rtol=1e-4, atol=1e-6), name
         else:
             assert torch.equal(runs[mode][name].detach(), tensor), f"frozen {name} changed"
+
+
+def test_rescale_probe_only_where_stored_weights_can_saturate(mixtral_legacy, mixtral_saturated, monkeypatch):
+    """auto: the weight bound flags mergekit-random gates and clears small (std 0.02) ones, whose
+    probe (a forward through the whole model) is then skipped."""
+    from router_tune.model.loading import load_moe
+    from router_tune.training import rescale
+
+    sane, sane_info = load_moe(mixtral_legacy)
+    saturated, saturated_info = load_moe(mixtral_saturated)
+    assert rescale.may_saturate(sane, sane_info) == [False, False]
+    assert rescale.may_saturate(saturated, saturated_info) == [True, True]
+
+    def no_probe(*args):
+        raise AssertionError("probe ran although no router can saturate")
+
+    monkeypatch.setattr(rescale, "measure_routers", no_probe)
+    batch = {"input_ids": torch.arange(8).reshape(1, 8)}
+    assert rescale.rescale_routers(sane, sane_info, batch, "auto") == []
+    with pytest.raises(AssertionError, match="probe ran"):
+        rescale.rescale_routers(saturated, saturated_info, batch, "auto")

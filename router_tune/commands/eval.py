@@ -14,6 +14,8 @@ import json
 from dataclasses import fields as dc_fields
 from pathlib import Path
 
+import torch
+
 from router_tune.data import build_eval_blocks, check_block_size, parse_sources
 from router_tune.data.sources import sources_from_files
 from router_tune.errors import RouterTuneError
@@ -69,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="blocks per forward pass (8)")
     parser.add_argument(
+        "--device",
+        default="cpu",
+        metavar="DEV",
+        help="where the model is loaded and evaluated: cpu (default), cuda, cuda:N, mps, or auto (split over "
+        "all GPUs with device_map='auto', for models larger than one device)",
+    )
+    parser.add_argument(
         "--eval-fraction",
         type=float,
         metavar="F",
@@ -103,6 +112,27 @@ def _oracle_mapping(text: str) -> dict[str, int]:
         return {source: int(expert) for source, expert in (item.split("=") for item in text.split(","))}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected SOURCE=EXPERT pairs separated by commas, got {text!r}") from None
+
+
+def eval_device_map(device: str) -> str:
+    """The `device_map` for `--device`, checked before any weight loads: a device that does not
+    exist here is an error, not a silent CPU run."""
+    if device == "auto":
+        if not torch.cuda.is_available():
+            raise RouterTuneError(
+                "--device auto splits the model over GPUs, and this machine has none: use --device cpu."
+            )
+        return "auto"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise RouterTuneError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N, mps or auto.") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(dev.type, False):
+        raise RouterTuneError(f"--device {device}: no {dev.type} device on this machine; use --device cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RouterTuneError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices.")
+    return str(dev)
 
 
 def _recipe_defaults() -> dict:
@@ -141,6 +171,7 @@ def eval_settings(args: argparse.Namespace, run_recipe: dict | None, max_positio
 
 
 def run(args: argparse.Namespace) -> int:
+    device_map = eval_device_map(args.device)
     trained = read_trained_routers(args.model) if is_run_dir(args.model) else None
     compare = None if args.no_compare else args.compare or (str(trained.source_dir()) if trained else None)
     if compare is not None:  # fail on a missing model or a tokenizer mismatch before any long evaluation
@@ -156,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
         tokenizer=args.tokenizer,
+        device_map=device_map,
     )
     model, tokenizer, info, label = load_for_eval(args.model, **load)
     settings = eval_settings(

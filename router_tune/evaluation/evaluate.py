@@ -237,6 +237,7 @@ def load_for_eval(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     tokenizer: str | Path | None = None,
+    device_map=None,
 ):
     """Load a model to evaluate: a checkpoint directory or hub id, or a router_tune run.
 
@@ -251,6 +252,7 @@ def load_for_eval(
             weights quantized as in a quantized training run).
         tokenizer: where the tokenizer is, when not in the checkpoint (default: the run's
             `tokenizer_name_or_path`, else the checkpoint's own).
+        device_map: where the weights load (`from_pretrained`'s): a device, or "auto" over all GPUs.
 
     Returns:
         (model, tokenizer, MoeInfo, label): label says what was loaded, for reports.
@@ -274,7 +276,9 @@ def load_for_eval(
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_quantization(quantize, device)  # before any weight loads
-    model, info = load_moe(source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    model, info = load_moe(
+        source, dtype=dtype, device_map=device_map, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
     for extra in (trained, read_trained_routers(routers) if routers is not None else None):
         if extra is not None:
             load_router_state_dict(model, extra.tensors)

@@ -47,16 +47,18 @@ def load_moe(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     fp32_routers: bool = True,
+    **from_pretrained_kwargs,
 ) -> tuple[nn.Module, MoeInfo]:
     """Load a MoE causal LM after checking the checkpoint (see `resolve_checkpoint`).
 
     The architecture is checked from config.json before any weight is read, so a dense or
     unsupported model fails in a second. Nothing is frozen here: call `freeze_all_but_routers`.
+    `from_pretrained_kwargs` go to `from_pretrained` (e.g. `distributed_config` for FSDP2).
     """
     path = resolve_checkpoint(path_or_hub_id, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     architecture_for(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
+        path, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
     )
     info = describe_moe(model, layout=detect_layout(path), source=str(path_or_hub_id))
     if fp32_routers:

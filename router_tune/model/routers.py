@@ -9,6 +9,7 @@ modules) comes from `router_tune.architectures`.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -18,6 +19,8 @@ from torch import nn
 
 from router_tune.architectures import architecture_for
 from router_tune.errors import RouterTuneError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,8 +55,8 @@ def find_routers(model: nn.Module) -> list[RouterRef]:
             if not isinstance(module, router_cls):
                 continue
             full = f"{prefix}.{idx}.{name}"
-            matched.append(f"{full} {tuple(module.weight.shape)}")
-            if tuple(module.weight.shape) != shape:
+            matched.append(f"{full} {full_shape(module.weight)}")
+            if full_shape(module.weight) != shape:
                 continue
             block = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
             extras = adapter.extra_routing_modules(block, hidden)
@@ -68,6 +71,12 @@ def find_routers(model: nn.Module) -> list[RouterRef]:
             "(num_experts / hidden_size / decoder_sparse_step); fix the config or re-create the merge."
         )
     return refs
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's whole shape: a ZeRO-3 partitioned parameter is [0] locally and keeps its
+    shape in `ds_shape`; a DTensor's `.shape` is already the global one."""
+    return tuple(getattr(param, "ds_shape", None) or param.shape)
 
 
 def _layers_prefix(model: nn.Module) -> str:
@@ -111,11 +120,29 @@ def _fp32_subclass(cls: type) -> type:
                 x = hidden_states.float()
                 if self.training and self.router_jitter > 0:  # exploration noise on the router input only
                     x = x * torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
-                with _no_autocast(x):  # under bf16 mixed precision, autocast would run the linear in bf16
+                # under bf16 mixed precision, autocast would run the linear in bf16
+                with _no_autocast(x), _fp32_weight(self):
                     return cls.forward(self, x)
 
         _FP32_CLASSES[cls] = type(f"Fp32{cls.__name__}", (cls,), {"forward": forward, "fp32_router": True})
     return _FP32_CLASSES[cls]
+
+
+@contextlib.contextmanager
+def _fp32_weight(module: nn.Module) -> Iterator[None]:
+    """`module.weight` reads as fp32 inside the block, differentiably (the gradient flows to the real
+    parameter). FSDP2's `MixedPrecisionPolicy(param_dtype=bf16)` and DeepSpeed bf16 hand the router
+    a bf16 weight for the forward: an fp32 input against it is a dtype error in `F.linear`. The
+    parameter is swapped in `_parameters` for the call only, so no hook fires twice."""
+    weight = module._parameters["weight"]
+    if weight is None or weight.dtype == torch.float32:
+        yield
+        return
+    module._parameters["weight"] = weight.float()
+    try:
+        yield
+    finally:
+        module._parameters["weight"] = weight
 
 
 def routers_to_fp32(model: nn.Module, jitter: float = 0.0) -> None:
@@ -130,6 +157,12 @@ def routers_to_fp32(model: nn.Module, jitter: float = 0.0) -> None:
             module = model.get_submodule(name.rpartition(".")[0])
             if not getattr(module, "fp32_router", False):
                 module.__class__ = _fp32_subclass(type(module))
+            if is_sharded(module.weight):
+                # FSDP2 / ZeRO-3 own the storage: the master weights keep the dtype they were loaded
+                # in (load in float32 for fp32 masters), the forward still computes in fp32.
+                if module.weight.dtype != torch.float32:
+                    logger.warning("%s: sharded %s master weight kept (not fp32)", name, module.weight.dtype)
+                continue
             module.weight.data = module.weight.data.float()
         ref.module.router_jitter = float(jitter)
 
@@ -155,14 +188,50 @@ def deployed_routers(model: nn.Module) -> Iterator[None]:
             module.__class__, module.weight.data = cls, weight
 
 
+def is_sharded(param: torch.Tensor) -> bool:
+    """A DTensor (FSDP2) or a ZeRO-3 partitioned parameter."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor) or hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def _gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """ZeRO-3 partitioned parameters whole for the block (only these: a few [E, H] routers), else
+    nothing to do. All ranks must enter together."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
+
+
 def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Routing parameters under their in-memory names, fp32 on CPU (what routers.safetensors holds)."""
-    return {n: model.get_parameter(n).detach().float().cpu().clone() for n in router_param_names(model)}
+    """Routing parameters under their in-memory names, fp32 on CPU (what routers.safetensors holds).
+
+    On sharded parameters every rank must call it: DTensors are all-gathered with `full_tensor()`
+    and ZeRO-3 partitions gathered, for the router parameters only (never the whole model)."""
+    names = router_param_names(model)
+    params = [model.get_parameter(n) for n in names]
+    out = {}
+    with _gathered(params):
+        for n, p in zip(names, params):
+            t = p.detach()
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t
+            out[n] = t.float().cpu().clone()
+    return out
 
 
 def load_router_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy router tensors into the model after checking that names and shapes match exactly."""
-    expected = {n: tuple(model.get_parameter(n).shape) for n in router_param_names(model)}
+    """Copy router tensors into the model after checking that names and shapes match exactly.
+
+    Sharded parameters (every rank calls it with the same tensors): a DTensor gets the matching
+    shard of the tensor (`distribute_tensor` on its own mesh and placements); ZeRO-3 partitions are
+    gathered, written on rank 0 and re-partitioned from there."""
+    expected = {n: full_shape(model.get_parameter(n)) for n in router_param_names(model)}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = [
         f"{n} {tuple(t.shape)} (model: {expected[n]})"
@@ -179,10 +248,17 @@ def load_router_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -
             f"these router tensors do not fit this {type(model).__name__} ({details}). "
             "They were trained on a different model: load them into the model they came from."
         )
-    with torch.no_grad():
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = {n: model.get_parameter(n) for n in tensors}
+    with torch.no_grad(), _gathered(list(params.values()), modifier_rank=0):
         for n, t in tensors.items():
-            p = model.get_parameter(n)
-            p.copy_(t.to(device=p.device, dtype=p.dtype))
+            p = params[n]
+            if isinstance(p, DTensor):
+                local = t.to(device=p.to_local().device, dtype=p.dtype)
+                p.copy_(distribute_tensor(local, p.device_mesh, p.placements, src_data_rank=None))
+            else:
+                p.copy_(t.to(device=p.device, dtype=p.dtype))
 
 
 class RouterLogitsCapture:

@@ -13,12 +13,13 @@ deviation over real tokens becomes `target_std`.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
 
 from router_tune.model.loading import MoeInfo
-from router_tune.model.routers import router_logits_on
+from router_tune.model.routers import router_logits_on, router_state_dict
 from router_tune.routing.inspection import SATURATED_TOP1  # the threshold `inspect` calls saturated
 
 logger = logging.getLogger(__name__)
@@ -41,19 +42,51 @@ def measure_routers(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[di
 
 
 @torch.no_grad()
+def may_saturate(model: nn.Module, info: MoeInfo) -> list[bool]:
+    """Per MoE layer, whether its stored weights allow a saturated softmax (mean top-1 above
+    SATURATED_TOP1), without a forward pass.
+
+    The router sees the RMS-normalised hidden state times the norm weight g: a vector of norm
+    sqrt(H) before g. So two experts' logits differ by at most ||(w_e - w_f) * g|| * sqrt(H)
+    (Cauchy-Schwarz), and with a largest gap D the top-1 probability is at most
+    1 / (1 + (E - 1) exp(-D)). A layer whose bound stays at or below SATURATED_TOP1 cannot be
+    saturated on any input and needs no probe; a layer without a readable norm is probed."""
+    weights = router_state_dict(model)  # whole fp32 tensors, gathered when sharded
+    layers = model.get_decoder().layers
+    limit = math.log(SATURATED_TOP1 / (1 - SATURATED_TOP1) * (info.num_experts - 1))
+    flags = []
+    for ref in info.routers:
+        norm = getattr(getattr(layers[ref.layer], "post_attention_layernorm", None), "weight", None)
+        if norm is None:
+            flags.append(True)
+            continue
+        norm = norm.detach()
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float().cpu()
+        w = weights[ref.param_names[0]] * norm
+        gap = torch.cdist(w, w).max().item() * math.sqrt(w.shape[1])
+        flags.append(gap > limit)
+    return flags
+
+
+@torch.no_grad()
 def rescale_routers(model: nn.Module, info: MoeInfo, batch: dict[str, torch.Tensor], mode: str) -> list[dict]:
     """Apply `router_rescale` (auto | off | a target logit std) and report what was done.
 
     auto rescales only the layers whose mean top-1 probability exceeds SATURATED_TOP1, to a
-    logit std of 1.0; a number rescales every layer to that std.
+    logit std of 1.0, and skips the probe (a forward pass through the whole model) when no
+    layer's stored weights allow saturation (`may_saturate`); a number rescales every layer to that std.
     """
     if mode == "off":
+        return []
+    candidates = may_saturate(model, info) if mode == "auto" else [True] * len(info.routers)
+    if not any(candidates):
+        logger.info("router rescaling (auto): no router can saturate (weight bound), probe skipped")
         return []
     target = DEFAULT_TARGET_STD if mode == "auto" else float(mode)
     before = measure_routers(model, batch)
     changes = []
-    for ref, m in zip(info.routers, before):
-        if mode == "auto" and m["top1"] <= SATURATED_TOP1:
+    for ref, m, candidate in zip(info.routers, before, candidates):
+        if not candidate or (mode == "auto" and m["top1"] <= SATURATED_TOP1):
             continue
         factor = target / max(m["logit_std"], 1e-6)
         ref.module.weight.mul_(factor)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from router_tune import data
 from router_tune.architectures import architecture_for
@@ -56,6 +57,14 @@ from router_tune.training.config import RouterTuneConfig
 from router_tune.training.global_batch import GlobalBatch
 from router_tune.training.rescale import rescale_routers
 from router_tune.training.router_gradient import RouterGradient
+from router_tune.training.sharding import (
+    StartupTimer,
+    check_request,
+    check_sharded,
+    finite_gradients,
+    load_kwargs,
+    on_main_process,
+)
 from router_tune.training.support import LossWindow, RouterTrainingCallback, stop_on_signals, warn_identical_experts
 
 logger = logging.getLogger(__name__)
@@ -98,6 +107,7 @@ class RouterTrainer(Trainer):
         if args.quantize != "none":  # bitsandbytes installed, mode supported here
             check_quantization(args.quantize, args.device)
         source = model if model is not None and not isinstance(model, (str, os.PathLike)) else None
+        self.backend = check_request(args)
         if source is None:
             path = resolve_checkpoint(
                 model or args.model_name_or_path,
@@ -127,16 +137,21 @@ class RouterTrainer(Trainer):
         data_collator = data_collator or data.collate_blocks
         first_blocks = data.first_blocks(train_dataset, max(1, args.per_device_train_batch_size))
 
+        timer = StartupTimer()
         if source is None:
             model, self.moe = load_moe(
                 path,
                 dtype=TORCH_DTYPES.get(args.model_dtype, "auto"),
                 allow_pickle=args.allow_pickle,
                 trust_remote_code=args.trust_remote_code,
+                **load_kwargs(args, self.backend),
             )
         else:
             self.moe = describe_moe(model)
-        self.fingerprints = fingerprints_of(model, self.moe.source)
+        check_sharded(model, self.backend)
+        timer.lap("load")
+        self.fingerprints = on_main_process(fingerprints_of, model, self.moe.source)
+        timer.lap("fingerprints")
         warn_identical_experts(self.fingerprints, self.moe)
         routers_to_fp32(model, jitter=args.router_jitter)
         self.param_counts = freeze_all_but_routers(model)
@@ -156,17 +171,27 @@ class RouterTrainer(Trainer):
         if args.router_rescale != "off" and first_blocks:
             # measured on the first training blocks, before any step
             self.router_rescaling = rescale_routers(model, self.moe, data_collator(first_blocks), args.router_rescale)
+        timer.lap("rescale probe")
+        self.startup_seconds = timer.report()
 
         callbacks = [RouterTrainingCallback(self)] + list(callbacks or [])
-        super().__init__(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            processing_class=processing_class,
-            data_collator=data_collator,
-            callbacks=callbacks,
-            **kwargs,
-        )
+        # The stock Trainer refuses checkpoints of a model sharded at load time because it cannot save
+        # its optimizer state; ours gathers the (router-only) optimizer state itself, see
+        # `_save_optimizer_and_scheduler`, so the refusal is passed for the construction only.
+        save_only_model = args.save_only_model
+        args.save_only_model = save_only_model or getattr(model, "is_distributed_loading_by_transformers", False)
+        try:
+            super().__init__(
+                model=model,
+                args=args,
+                train_dataset=train_dataset,
+                processing_class=processing_class,
+                data_collator=data_collator,
+                callbacks=callbacks,
+                **kwargs,
+            )
+        finally:
+            args.save_only_model = save_only_model
         # compute_loss already normalises over the whole accumulated, all-rank batch.
         self.loss_is_scaled_for_ga = True
         self.routing_stats = RoutingStats(
@@ -197,9 +222,7 @@ class RouterTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         # The chunked CE reads the head as a dense [vocab, hidden] matrix: sharded (FSDP / DeepSpeed)
         # and quantized heads take the plain path instead.
-        chunked = self.args.ce_chunk_tokens > 0 and not (
-            self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.quantize_head
-        )
+        chunked = self.args.ce_chunk_tokens > 0 and not (self.sharded or self.args.quantize_head)
         steps = self.args.router_gradient_steps
         self.router_gradient.active = self.args.router_gradient != "sparse" and (
             steps == 0 or self.state.global_step < steps
@@ -258,7 +281,7 @@ class RouterTrainer(Trainer):
             with no extra collective and no host sync per micro-batch."""
             self.global_batch.end_step()
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads and torch.isfinite(torch.nn.utils.get_total_norm(grads)).item():
+            if grads and finite_gradients(grads):
                 self._nonfinite_in_a_row = 0
                 return inner_step(*args, **kwargs)
             self.nonfinite_steps += 1
@@ -305,15 +328,55 @@ class RouterTrainer(Trainer):
     # ---- router-only checkpoints ----------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the routers and the run description (a router-only delta) instead of the whole model."""
+        """Write the routers and the run description (a router-only delta) instead of the whole model.
+
+        Every rank gathers the router parameters (a collective when they are sharded); the main
+        process writes them."""
+        routers = router_state_dict(self.accelerator.unwrap_model(self.model))
         if not self.args.should_save:
             return
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        routers = router_state_dict(self.accelerator.unwrap_model(self.model))
         if state_dict is not None:  # FSDP / DeepSpeed gathered the full state dict for us
             routers = {n: state_dict[n].detach().float().cpu() for n in routers if n in state_dict} or routers
         write_router_delta(output_dir, TrainedRouters(output_dir, output_dir, routers, self.run_info()))
+
+    @property
+    def sharded(self) -> bool:
+        """Weights sharded over ranks (FSDP2 at load time, or accelerate's FSDP / DeepSpeed)."""
+        return self.is_fsdp_enabled or self.is_deepspeed_enabled or self.is_distributed_loading_by_transformers
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Routers only, on every backend: the stock sharded save would gather the whole model."""
+        if self.sharded:
+            self._save(output_dir)
+        else:
+            super().save_model(output_dir, _internal_call)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Sharded: the optimizer state (routers only) is gathered whole and written once, so any
+        number of ranks can resume from it; the stock save would write rank 0's shard alone."""
+        if not self.sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(
+            self.model, _inner(self.optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.args.should_save:
+            torch.save(state, Path(output_dir) / OPTIMIZER_NAME)
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self.sharded:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = torch.load(Path(checkpoint) / OPTIMIZER_NAME, weights_only=True)
+        set_optimizer_state_dict(
+            self.model, _inner(self.optimizer), state, options=StateDictOptions(full_state_dict=True)
+        )
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
 
     def run_info(self) -> dict[str, Any]:
         return {
@@ -331,6 +394,7 @@ class RouterTrainer(Trainer):
             "router_rescaling": self.router_rescaling,
             # routers trained against a quantized base; the export is still the full-precision source
             "quantization": self.quantization.to_dict() if self.quantization else None,
+            "startup_seconds": self.startup_seconds,
             "trainable_parameters": self.param_counts.trainable,
             "total_parameters": self.param_counts.total,
             "sources": self.source_names,
@@ -404,7 +468,7 @@ class RouterTrainer(Trainer):
         Skipped under FSDP / DeepSpeed (sharded weights): run `router-tune eval OUTPUT_DIR` after.
         """
         args = self.args
-        if not (args.eval_before_after and args.datasets) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if not (args.eval_before_after and args.datasets) or self.sharded:
             return None
         return data.build_eval_blocks(
             data.parse_sources(args.datasets),
@@ -422,6 +486,12 @@ class RouterTrainer(Trainer):
             blocks,
             top_k=self.moe.top_k,
             batch_size=self.args.per_device_eval_batch_size,
+            device=self.args.device,  # the training device: the model is already there
             label=label,
             progress=self.is_world_process_zero(),
         )
+
+
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)

@@ -1,0 +1,57 @@
+"""Run by tests/test_sharded.py under `accelerate launch --config_file recipes/accelerate/cpu-fsdp2.yaml`
+(2 gloo processes, FSDP2), or alone (1 process, no sharding) for the reference run.
+
+python tests/fsdp_script.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH GRAD_ACCUMULATION STEPS [RESUME]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from router_tune.training.sharding import shard_fraction  # noqa: E402
+from tests.test_trainer import make_trainer, uneven_blocks  # noqa: E402
+
+model_dir, out, batch, ga, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+resume = sys.argv[6] if len(sys.argv) > 6 else None
+
+import router_tune.training.trainer as trainer_module  # noqa: E402
+
+hashed = []  # which ranks hash the experts' bytes (only the main process should)
+fingerprints_of = trainer_module.fingerprints_of
+trainer_module.fingerprints_of = lambda *a: hashed.append(1) or fingerprints_of(*a)
+trainer = make_trainer(
+    model_dir,
+    out,
+    steps=steps,
+    batch=batch,
+    ga=ga,
+    data=uneven_blocks(Path(model_dir), 24),
+    train_sampling_strategy="sequential",
+    use_cpu=False,
+    aux_loss_reduce="global_prev",
+    router_aux_loss_coef=0.1,
+    router_z_loss_coef=0.01,
+    save_steps=2,
+)
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+layers = trainer.model.get_decoder().layers
+frozen = [p for p in layers.parameters() if not p.requires_grad]
+report = {
+    "world": trainer.accelerator.num_processes,
+    "rank": trainer.accelerator.process_index,
+    "shard_fraction": shard_fraction(trainer.model),
+    "layer_weights_dtensor": all(isinstance(p, DTensor) for p in frozen),
+    "layer_shard_fraction": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in frozen)
+    / sum(p.numel() for p in frozen),
+    "fingerprint_calls": len(hashed),
+    "fingerprints": trainer.fingerprints,
+    "startup_phases": sorted(trainer.startup_seconds),
+}
+trainer.train(resume_from_checkpoint=resume)
+trainer.save_model()
+report["step"] = trainer.state.global_step
+report["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+print("REPORT " + json.dumps(report), flush=True)
