@@ -1,6 +1,6 @@
 """Run by tests/test_ddp.py, under `accelerate launch` (2 gloo processes) or alone (1 process).
 
-python tests/ddp_script.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH
+python tests/ddp_script.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH [ROUTER_GRADIENT]
 """
 
 import sys
@@ -21,6 +21,7 @@ trainer = make_trainer(
     use_cpu=False,
     aux_loss_reduce="global",
     router_aux_loss_coef=0.01,
+    router_gradient=sys.argv[4] if len(sys.argv) > 4 else "sparse",
 )
 trainer.train()
 trainer.save_model()
