@@ -10,7 +10,7 @@ gates (rows of norm ~sqrt(H) = 11: a saturated softmax) and with `hidden` gates.
 Reuses make_demo_model.py's data, training, merge and evaluation functions and the demo's
 tokenizer. Writes OUT/random and OUT/hidden (Mixtral legacy layout) and OUT/figures.json with the
 held-out perplexity of each merge untrained and of oracle routing (each domain scored with its
-better expert forced). Not committed (~30 MB per merge): `make bench-quality` builds it on demand.
+better expert forced). Not committed (40 MB per merge): `make bench-quality` builds it on demand.
 """
 
 from __future__ import annotations
