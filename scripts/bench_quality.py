@@ -148,25 +148,31 @@ def summarise(points: list[dict], oracle: float, args) -> dict:
 
 
 def mode_cost(model_dir: Path, modes: list[str], micro_batches: int = 6) -> dict:
-    """Seconds per forward and per backward of one training micro-batch, each mode, same batches."""
-    out = {}
-    for mode in modes:
-        trainer = RouterTrainer(
+    """Seconds per forward and per backward of one training micro-batch, each mode on the same batches,
+    the modes interleaved batch by batch so that a busy machine slows them alike."""
+    trainers = {
+        mode: RouterTrainer(
             args=load_recipe(RECIPE, model_name_or_path=str(model_dir), router_gradient=mode, report_to="none")
         )
-        loader = trainer.get_train_dataloader()
-        model = trainer.model.train()
-        fwd = bwd = 0.0
-        for i, batch in zip(range(micro_batches + 1), loader):
+        for mode in modes
+    }
+    batches = list(zip(range(micro_batches + 1), trainers[modes[0]].get_train_dataloader()))
+    totals = {mode: [0.0, 0.0] for mode in modes}
+    for i, batch in batches:
+        for mode, trainer in trainers.items():
+            model = trainer.model.train()
             t0 = time.perf_counter()
             loss = trainer.compute_loss(model, batch)
             t1 = time.perf_counter()
             loss.backward()
             t2 = time.perf_counter()
             if i:  # the first batch warms up
-                fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
-        out[mode] = {"forward_s": round(fwd / micro_batches, 3), "backward_s": round(bwd / micro_batches, 3)}
-    return out
+                totals[mode][0] += t1 - t0
+                totals[mode][1] += t2 - t1
+    return {
+        m: {"forward_s": round(f / micro_batches, 3), "backward_s": round(b / micro_batches, 3)}
+        for m, (f, b) in totals.items()
+    }
 
 
 def git_state() -> dict:

@@ -10,7 +10,7 @@ gates (rows of norm ~sqrt(H) = 11: a saturated softmax) and with `hidden` gates.
 Reuses make_demo_model.py's data, training, merge and evaluation functions and the demo's
 tokenizer. Writes OUT/random and OUT/hidden (Mixtral legacy layout) and OUT/figures.json with the
 held-out perplexity of each merge untrained and of oracle routing (each domain scored with its
-better expert forced). Not committed (~30 MB per merge): `make bench-quality` builds it on demand.
+better expert forced). Not committed (40 MB per merge): `make bench-quality` builds it on demand.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def halves(texts: list[str]) -> dict[str, list[str]]:
     return {"a": first, "b": [t for t in texts if not is_heldout(t + "#second-moe", 0.5)]}
 
 
-def build(work: Path, out: Path) -> dict:
+def build(work: Path, out: Path, base_steps: int = BASE_STEPS, expert_steps: int = EXPERT_STEPS) -> dict:
     torch.set_num_threads(demo.THREADS)
     docs = demo.load_documents()
     tokenizer = LlamaTokenizer.from_pretrained(demo.DEFAULT_OUT)
@@ -51,7 +51,7 @@ def build(work: Path, out: Path) -> dict:
     train = {d: demo.to_blocks(tokenizer, docs[d]["train"]) for d in demo.DOMAINS}
     torch.manual_seed(demo.SEED + 1)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **MODEL))
-    demo.train(base, torch.cat(list(train.values())), list(base.parameters()), BASE_STEPS, demo.BASE_LR, "base")
+    demo.train(base, torch.cat(list(train.values())), list(base.parameters()), base_steps, demo.BASE_LR, "base")
     base.save_pretrained(work / "base")
     tokenizer.save_pretrained(work / "base")
 
@@ -61,7 +61,7 @@ def build(work: Path, out: Path) -> dict:
             name = f"{d}_{half}"
             expert = LlamaForCausalLM.from_pretrained(work / "base", dtype=torch.float32)
             mlp = [p for n, p in expert.named_parameters() if p.requires_grad_(".mlp." in n).requires_grad]
-            demo.train(expert, demo.to_blocks(tokenizer, texts), mlp, EXPERT_STEPS, demo.EXPERT_LR, f"expert {name}")
+            demo.train(expert, demo.to_blocks(tokenizer, texts), mlp, expert_steps, demo.EXPERT_LR, f"expert {name}")
             expert.save_pretrained(work / "experts" / name)
             tokenizer.save_pretrained(work / "experts" / name)
             nll = demo.mean_nll(expert, heldout[d])
@@ -91,11 +91,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=demo.REPO / "build" / "second-work")
     parser.add_argument("--out", type=Path, default=demo.REPO / "build" / "second-moe")
+    # Smoke runs only (checking the script): the benchmark uses the defaults.
+    parser.add_argument("--base-steps", type=int, default=BASE_STEPS)
+    parser.add_argument("--expert-steps", type=int, default=EXPERT_STEPS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    figures = build(args.work.resolve(), args.out.resolve())
+    figures = build(args.work.resolve(), args.out.resolve(), args.base_steps, args.expert_steps)
     figures.update(built_by="python scripts/make_second_moe.py", seconds=round(time.time() - start), model=MODEL)
     (args.out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     demo.log(f"second MoE: {json.dumps(figures)}")

@@ -1,6 +1,6 @@
 """Run by tests/test_ddp.py, under `accelerate launch` (2 gloo processes) or alone (1 process).
 
-python tests/ddp_script.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH GRAD_ACCUMULATION
+python tests/ddp_script.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH GRAD_ACCUMULATION [ROUTER_GRADIENT]
 """
 
 import sys
@@ -23,6 +23,7 @@ trainer = make_trainer(
     aux_loss_reduce="global_prev",
     router_aux_loss_coef=0.1,
     router_z_loss_coef=0.01,
+    router_gradient=sys.argv[5] if len(sys.argv) > 5 else "sparse",
 )
 trainer.train()
 trainer.save_model()

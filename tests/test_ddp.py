@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -22,7 +23,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_equal_one(mixtral_legacy, tmp_path):
+# dense: the estimator's term is a sum over tokens, so it splits over ranks like the CE (default_moe's
+# running means depend on each rank's micro-batch, so they do not).
+@pytest.mark.parametrize("router_gradient", ["sparse", "dense"])
+def test_two_cpu_processes_equal_one(router_gradient, mixtral_legacy, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     accelerate = [
         sys.executable,
@@ -34,7 +38,7 @@ def test_two_cpu_processes_equal_one(mixtral_legacy, tmp_path):
         str(free_port()),
     ]
     two = subprocess.run(
-        accelerate + [str(SCRIPT), str(mixtral_legacy), str(tmp_path / "two"), "2", "2"],
+        accelerate + [str(SCRIPT), str(mixtral_legacy), str(tmp_path / "two"), "2", "2", router_gradient],
         env=env,
         capture_output=True,
         text=True,
@@ -43,7 +47,7 @@ def test_two_cpu_processes_equal_one(mixtral_legacy, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "world=2 step=3" in two.stdout
     one = subprocess.run(
-        [sys.executable, str(SCRIPT), str(mixtral_legacy), str(tmp_path / "one"), "8", "1"],
+        [sys.executable, str(SCRIPT), str(mixtral_legacy), str(tmp_path / "one"), "8", "1", router_gradient],
         env=env,
         capture_output=True,
         text=True,
