@@ -310,9 +310,12 @@ def test_bf16_figures_are_the_deployed_model_with_fp32_router_figures_beside(mix
     """In bf16, `perplexity` is what the exported checkpoint computes under plain transformers (bf16
     routers, the stock forward); the fp32-router-logit figures, as training sees them, come beside."""
     model, info = load_moe(mixtral_bf16)  # fp32 routers, as training and `router-tune eval` load it
-    with torch.no_grad():  # training-like routers that bf16 cannot hold exactly
+    # Large routers (as mergekit `random` gates) that bf16 cannot hold exactly: their logits differ between bf16 and fp32 by
+    # far more than the tolerance below, whatever the test tokenizer's blocks (seeded, so repeatable).
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
         for ref in info.routers:
-            ref.module.weight.add_(torch.randn_like(ref.module.weight) * 1e-3)
+            ref.module.weight.copy_(torch.randn(ref.module.weight.shape, generator=gen) * 8)
     blocks = build_eval_blocks(
         parse_sources(sources_from_files([str(p) for p in data_files])),
         AutoTokenizer.from_pretrained(mixtral_bf16),
@@ -325,12 +328,13 @@ def test_bf16_figures_are_the_deployed_model_with_fp32_router_figures_beside(mix
     stock.load_state_dict({n: t.to(torch.bfloat16) for n, t in router_state_dict(model).items()}, strict=False)
     ce, targets = direct(stock, blocks)
     deployed = math.exp(sum(ce.values()) / sum(targets.values()))
-    assert result.perplexity["overall"] == pytest.approx(deployed, rel=2e-6)
+    assert result.perplexity["overall"] == pytest.approx(deployed, rel=1e-6)
     fp32 = result.perplexity_fp32_routers
     # the two differ by more than the tolerance: the check above can tell them apart
-    assert fp32 is not None and abs(fp32["overall"] / result.perplexity["overall"] - 1) > 5e-6
+    # (a near-uniform tiny model: routing moves its perplexity little, ~1e-5 here)
+    assert fp32 is not None and abs(fp32["overall"] / result.perplexity["overall"] - 1) > 4e-6
     ce32, _ = direct(model, blocks)  # the fp32-router model itself
-    assert fp32["overall"] == pytest.approx(math.exp(sum(ce32.values()) / sum(targets.values())), rel=2e-6)
+    assert fp32["overall"] == pytest.approx(math.exp(sum(ce32.values()) / sum(targets.values())), rel=1e-6)
     assert "with fp32 router logits" in format_comparison({"after": result})
     # the training model is left as it was: fp32 master routers, fp32 forward
     assert all(ref.module.weight.dtype == torch.float32 for ref in info.routers)

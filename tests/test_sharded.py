@@ -46,9 +46,10 @@ def _run(cmd: list[str]) -> list[dict]:
     )
 
 
-def _two_ranks(model_dir, out, steps, resume=None) -> list[dict]:
+def _two_ranks(model_dir, out, steps, resume=None, mixed_precision="no") -> list[dict]:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     launch += [str(ROOT / "recipes/accelerate/cpu-fsdp2.yaml"), "--main_process_port", str(free_port())]
+    launch += ["--mixed_precision", mixed_precision]
     return _run(launch + [str(SCRIPT), str(model_dir), str(out), "2", "2", str(steps)] + ([resume] if resume else []))
 
 
@@ -106,6 +107,19 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume(mixtral_legacy, tmp_path):
     c = load_file(tmp_path / "resumed" / "routers.safetensors")
     for name in a:
         torch.testing.assert_close(c[name], a[name], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.slow  # about 25 s more of 2-process start-up
+def test_fsdp2_bf16_mixed_precision_trains_fp32_routers(mixtral_legacy, tmp_path):
+    """accelerate's bf16 gives transformers' FSDP2 a bf16 MixedPrecisionPolicy: every layer computes
+    in bf16 and the routers still train (their forward casts the weight to fp32)."""
+    two = _two_ranks(mixtral_legacy, tmp_path / "bf16", 3, mixed_precision="bf16")
+    assert all(r["step"] == 3 and r["layer_weights_dtensor"] for r in two)
+    routers = load_file(tmp_path / "bf16" / "routers.safetensors")
+    source = load_file(next(Path(mixtral_legacy).glob("*.safetensors")))
+    for name, t in routers.items():
+        assert t.dtype == torch.float32 and torch.isfinite(t).all()
+        assert not torch.equal(t, source[name.replace("mlp.gate", "block_sparse_moe.gate")].float())
 
 
 @pytest.fixture
