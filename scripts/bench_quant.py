@@ -315,7 +315,7 @@ def markdown(data: dict) -> str:
     ]
     d = data.get("demo")
     if d:
-        steps = f"{d['steps_override']} steps" if d["steps_override"] else "the recipe's steps"
+        steps = "/".join(sorted({str(r["steps"]) for r in d["modes"].values()})) + " steps"  # as the runs record
         lines += [
             f"## Demo routing quality ({d['recipe']}, {steps}, CPU; full-precision export evaluated)\n",
             "Commits measured: "
