@@ -25,7 +25,7 @@ def free_port() -> int:
 
 # dense: the estimator's term is a sum over tokens, so it splits over ranks like the CE (default_moe's
 # running means depend on each rank's micro-batch, so they do not).
-@pytest.mark.parametrize("router_gradient", ["sparse", "dense"])
+@pytest.mark.parametrize("router_gradient", ["sparse", pytest.param("dense", marks=pytest.mark.slow)])
 def test_two_cpu_processes_equal_one(router_gradient, mixtral_legacy, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     accelerate = [

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -76,6 +77,7 @@ def kill_after_next_checkpoint(cmd: list[str], out: Path, rng: random.Random) ->
     return latest_complete_step(out)
 
 
+@pytest.mark.slow  # ~2 min: five CLI runs (`make test-slow`)
 def test_sigkilled_run_resumes_to_the_uninterrupted_routers(mixtral_legacy, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", mixtral_legacy)
     whole = subprocess.run(command(recipe, tmp_path / "whole"), env=ENV, capture_output=True, text=True, timeout=300)
