@@ -331,7 +331,7 @@ def machine_info(args) -> dict:
             pass
     if args.device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-    info.update(provenance())
+    info.update(args.provenance)  # recorded at the start: the results files written each round dirty the tree
     return info
 
 
@@ -640,6 +640,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.provenance = provenance()
     started = time.time()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     log(f"bench: cases {sorted(args.cases)}, {args.repeats} repeats, work dir {args.work_dir}")
