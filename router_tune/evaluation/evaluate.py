@@ -274,7 +274,9 @@ def load_for_eval(
             f"{model_or_run} does not exist: pass a model directory, a hub id, or a router_tune "
             "run directory (it holds routers.safetensors and router_tune.json)."
         )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Quantized layers live on one device: the one --device named, else the GPU if there is one.
+    single = isinstance(device_map, str) and device_map != "auto"
+    device = device_map if single else ("cuda" if torch.cuda.is_available() else "cpu")
     check_quantization(quantize, device)  # before any weight loads
     model, info = load_moe(
         source, dtype=dtype, device_map=device_map, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
