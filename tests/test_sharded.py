@@ -191,7 +191,7 @@ def test_no_silent_downgrade(mixtral_legacy, tmp_path, monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     # (TrainingArguments itself imports deepspeed under this variable: checked on the request alone)
-    with pytest.raises(RouterTuneError, match="asks for DeepSpeed"):
+    with pytest.raises(RouterTuneError, match="asks for DeepSpeed but has 1 process"):
         sharding.check_request(SimpleNamespace(deepspeed=None, fsdp=None))
 
     from transformers import AutoModelForCausalLM

@@ -94,8 +94,9 @@ def freeze_all_but_routers(model: nn.Module) -> ParamCounts:
     trainable = total = 0
     for name, p in model.named_parameters():
         p.requires_grad_(name in names)
-        total += p.numel()
-        trainable += p.numel() if name in names else 0
+        numel = getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 partition is empty locally
+        total += numel
+        trainable += numel if name in names else 0
     return ParamCounts(trainable, total)
 
 
@@ -196,9 +197,9 @@ def is_sharded(param: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def _gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
-    """ZeRO-3 partitioned parameters whole for the block (only these: a few [E, H] routers), else
-    nothing to do. All ranks must enter together."""
+def gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """ZeRO-3 partitioned parameters whole for the block (only these: a few [E, H] routers or [H]
+    norms), else nothing to do. All ranks must enter together."""
     partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
         yield
@@ -213,11 +214,17 @@ def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Routing parameters under their in-memory names, fp32 on CPU (what routers.safetensors holds).
 
     On sharded parameters every rank must call it: DTensors are all-gathered with `full_tensor()`
-    and ZeRO-3 partitions gathered, for the router parameters only (never the whole model)."""
+    and ZeRO-3 partitions gathered, for the router parameters only (never the whole model). Once
+    DeepSpeed's optimizer holds them, ZeRO-3 routers are read from its fp32 master partitions
+    (`safe_get_full_fp32_param`): under bf16 the module's own copy is rounded to bf16."""
     names = router_param_names(model)
     params = [model.get_parameter(n) for n in names]
     out = {}
-    with _gathered(params):
+    if any(hasattr(p, "_z3_optimizer") for p in params):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in zip(names, params)}
+    with gathered(params):
         for n, p in zip(names, params):
             t = p.detach()
             t = t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -230,7 +237,8 @@ def load_router_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -
 
     Sharded parameters (every rank calls it with the same tensors): a DTensor gets the matching
     shard of the tensor (`distribute_tensor` on its own mesh and placements); ZeRO-3 partitions are
-    gathered, written on rank 0 and re-partitioned from there."""
+    gathered, written on rank 0 and re-partitioned from there, and DeepSpeed's fp32 master partitions
+    (once its optimizer holds the routers) are written too, else the next step would undo the copy."""
     expected = {n: full_shape(model.get_parameter(n)) for n in router_param_names(model)}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = [
@@ -251,7 +259,7 @@ def load_router_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     params = {n: model.get_parameter(n) for n in tensors}
-    with torch.no_grad(), _gathered(list(params.values()), modifier_rank=0):
+    with torch.no_grad(), gathered(list(params.values()), modifier_rank=0):
         for n, t in tensors.items():
             p = params[n]
             if isinstance(p, DTensor):
@@ -259,6 +267,12 @@ def load_router_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -
                 p.copy_(distribute_tensor(local, p.device_mesh, p.placements, src_data_rank=None))
             else:
                 p.copy_(t.to(device=p.device, dtype=p.dtype))
+    masters = {n: p for n, p in params.items() if hasattr(p, "_z3_optimizer")}
+    if masters:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for n, p in masters.items():
+            safe_set_full_fp32_param(p, tensors[n].to(torch.float32))
 
 
 class RouterLogitsCapture:

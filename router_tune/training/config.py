@@ -22,6 +22,7 @@ from transformers.trainer_utils import SchedulerType
 from router_tune.errors import RouterTuneError
 from router_tune.training.checkpoints import check_resume_value
 from router_tune.training.global_batch import REDUCE_MODES
+from router_tune.training.sharding import configure_process_group
 
 # Recipe keys and environment variables whose values must never reach logs, checkpoints,
 # wandb or model cards.
@@ -178,6 +179,7 @@ class RouterTuneConfig(TrainingArguments):
     report_to: None | str | list[str] = field(default="none", metadata={"help": "wandb, tensorboard, all or none."})
 
     def __post_init__(self):
+        configure_process_group(self)  # before TrainingArguments set up devices (DeepSpeed on a CPU)
         super().__post_init__()
         self.validate()
 

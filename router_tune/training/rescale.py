@@ -18,8 +18,9 @@ import math
 import torch
 from torch import nn
 
+from router_tune.errors import RouterTuneError
 from router_tune.model.loading import MoeInfo
-from router_tune.model.routers import router_logits_on, router_state_dict
+from router_tune.model.routers import gathered, router_logits_on, router_state_dict
 from router_tune.routing.inspection import SATURATED_TOP1  # the threshold `inspect` calls saturated
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,9 @@ def may_saturate(model: nn.Module, info: MoeInfo) -> list[bool]:
         if norm is None:
             flags.append(True)
             continue
-        norm = norm.detach()
-        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float().cpu()
+        with gathered([norm]):  # a ZeRO-3 partition is empty until gathered (a vector of H)
+            norm = norm.detach()
+            norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float().cpu().clone()
         w = weights[ref.param_names[0]] * norm
         gap = torch.cdist(w, w).max().item() * math.sqrt(w.shape[1])
         flags.append(gap > limit)
@@ -82,6 +84,15 @@ def rescale_routers(model: nn.Module, info: MoeInfo, batch: dict[str, torch.Tens
     if not any(candidates):
         logger.info("router rescaling (auto): no router can saturate (weight bound), probe skipped")
         return []
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        # ZeRO-3 partitioned the model at load (zero.Init); its forward works only inside the DeepSpeed
+        # engine, which train() creates, and gathering the whole model here would undo the sharding.
+        raise RouterTuneError(
+            f"router_rescale {mode!r} needs a forward pass through the model to measure its routers"
+            + (" (their stored weights allow a saturated softmax)" if mode == "auto" else "")
+            + ", which a ZeRO-3 partitioned model cannot run before training starts. Train this model with "
+            "FSDP2 (recipes/accelerate/fsdp2.yaml) or in one process, or set router_rescale: off."
+        )
     target = DEFAULT_TARGET_STD if mode == "auto" else float(mode)
     before = measure_routers(model, batch)
     changes = []

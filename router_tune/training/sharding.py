@@ -7,10 +7,16 @@ its placement and gradient reduction (no DDP wrap, FSDP2 reduce-scatter of the r
 The same code path runs on a CPU (gloo) and on GPUs (NCCL), which matters because accelerate
 turns an FSDP config on a CPU into plain DDP without saying so: the request is read from the
 environment `accelerate launch` sets (`ACCELERATE_USE_FSDP`), not from accelerate's state.
+
+DeepSpeed ZeRO-3 is accelerate's own (`Trainer` -> `accelerator.prepare` -> `deepspeed.initialize`),
+with the MoE blocks as ZeRO-3 leaf modules (`prepare_zero3`). On a CPU (`DS_ACCELERATOR=cpu`,
+gloo) accelerate needs one push: its `PartialState` finds no GPU backend, initialises DeepSpeed's
+process group with backend None and then counts one process on every rank (`_deepspeed_on_cpu`).
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import time
@@ -47,19 +53,61 @@ def world_size() -> int:
 def check_request(args) -> str | None:
     """Stop before any weight is read when the asked-for backend cannot be delivered."""
     backend = requested_backend(args)
-    if backend == "deepspeed":
+    name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}.get(backend or "")
+    config = {"fsdp": "fsdp2.yaml", "deepspeed": "deepspeed-zero3.yaml"}.get(backend or "")
+    if backend and world_size() < 2:
         raise RouterTuneError(
-            "this run asks for DeepSpeed (the accelerate config or `deepspeed`), which router_tune does not "
-            "run yet: ZeRO-3 needs its MoE blocks as leaf modules and router-only checkpoints of partitioned "
-            "parameters. Use recipes/accelerate/fsdp2.yaml (FSDP2) to shard the model instead."
+            f"this run asks for {name} but has {world_size()} process: with one process nothing is sharded and "
+            f"the run would be a plain one. Launch it with `accelerate launch --config_file "
+            f"recipes/accelerate/{config}` and num_processes >= 2, or without the {name} config."
         )
-    if backend == "fsdp" and world_size() < 2:
-        raise RouterTuneError(
-            f"this run asks for FSDP but has {world_size()} process: with one process nothing is sharded and "
-            "the run would be a plain one. Launch it with `accelerate launch --config_file "
-            "recipes/accelerate/fsdp2.yaml` and num_processes >= 2, or without the FSDP config."
-        )
+    if backend == "deepspeed" and not torch.cuda.is_available():
+        _deepspeed_on_cpu(args)
     return backend
+
+
+def _deepspeed_on_cpu(args) -> None:
+    if args.use_cpu or _env_true("ACCELERATE_USE_CPU"):
+        raise RouterTuneError(
+            "this run asks for DeepSpeed on CPU with `use_cpu` (or ACCELERATE_USE_CPU=1, `use_cpu: true` in "
+            "the accelerate config): accelerate then ignores DeepSpeed and wraps the model in plain DDP. Drop "
+            "use_cpu (see recipes/accelerate/cpu-deepspeed-zero3.yaml)."
+        )
+
+
+def configure_process_group(args) -> None:
+    """Make accelerate run DeepSpeed over gloo on a machine without a GPU (called by the config's
+    `__post_init__`, before TrainingArguments set up their devices; a no-op anywhere else).
+
+    accelerate drops a DeepSpeed request when `cpu=True` (`use_cpu`, `ACCELERATE_USE_CPU`):
+    `elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not cpu` in
+    `AcceleratorState.__init__` (accelerate/state.py), and the run becomes plain DDP (MULTI_CPU); that
+    is refused in `check_request`. With `cpu=False`, `PartialState._prepare_backend` finds no GPU and
+    returns backend None; DeepSpeed's process group still starts, but `PartialState` then takes
+    `backend is None` to mean one process (num_processes 1, process_index 0 on every rank: each rank
+    would train on the whole batch). A `PartialState(backend="gloo")` made first, and
+    `use_configured_state`, give accelerate the real world; `check_wrapped` verifies it.
+    """
+    if requested_backend(args) != "deepspeed" or torch.cuda.is_available() or world_size() < 2:
+        return
+    if args.use_cpu or _env_true("ACCELERATE_USE_CPU"):
+        return  # check_request says why this cannot run
+    from accelerate import PartialState
+
+    # as TrainingArguments does for `deepspeed=...`: the variable makes PartialState start DeepSpeed's comm
+    asked = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo", timeout=datetime.timedelta(seconds=args.ddp_timeout))
+    finally:
+        if asked is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    if args.accelerator_config is None:
+        args.accelerator_config = {}
+    if isinstance(args.accelerator_config, dict):
+        args.accelerator_config["use_configured_state"] = True
+    else:
+        args.accelerator_config.use_configured_state = True
 
 
 def load_kwargs(args, backend: str | None) -> dict:
@@ -87,22 +135,69 @@ def check_sharded(model: nn.Module, backend: str | None) -> None:
         )
 
 
+def check_wrapped(accelerator, backend: str | None) -> None:
+    """No silent downgrade: a run that asked for DeepSpeed got accelerate's DeepSpeed, ZeRO stage 3, over
+    every process, or stops saying what it got instead."""
+    if backend != "deepspeed":
+        return
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    got = f"{accelerator.distributed_type.value} over {accelerator.num_processes} process(es)" + (
+        f", ZeRO stage {plugin.zero_stage}" if plugin is not None else ""
+    )
+    if (
+        accelerator.distributed_type != DistributedType.DEEPSPEED
+        or plugin is None
+        or plugin.zero_stage != 3
+        or accelerator.num_processes != world_size()
+    ):
+        raise RouterTuneError(
+            f"this run asks for DeepSpeed ZeRO-3 over {world_size()} processes, but accelerate set up {got}: the "
+            "model would not be partitioned as asked. Use zero_stage: 3 (recipes/accelerate/deepspeed-zero3.yaml) "
+            "and create the RouterTuneConfig in the launched process, before anything reads `args.device`."
+        )
+
+
+def prepare_zero3(model: nn.Module, block_class: type) -> None:
+    """Set a model up for ZeRO-3 before `deepspeed.initialize`.
+
+    - The MoE blocks become leaf modules (`set_z3_leaf_modules`): ZeRO-3 gathers a block's parameters
+      all at once, instead of following the order of the first forward, which ranks that route to
+      different experts do not share (they desync and abort).
+    - The embeddings' output requires grad (`enable_input_require_grads`): a leaf block's backward
+      needs an input that requires grad, which nothing below the first MoE block gives when all of it
+      is frozen ("size of tensor a (0) must match").
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    if not set_z3_leaf_modules(model, [block_class]):
+        raise RouterTuneError(f"no {block_class.__name__} in this {type(model).__name__}: nothing to mark as a leaf.")
+    model.enable_input_require_grads()
+
+
 def shard_fraction(model: nn.Module) -> float:
-    """The share of the model's elements this rank holds (1.0 unsharded; about 1/world under FSDP2)."""
+    """The share of the model's elements this rank holds (1.0 unsharded; about 1/world under FSDP2 or
+    ZeRO-3, whose partitioned parameters keep their local part in `ds_tensor`)."""
     local = total = 0
     for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            total += p.ds_numel
+            local += p.ds_tensor.numel()
+            continue
         total += p.numel()
         local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
     return local / max(total, 1)
 
 
-def finite_gradients(grads: list[torch.Tensor]) -> bool:
-    """Whether every gradient is finite on every rank. Sharded (DTensor) gradients are checked on
-    the local shard and the result all-reduced: a NaN in one shard must skip the step everywhere.
-    Plain gradients are already all-reduced by DDP: no collective."""
+def finite_gradients(grads: list[torch.Tensor], partitioned: bool = False) -> bool:
+    """Whether every gradient is finite on every rank. Sharded gradients (DTensors, or ZeRO-3's
+    `partitioned` flat fp32 partitions) are checked on the local part and the result all-reduced: a NaN
+    in one shard must skip the step everywhere. Plain gradients are already all-reduced by DDP: no
+    collective."""
     from torch.distributed.tensor import DTensor
 
-    sharded = any(isinstance(g, DTensor) for g in grads)
+    sharded = partitioned or any(isinstance(g, DTensor) for g in grads)
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     norm = torch.nn.utils.get_total_norm(local) if local else torch.zeros(())
     if sharded and torch.distributed.is_initialized():

@@ -20,6 +20,7 @@ accumulation, mixed precision, DeepSpeed/FSDP, progress bars, `report_to` — is
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from pathlib import Path
@@ -61,9 +62,11 @@ from router_tune.training.sharding import (
     StartupTimer,
     check_request,
     check_sharded,
+    check_wrapped,
     finite_gradients,
     load_kwargs,
     on_main_process,
+    prepare_zero3,
 )
 from router_tune.training.support import LossWindow, RouterTrainingCallback, stop_on_signals, warn_identical_experts
 
@@ -155,6 +158,8 @@ class RouterTrainer(Trainer):
         warn_identical_experts(self.fingerprints, self.moe)
         routers_to_fp32(model, jitter=args.router_jitter)
         self.param_counts = freeze_all_but_routers(model)
+        if self.backend == "deepspeed":  # partitioned later, by accelerator.prepare in train()
+            prepare_zero3(model, architecture_for(model.config).block_class())
         # after fingerprinting and counting, which describe the real weights (export checks them)
         self.quantization = (
             quantize_model(model, args.quantize, device=args.device, head=args.quantize_head)
@@ -192,6 +197,7 @@ class RouterTrainer(Trainer):
             )
         finally:
             args.save_only_model = save_only_model
+        check_wrapped(self.accelerator, self.backend)
         # compute_loss already normalises over the whole accumulated, all-rank batch.
         self.loss_is_scaled_for_ga = True
         self.routing_stats = RoutingStats(
@@ -281,7 +287,7 @@ class RouterTrainer(Trainer):
             with no extra collective and no host sync per micro-batch."""
             self.global_batch.end_step()
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads and finite_gradients(grads):
+            if grads and finite_gradients(grads, partitioned=self.is_deepspeed_enabled):
                 self._nonfinite_in_a_row = 0
                 return inner_step(*args, **kwargs)
             self.nonfinite_steps += 1
@@ -355,7 +361,16 @@ class RouterTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Sharded: the optimizer state (routers only) is gathered whole and written once, so any
-        number of ranks can resume from it; the stock save would write rank 0's shard alone."""
+        number of ranks can resume from it; the stock save would write rank 0's shard alone.
+
+        DeepSpeed: its own checkpoint of what its optimizer holds (the routers' fp32 partitions and
+        their Adam moments, one small file per rank), without the frozen weights' partitions, which
+        the stock save writes (the whole model, sharded). Resuming needs the same number of ranks."""
+        if self.is_deepspeed_enabled:
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            if self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+            return None
         if not self.sharded:
             return super()._save_optimizer_and_scheduler(output_dir)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -368,7 +383,7 @@ class RouterTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is None or not self.sharded:
+        if checkpoint is None or not self.sharded or self.is_deepspeed_enabled:
             return super()._load_optimizer_and_scheduler(checkpoint)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -415,6 +430,26 @@ class RouterTrainer(Trainer):
         trained = read_trained_routers(resume_from_checkpoint)
         load_router_state_dict(self.accelerator.unwrap_model(model or self.model), trained.tensors)
         self.global_batch.load_state(trained.meta.get("balance_counts"), self.args.device)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The stock scheduler; under DeepSpeed, also the hook that resumes router-only checkpoints.
+
+        `Trainer` resumes a DeepSpeed run with `engine.load_checkpoint(load_module_strict=True)`, which
+        fails on a checkpoint without the frozen weights (and it skips `_load_from_checkpoint`). The
+        engine exists from the `accelerator.prepare` just before this call: its load becomes
+        non-strict, and restores the balancing counts as `_load_from_checkpoint` does."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        engine = getattr(getattr(self.accelerator, "deepspeed_engine_wrapped", None), "engine", None)
+        if engine is not None and not isinstance(engine.load_checkpoint, functools.partial):
+            engine.load_checkpoint = functools.partial(self._load_deepspeed_checkpoint, engine.load_checkpoint)
+        return scheduler
+
+    def _load_deepspeed_checkpoint(self, load, checkpoint: str, **kwargs):
+        kwargs["load_module_strict"] = False  # the module part holds the routers only
+        result = load(checkpoint, **kwargs)
+        trained = read_trained_routers(checkpoint)
+        self.global_batch.load_state(trained.meta.get("balance_counts"), self.args.device)
+        return result
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """The stock `train`, plus the held-out evaluation before and after (eval/report.*),
