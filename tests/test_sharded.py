@@ -202,14 +202,18 @@ def test_no_silent_downgrade(mixtral_legacy, tmp_path, monkeypatch):
         sharding.check_sharded(plain, "fsdp")
 
 
-@pytest.mark.slow  # about 40 s: deepspeed start-up on 2 processes
-def test_zero3_routers_found_read_and_written(mixtral_legacy):
+# about 13 s each (deepspeed start-up on 2 processes); fp32 is also covered by tests/test_zero3.py
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.slow), "bf16"])
+def test_zero3_routers_found_read_and_written(mixtral_legacy, precision):
     """Real ZeRO-3 partitions (local shape [0]) on 2 gloo ranks: routers found by `ds_shape`,
-    gathered alone for their state dict, and written back through GatheredParameters."""
+    gathered alone for their state dict, and written back through GatheredParameters and into
+    DeepSpeed's fp32 masters. bf16: after a step, read from the fp32 masters, not the bf16 copy."""
     pytest.importorskip("deepspeed")
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     proc = subprocess.run(
-        run + [str(ROOT / "tests" / "zero3_script.py"), str(mixtral_legacy)],
+        run
+        + [str(ROOT / "tests" / "zero3_script.py"), str(mixtral_legacy)]
+        + (["bf16"] if precision == "bf16" else []),
         env={**ENV, "DS_ACCELERATOR": "cpu"},
         capture_output=True,
         text=True,
