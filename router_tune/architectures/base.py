@@ -128,5 +128,5 @@ class MoeArchitecture:
 
     def wrap_class_names(self) -> dict[str, list[str]]:
         """Module classes for sharded training: FSDP2 units (decoder layers) and ZeRO-3 leaves (MoE
-        blocks, whose experts run in data-dependent order that ZeRO-3's prefetch cannot follow)."""
+        blocks, gathered whole: see `training.sharding.prepare_zero3`)."""
         return {"fsdp_units": [self.decoder_layer_class_name], "zero3_leaves": [self.block_class_name]}

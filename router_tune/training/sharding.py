@@ -163,11 +163,14 @@ def prepare_zero3(model: nn.Module, block_class: type) -> None:
     """Set a model up for ZeRO-3 before `deepspeed.initialize`.
 
     - The MoE blocks become leaf modules (`set_z3_leaf_modules`): ZeRO-3 gathers a block's parameters
-      all at once, instead of following the order of the first forward, which ranks that route to
-      different experts do not share (they desync and abort).
-    - The embeddings' output requires grad (`enable_input_require_grads`): a leaf block's backward
-      needs an input that requires grad, which nothing below the first MoE block gives when all of it
-      is frozen ("size of tensor a (0) must match").
+      all at once for its forward and backward instead of per submodule, in the order its trace
+      recorded. Experts kept as separate modules, which a rank skips when none of its tokens routes to
+      them, desync the ranks without it. transformers 5's fused experts (one [E, 2I, H] parameter per
+      layer) are always called: 2-rank runs without leaves trained correctly here.
+    - The embeddings' output requires grad (`enable_input_require_grads`): ZeRO-3 re-gathers a
+      module's parameters for backward from a hook on its input, which never fires when the input
+      does not require grad, as below the first MoE block when everything there is frozen ("size of
+      tensor a (0) must match").
     """
     from deepspeed.utils import set_z3_leaf_modules
 
