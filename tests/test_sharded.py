@@ -167,16 +167,20 @@ def test_fp32_routers_and_router_state_under_fsdp2_bf16_policy(mixtral_legacy, g
         torch.testing.assert_close(t, changed[n])
 
 
-def test_router_shapes_from_ds_shape(mixtral_legacy):
-    """ZeRO-3 partitions have local shape [0]; the router is found by its full `ds_shape`."""
+@pytest.mark.parametrize("fixture", ["mixtral_legacy", "qwen2_moe"])
+def test_router_shapes_from_ds_shape(fixture, request):
+    """ZeRO-3 partitions have local shape [0]; routers, and Qwen2-MoE's shared-expert gates, are
+    found by their full `ds_shape` (by local shape the gates were silently left frozen)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(mixtral_legacy, dtype=torch.float32)
-    for ref in find_routers(model):
-        weight = ref.module.weight
-        weight.ds_shape = weight.shape
-        weight.data = torch.empty(0)
-    assert [r.layer for r in find_routers(model)] == [0, 1]
+    from router_tune.model.routers import router_param_names
+
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), dtype=torch.float32)
+    whole = router_param_names(model)
+    for p in model.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    assert router_param_names(model) == whole and len(whole) == (4 if fixture == "qwen2_moe" else 2)
 
 
 def test_no_silent_downgrade(mixtral_legacy, tmp_path, monkeypatch):

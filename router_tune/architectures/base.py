@@ -48,6 +48,12 @@ DENSE_KEYS = (
 )
 
 
+def full_shape(param) -> tuple[int, ...]:
+    """A parameter's whole shape: a ZeRO-3 partitioned parameter is [0] locally and keeps its shape
+    in `ds_shape`; a DTensor's `.shape` is already the global one."""
+    return tuple(getattr(param, "ds_shape", None) or param.shape)
+
+
 @dataclass(frozen=True)
 class LegacyNaming:
     """How an architecture names its per-expert tensors in the legacy on-disk layout:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from router_tune.architectures.base import LegacyNaming, MoeArchitecture
+from router_tune.architectures.base import LegacyNaming, MoeArchitecture, full_shape
 from router_tune.errors import RouterTuneError
 
 
@@ -34,7 +34,7 @@ class Qwen2Moe(MoeArchitecture):
         return {
             name: m
             for name, m in block.named_children()
-            if isinstance(m, nn.Linear) and tuple(m.weight.shape) == (1, hidden_size)
+            if isinstance(m, nn.Linear) and full_shape(m.weight) == (1, hidden_size)
         }
 
     def dense_equivalent(self, config):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from router_tune.architectures import architecture_for
+from router_tune.architectures.base import full_shape
 from router_tune.errors import RouterTuneError
 
 logger = logging.getLogger(__name__)
@@ -71,12 +72,6 @@ def find_routers(model: nn.Module) -> list[RouterRef]:
             "(num_experts / hidden_size / decoder_sparse_step); fix the config or re-create the merge."
         )
     return refs
-
-
-def full_shape(param: torch.Tensor) -> tuple[int, ...]:
-    """The parameter's whole shape: a ZeRO-3 partitioned parameter is [0] locally and keeps its
-    shape in `ds_shape`; a DTensor's `.shape` is already the global one."""
-    return tuple(getattr(param, "ds_shape", None) or param.shape)
 
 
 def _layers_prefix(model: nn.Module) -> str:
