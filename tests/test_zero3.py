@@ -49,8 +49,8 @@ def _two_ranks(model_dir, out, steps, resume=None) -> list[dict]:
     return _run(launch + [str(SCRIPT), str(model_dir), str(out), "2", "2", str(steps)] + ([resume] if resume else []))
 
 
-def _one_process(model_dir, out, steps) -> list[dict]:
-    return _run([sys.executable, str(SCRIPT), str(model_dir), str(out), "8", "1", str(steps)])
+def _one_process(model_dir, out, steps, batch=8, ga=1) -> list[dict]:
+    return _run([sys.executable, str(SCRIPT), str(model_dir), str(out), str(batch), str(ga), str(steps)])
 
 
 def _assert_equal_routers(a_dir: Path, b_dir: Path, rtol=1e-5, atol=1e-7) -> dict:
@@ -111,6 +111,21 @@ def test_zero3_other_architectures_equal_one_process(fixture, request, tmp_path)
     assert all(r["layer_partitioned"] and r["layer_local_numel"] == r["layer_numel"] // 2 for r in two), two
     one = _one_process(model_dir, tmp_path / "one", 2)
     assert two[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-5)
+    _assert_equal_routers(tmp_path / "two", tmp_path / "one")
+
+
+@pytest.mark.slow  # about 30 s: a 2-rank and a 1-process run
+def test_zero3_rescales_saturated_routers_as_one_process(mixtral_saturated, tmp_path):
+    """router_rescale's probe runs once DeepSpeed's engine exists (a partitioned model has no forward
+    before) and writes the rescaled routers into the partitions and the fp32 masters."""
+    two = _two_ranks(mixtral_saturated, tmp_path / "two", 1)
+    # the same global batch of 8, and the same 2 first blocks (one micro-batch) probed
+    one = _one_process(mixtral_saturated, tmp_path / "one", 1, batch=2, ga=4)
+    assert one[0]["router_rescaling"], "the fixture's routers should need rescaling"
+    for r in two:
+        assert [c["layer"] for c in r["router_rescaling"]] == [c["layer"] for c in one[0]["router_rescaling"]]
+        for a, b in zip(r["router_rescaling"], one[0]["router_rescaling"]):
+            assert a == pytest.approx(b, rel=1e-5)
     _assert_equal_routers(tmp_path / "two", tmp_path / "one")
 
 

@@ -44,6 +44,7 @@ report = {
     "layer_partitioned": all(hasattr(p, "ds_tensor") and p.numel() == 0 for p in frozen),
     "layer_local_numel": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in frozen),
     "layer_numel": sum(getattr(p, "ds_numel", p.numel()) for p in frozen),
+    "router_rescaling": trainer.router_rescaling,
     "step": trainer.state.global_step,
     "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
 }

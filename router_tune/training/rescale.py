@@ -18,9 +18,8 @@ import math
 import torch
 from torch import nn
 
-from router_tune.errors import RouterTuneError
 from router_tune.model.loading import MoeInfo
-from router_tune.model.routers import gathered, router_logits_on, router_state_dict
+from router_tune.model.routers import gathered, load_router_state_dict, router_logits_on, router_state_dict
 from router_tune.routing.inspection import SATURATED_TOP1  # the threshold `inspect` calls saturated
 
 logger = logging.getLogger(__name__)
@@ -77,6 +76,8 @@ def rescale_routers(model: nn.Module, info: MoeInfo, batch: dict[str, torch.Tens
     auto rescales only the layers whose mean top-1 probability exceeds SATURATED_TOP1, to a
     logit std of 1.0, and skips the probe (a forward pass through the whole model) when no
     layer's stored weights allow saturation (`may_saturate`); a number rescales every layer to that std.
+    All ranks call it with the same batch when the model is sharded (collectives; a ZeRO-3 model only
+    once DeepSpeed's engine exists: its forward gathers the parameters).
     """
     if mode == "off":
         return []
@@ -84,25 +85,18 @@ def rescale_routers(model: nn.Module, info: MoeInfo, batch: dict[str, torch.Tens
     if not any(candidates):
         logger.info("router rescaling (auto): no router can saturate (weight bound), probe skipped")
         return []
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        # ZeRO-3 partitioned the model at load (zero.Init); its forward works only inside the DeepSpeed
-        # engine, which train() creates, and gathering the whole model here would undo the sharding.
-        raise RouterTuneError(
-            f"router_rescale {mode!r} needs a forward pass through the model to measure its routers"
-            + (" (their stored weights allow a saturated softmax)" if mode == "auto" else "")
-            + ", which a ZeRO-3 partitioned model cannot run before training starts. Train this model with "
-            "FSDP2 (recipes/accelerate/fsdp2.yaml) or in one process, or set router_rescale: off."
-        )
     target = DEFAULT_TARGET_STD if mode == "auto" else float(mode)
     before = measure_routers(model, batch)
-    changes = []
+    changes, weights = [], router_state_dict(model)
     for ref, m, candidate in zip(info.routers, before, candidates):
         if not candidate or (mode == "auto" and m["top1"] <= SATURATED_TOP1):
             continue
         factor = target / max(m["logit_std"], 1e-6)
-        ref.module.weight.mul_(factor)
+        weights[ref.param_names[0]] *= factor
         changes.append({"layer": ref.layer, "factor": factor, "top1_before": m["top1"]})
     if changes:
+        # written back as a state dict: plain, FSDP2 and ZeRO-3 parameters (and DeepSpeed's fp32 masters)
+        load_router_state_dict(model, weights)
         after = measure_routers(model, batch)
         by_layer = {ref.layer: a for ref, a in zip(info.routers, after)}
         for change in changes:

@@ -172,10 +172,16 @@ class RouterTrainer(Trainer):
         model.config.router_aux_loss_coef = 0.0
         model.config.output_router_logits = False
 
-        self.router_rescaling = []
+        self.router_rescaling, self._rescale_batch = [], None
         if args.router_rescale != "off" and first_blocks:
-            # measured on the first training blocks, before any step
-            self.router_rescaling = rescale_routers(model, self.moe, data_collator(first_blocks), args.router_rescale)
+            # measured on the first training blocks, before any step; a ZeRO-3 partitioned model runs its
+            # forward only inside DeepSpeed's engine, which train() creates (see create_scheduler)
+            if self.backend == "deepspeed":
+                self._rescale_batch = data_collator(first_blocks)
+            else:
+                self.router_rescaling = rescale_routers(
+                    model, self.moe, data_collator(first_blocks), args.router_rescale
+                )
         timer.lap("rescale probe")
         self.startup_seconds = timer.report()
 
@@ -432,15 +438,22 @@ class RouterTrainer(Trainer):
         self.global_batch.load_state(trained.meta.get("balance_counts"), self.args.device)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """The stock scheduler; under DeepSpeed, also the hook that resumes router-only checkpoints.
-
-        `Trainer` resumes a DeepSpeed run with `engine.load_checkpoint(load_module_strict=True)`, which
-        fails on a checkpoint without the frozen weights (and it skips `_load_from_checkpoint`). The
-        engine exists from the `accelerator.prepare` just before this call: its load becomes
-        non-strict, and restores the balancing counts as `_load_from_checkpoint` does."""
+        """The stock scheduler; under DeepSpeed, also the first call after `accelerator.prepare` made
+        the engine, and before any checkpoint is loaded or step taken:
+        - `router_rescale` probes the routers now (the engine's forward gathers the partitions);
+        - `Trainer` resumes a DeepSpeed run with `engine.load_checkpoint(load_module_strict=True)`,
+          which fails on a checkpoint without the frozen weights (and it skips `_load_from_checkpoint`):
+          the engine's load becomes non-strict, and restores the balancing counts as
+          `_load_from_checkpoint` does."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         engine = getattr(getattr(self.accelerator, "deepspeed_engine_wrapped", None), "engine", None)
-        if engine is not None and not isinstance(engine.load_checkpoint, functools.partial):
+        if engine is None:
+            return scheduler
+        if self._rescale_batch is not None:
+            batch = {k: v.to(self.args.device) for k, v in self._rescale_batch.items() if torch.is_tensor(v)}
+            self._rescale_batch = None
+            self.router_rescaling = rescale_routers(self.model, self.moe, batch, self.args.router_rescale)
+        if not isinstance(engine.load_checkpoint, functools.partial):
             engine.load_checkpoint = functools.partial(self._load_deepspeed_checkpoint, engine.load_checkpoint)
         return scheduler
 
