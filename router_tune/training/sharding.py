@@ -11,7 +11,8 @@ environment `accelerate launch` sets (`ACCELERATE_USE_FSDP`), not from accelerat
 DeepSpeed ZeRO-3 is accelerate's own (`Trainer` -> `accelerator.prepare` -> `deepspeed.initialize`),
 with the MoE blocks as ZeRO-3 leaf modules (`prepare_zero3`). On a CPU (`DS_ACCELERATOR=cpu`,
 gloo) accelerate needs one push: its `PartialState` finds no GPU backend, initialises DeepSpeed's
-process group with backend None and then counts one process on every rank (`_deepspeed_on_cpu`).
+process group with backend None and then counts one process on every rank
+(`configure_process_group`); `check_wrapped` stops a run that did not get ZeRO-3 over every process.
 """
 
 from __future__ import annotations
@@ -61,18 +62,13 @@ def check_request(args) -> str | None:
             f"the run would be a plain one. Launch it with `accelerate launch --config_file "
             f"recipes/accelerate/{config}` and num_processes >= 2, or without the {name} config."
         )
-    if backend == "deepspeed" and not torch.cuda.is_available():
-        _deepspeed_on_cpu(args)
-    return backend
-
-
-def _deepspeed_on_cpu(args) -> None:
-    if args.use_cpu or _env_true("ACCELERATE_USE_CPU"):
+    if backend == "deepspeed" and (args.use_cpu or _env_true("ACCELERATE_USE_CPU")):
         raise RouterTuneError(
             "this run asks for DeepSpeed on CPU with `use_cpu` (or ACCELERATE_USE_CPU=1, `use_cpu: true` in "
             "the accelerate config): accelerate then ignores DeepSpeed and wraps the model in plain DDP. Drop "
             "use_cpu (see recipes/accelerate/cpu-deepspeed-zero3.yaml)."
         )
+    return backend
 
 
 def configure_process_group(args) -> None:
