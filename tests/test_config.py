@@ -51,3 +51,24 @@ def test_shipped_recipes_load(recipe):
 def test_recipe_key_docs_are_current():
     doc = Path(__file__).parent.parent / "docs" / "recipe-keys.md"
     assert doc.read_text() == keys_markdown(), "run: python -m router_tune.training.recipe_keys > docs/recipe-keys.md"
+
+
+@pytest.mark.parametrize(
+    "config", sorted(Path(__file__).parent.parent.glob("recipes/accelerate/*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_accelerate_configs(config):
+    """accelerate reads every shipped config; each is headed by the command that launches it, names
+    no architecture's classes (router_tune derives ZeRO-3 leaves from the model), and a DeepSpeed
+    JSON it names exists and is valid."""
+    import json
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    root = Path(__file__).parent.parent
+    cluster = ClusterConfig.from_yaml_file(str(config))
+    header = [line for line in config.read_text().splitlines()[:6] if line.startswith("#")]
+    assert any(f"--config_file {config.relative_to(root)}" in line for line in header), header
+    ds = cluster.deepspeed_config or {}
+    assert "deepspeed_moe_layer_cls_names" not in ds and "transformer_moe_cls_names" not in ds
+    if "deepspeed_config_file" in ds:
+        assert json.loads((root / ds["deepspeed_config_file"]).read_text())["zero_optimization"]["stage"] == 3
