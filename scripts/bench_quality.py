@@ -107,9 +107,8 @@ def run(model_dir: Path, oracle_map: dict, mode: str, steps: int, every: int, ou
         routing_log_every=0,
         logging_steps=max(steps // 10, 1),
         disable_tqdm=True,
-        seed=42,
         dataloader_num_workers=0,
-        **overrides,
+        **{"seed": 42, **overrides},
     )
     trainer = RouterTrainer(args=args)
     specs = data.parse_sources(args.datasets)

@@ -39,7 +39,7 @@ def write_recipe(path: Path, model_dir: Path) -> Path:
         "logging_steps": 2,
         "routing_log_every": 0,
         "eval_before_after": False,
-        "learning_rate": 0.01,
+        "learning_rate": 0.3,
         "aux_loss_reduce": "global_prev",
         "router_aux_loss_coef": 0.1,
         "use_cpu": True,

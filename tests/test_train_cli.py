@@ -30,7 +30,7 @@ def write_recipe(tmp_path: Path, model_dir: Path, **overrides) -> Path:
         "block_size": 64,
         "per_device_train_batch_size": 4,
         "max_steps": 4,
-        "learning_rate": 1e-2,
+        "learning_rate": 0.3,
         "save_steps": 2,
         "logging_steps": 1,
         "routing_log_every": 2,
@@ -94,7 +94,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(mixtral_legacy, tmp_path):
     recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=10_000, save_steps=10_000, routing_log_every=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "router_tune", "train", str(recipe), "--learning_rate", "0.02"],
+        [sys.executable, "-m", "router_tune", "train", str(recipe), "--learning_rate", "0.5"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -122,7 +122,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(mixtral_legacy, tmp_path):
         "train",
         str(recipe),
         "--learning_rate",
-        "0.02",
+        "0.5",
         "--resume_from_checkpoint",
         "true",
     ]

@@ -55,7 +55,7 @@ def uneven_blocks(model_dir: Path, n: int, block: int = BLOCK) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def make_trainer(model_dir, out, *, steps=4, batch=4, ga=1, lr=1e-2, data="text", **kw) -> RouterTrainer:
+def make_trainer(model_dir, out, *, steps=4, batch=4, ga=1, lr=0.3, data="text", **kw) -> RouterTrainer:
     """A RouterTrainer on `data` (default: 64 text blocks; None: the recipe's `datasets`)."""
     defaults = dict(
         router_aux_loss_coef=0.01,
@@ -258,7 +258,7 @@ def test_secrets_never_reach_run_files(mixtral_legacy, tmp_path, monkeypatch):
             assert "SECRET" not in path.read_text(), path
     info = json.loads((tmp_path / "run" / "router_tune.json").read_text())
     assert "hub_token" not in info["recipe"]
-    assert info["recipe"]["learning_rate"] == 1e-2
+    assert info["recipe"]["learning_rate"] == 0.3
 
 
 def test_saturated_routers_are_rescaled_keeping_their_ranking(mixtral_saturated, tmp_path):

@@ -205,6 +205,20 @@ def gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> It
         yield
 
 
+@torch.no_grad()
+def router_input_norm_weight(model: nn.Module, layer: int) -> torch.Tensor | None:
+    """The RMSNorm weight g applied to the hidden state a layer's router reads (fp32, CPU, whole), or
+    None when the decoder layer has no `post_attention_layernorm`. Every rank must call it when the
+    weights are sharded (a DTensor is all-gathered, a ZeRO-3 partition gathered)."""
+    norm = getattr(getattr(model.get_decoder().layers[layer], "post_attention_layernorm", None), "weight", None)
+    if norm is None:
+        return None
+    with gathered([norm]):
+        t = norm.detach()
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        return t.float().cpu().clone()
+
+
 def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Routing parameters under their in-memory names, fp32 on CPU (what routers.safetensors holds).
 

@@ -22,12 +22,16 @@ from transformers.trainer_utils import SchedulerType
 from router_tune.errors import RouterTuneError
 from router_tune.training.checkpoints import check_resume_value
 from router_tune.training.global_batch import REDUCE_MODES
+from router_tune.training.router_lr import LR_SCALES
 from router_tune.training.sharding import configure_process_group
 
 # Recipe keys and environment variables whose values must never reach logs, checkpoints,
 # wandb or model cards.
 SECRET_KEY = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
 ROUTER_GRADIENTS = ("sparse", "dense", "default_moe")
+# A logit-unit rate below this is almost certainly a raw Adam rate from an older recipe (the default
+# is 2.0), and a raw Adam rate above MAX_RAW_LR almost certainly a logit-unit one.
+MIN_LOGIT_LR, MAX_RAW_LR = 0.05, 0.5
 
 
 @dataclass
@@ -96,6 +100,16 @@ class RouterTuneConfig(TrainingArguments):
             "help": "Rescale saturated routers before training (their softmax gives no gradient): "
             "auto (layers whose mean top-1 probability exceeds 0.9, to a logit std of "
             "1), off, or a number: every layer to that logit std."
+        },
+    )
+    router_lr_scale: str = field(
+        default="input",
+        metadata={
+            "help": "input: learning_rate is in logit units and each layer's routers get learning_rate / s, with "
+            "s = sqrt(2/pi) * ||g||_1 from the norm weight g before the router (Adam moves a logit by up to "
+            "rate * ||input||_1 per step, so a raw rate does not transfer across widths). none: learning_rate "
+            "is Adam's rate for every router.",
+            "choices": list(LR_SCALES),
         },
     )
     router_gradient: str = field(
@@ -169,7 +183,12 @@ class RouterTuneConfig(TrainingArguments):
         default=False, metadata={"help": "Routers are used on every step, so DDP needs no unused-parameter search."}
     )
     learning_rate: float = field(
-        default=1e-3, metadata={"help": "Peak learning rate. Routers are tiny linear maps: 1e-4 to 1e-2 work."}
+        default=2.0,
+        metadata={
+            "help": "Peak learning rate. With router_lr_scale input (the default) in logit units: about how far "
+            "one step can move a token's router logits, the same on any width (each layer's Adam rate is "
+            "this / s, s the expected L1 norm of the router's input). With router_lr_scale none, Adam's rate."
+        },
     )
     lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps, or a fraction of max_steps if < 1."})
@@ -199,6 +218,19 @@ class RouterTuneConfig(TrainingArguments):
         if self.aux_loss_reduce not in REDUCE_MODES:
             problems.append(
                 f"`aux_loss_reduce` must be one of {', '.join(REDUCE_MODES)}, got {self.aux_loss_reduce!r}."
+            )
+        if self.router_lr_scale not in LR_SCALES:
+            problems.append(f"`router_lr_scale` must be input or none, got {self.router_lr_scale!r}.")
+        elif self.router_lr_scale == "input" and self.learning_rate < MIN_LOGIT_LR:
+            problems.append(
+                f"`learning_rate` {self.learning_rate:g} is read in logit units (router_lr_scale: input, the "
+                f"default), where {self.learning_rate:g} barely moves a router (the default is 2.0). If it is an "
+                "Adam rate from an older recipe, add `router_lr_scale: none`; else raise it."
+            )
+        elif self.router_lr_scale == "none" and self.learning_rate > MAX_RAW_LR:
+            problems.append(
+                f"`learning_rate` {self.learning_rate:g} is Adam's raw rate here (router_lr_scale: none) and would "
+                "throw the routers around: values in logit units need `router_lr_scale: input` (the default)."
             )
         if self.router_gradient not in ROUTER_GRADIENTS:
             problems.append(f"`router_gradient` must be sparse, dense or default_moe, got {self.router_gradient!r}.")

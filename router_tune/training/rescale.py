@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from router_tune.model.loading import MoeInfo
-from router_tune.model.routers import gathered, load_router_state_dict, router_logits_on, router_state_dict
+from router_tune.model.routers import (
+    load_router_state_dict,
+    router_input_norm_weight,
+    router_logits_on,
+    router_state_dict,
+)
 from router_tune.routing.inspection import SATURATED_TOP1  # the threshold `inspect` calls saturated
 
 logger = logging.getLogger(__name__)
@@ -52,17 +57,13 @@ def may_saturate(model: nn.Module, info: MoeInfo) -> list[bool]:
     1 / (1 + (E - 1) exp(-D)). A layer whose bound stays at or below SATURATED_TOP1 cannot be
     saturated on any input and needs no probe; a layer without a readable norm is probed."""
     weights = router_state_dict(model)  # whole fp32 tensors, gathered when sharded
-    layers = model.get_decoder().layers
     limit = math.log(SATURATED_TOP1 / (1 - SATURATED_TOP1) * (info.num_experts - 1))
     flags = []
     for ref in info.routers:
-        norm = getattr(getattr(layers[ref.layer], "post_attention_layernorm", None), "weight", None)
+        norm = router_input_norm_weight(model, ref.layer)
         if norm is None:
             flags.append(True)
             continue
-        with gathered([norm]):  # a ZeRO-3 partition is empty until gathered (a vector of H)
-            norm = norm.detach()
-            norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float().cpu().clone()
         w = weights[ref.param_names[0]] * norm
         gap = torch.cdist(w, w).max().item() * math.sqrt(w.shape[1])
         flags.append(gap > limit)

@@ -58,6 +58,7 @@ from router_tune.training.config import RouterTuneConfig
 from router_tune.training.global_batch import GlobalBatch
 from router_tune.training.rescale import rescale_routers
 from router_tune.training.router_gradient import RouterGradient
+from router_tune.training.router_lr import router_param_groups
 from router_tune.training.sharding import (
     StartupTimer,
     check_request,
@@ -282,6 +283,17 @@ class RouterTrainer(Trainer):
         return batch_samples, num_items_in_batch
 
     def create_optimizer(self, model=None):
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
+            # One parameter group per MoE layer with its own rate (training/router_lr.py), through the
+            # Trainer's documented `params` override, so optimizer choice and wrapping stay the stock ones.
+            model = self.model if model is None else model
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = router_param_groups(
+                model, self.moe, self.args.learning_rate, self.args.weight_decay, self.args.router_lr_scale
+            )
+            self.optimizer_cls_and_kwargs = (cls, {**kwargs, "params": groups})
+            # logs report the recipe's learning_rate (logit units), not the first layer's Adam rate
+            self._lr_log_factor = self.args.learning_rate / groups[0]["lr"]
         optimizer = super().create_optimizer(model)
         inner_step = optimizer.step
 
@@ -315,6 +327,9 @@ class RouterTrainer(Trainer):
         return optimizer
 
     # ---- logging ---------------------------------------------------------------------------
+
+    def _get_learning_rate(self) -> float:
+        return super()._get_learning_rate() * getattr(self, "_lr_log_factor", 1.0)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._window.micro_batches:  # a training log: add the parts of the loss
@@ -413,6 +428,11 @@ class RouterTrainer(Trainer):
             "global_step": self.state.global_step,
             "nonfinite_steps": self.nonfinite_steps,
             "router_rescaling": self.router_rescaling,
+            # each layer's peak Adam rate (router_lr_scale input: learning_rate / the input's L1 scale)
+            "router_adam_rates": {
+                group.get("layer", i): group.get("initial_lr", group["lr"])
+                for i, group in enumerate(_inner(self.optimizer).param_groups if self.optimizer else [])
+            },
             # routers trained against a quantized base; the export is still the full-precision source
             "quantization": self.quantization.to_dict() if self.quantization else None,
             "startup_seconds": self.startup_seconds,
