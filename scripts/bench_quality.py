@@ -27,6 +27,8 @@ from transformers import TrainerCallback
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
+from provenance import describe, provenance  # noqa: E402
+
 from router_tune import data  # noqa: E402
 from router_tune.evaluation.evaluate import evaluate_model, evaluate_oracle  # noqa: E402
 from router_tune.training.config import load_recipe  # noqa: E402
@@ -174,18 +176,11 @@ def mode_cost(model_dir: Path, modes: list[str], micro_batches: int = 6) -> dict
     }
 
 
-def git_state() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    return {"commit": commit, "clean_tree": not dirty.strip()}
-
-
 def write_markdown(result: dict, path: Path) -> None:
-    tree = "clean tree" if result["git"]["clean_tree"] else "uncommitted changes"
     lines = [
         "# Router training quality (`make bench-quality`)",
         "",
-        f"Commit `{result['git']['commit'][:12]}` ({tree}),"
+        f"{describe(result['git']).capitalize()},"
         f" {result['threads']} threads, {result['steps']} steps, evaluated every {result['eval_every']} steps on "
         f"{EVAL_BLOCKS} held-out blocks per source. Command: `{result['command']}`.",
         "",
@@ -217,6 +212,35 @@ def write_markdown(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_plot(result: dict, path: Path) -> None:
+    """Gap to oracle routing closed against training tokens, one panel per model, a line per run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    by_model: dict[str, list[tuple[str, dict]]] = {}
+    for name, run in result["runs"].items():
+        model, label = name.split("/", 1)
+        by_model.setdefault(model, []).append((label, run))
+    fig = Figure(figsize=(4.2 * len(by_model), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (model, runs) in enumerate(by_model.items()):
+        ax = fig.add_subplot(1, len(by_model), i + 1)
+        for label, run in runs:
+            points = run["points"]
+            ax.plot(
+                [p["tokens"] / 1e6 for p in points],
+                [100 * p["gap_closed"] for p in points],
+                marker="o",
+                ms=3,
+                label=label,
+            )
+        for mark in MARKS:
+            ax.axhline(100 * mark, color="grey", lw=0.6, ls=":")
+        ax.set(title=model, xlabel="training tokens (M)", ylabel="gap to oracle closed (%)", ylim=(0, 105))
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
@@ -229,7 +253,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     result = {
-        "git": git_state(),
+        "git": provenance(),
         "command": "python scripts/bench_quality.py " + " ".join(sys.argv[1:]),
         "threads": torch.get_num_threads(),
         "steps": args.steps,
@@ -253,6 +277,7 @@ def main() -> None:
         result["cost"] = mode_cost(ROOT / "router_tune" / "assets" / "demo-moe", args.modes)
     (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, args.out / "quality.md")
+    write_plot(result, args.out / "quality.png")
     print((args.out / "quality.md").read_text())
 
 

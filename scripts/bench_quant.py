@@ -170,7 +170,6 @@ def measure_scale(mode: str, model_dir: Path, seq: int, steps: int, out_dir: Pat
         per_device_train_batch_size=1,
         gradient_accumulation_steps=1,
         gradient_checkpointing=True,
-        learning_rate=1e-3,
         warmup_steps=0,
         router_rescale="off",
         eval_before_after=False,

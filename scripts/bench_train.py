@@ -285,6 +285,7 @@ def run(args) -> dict:
             aux_loss_reduce="global",
             routing_log_every=args.routing_log_every,
             eval_before_after=False,
+            router_lr_scale="none",  # the baseline's optimizer exactly: Adam at 1e-3 (speed, not quality)
             **common,
         )
         sources = [f"source{i}" for i in range(max(data["source_id"]) + 1)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -335,3 +336,25 @@ def test_recipe_sources_over_bundled_samples(tok):
     assert len(blocks) == 40 and {b["source_id"] for b in blocks} == {0, 1}
     assert all(len(b["input_ids"]) == 256 and all(b["token_mask"]) for b in blocks)
     assert pipeline_throughput(specs, tok, 256, 20) > 0
+
+
+def test_shuffle_buffer_breaks_up_long_documents_and_keeps_every_block(tmp_path, tok):
+    """Packing cuts a long document into consecutive blocks; the shuffle buffer spreads them over
+    the stream, keeps every block exactly once, and is the same order for the same seed (resume)."""
+    long_docs = [
+        {"text": f"doc{i} " + f"w{i} " * 300, "meta": {"redpajama_set_name": "RedPajamaGithub"}} for i in range(6)
+    ]
+    specs = specs_for({"source": "redpajama", "path": str(write_jsonl(tmp_path / "github_sample.jsonl", long_docs))})
+
+    def doc_runs(blocks):
+        """Mean length of runs of consecutive blocks that come from one document."""
+        docs = [max(re.findall(r"\d", tok.decode(b["input_ids"]))) for b in blocks]  # doc i holds digit i only
+        runs = 1 + sum(a != b for a, b in zip(docs, docs[1:]))
+        return len(docs) / runs
+
+    ordered = train_blocks(specs, tok, 16, eval_fraction=0.0)
+    shuffled = train_blocks(specs, tok, 16, eval_fraction=0.0, seed=5, shuffle_buffer=64)
+    assert doc_runs(ordered) > 10 and doc_runs(shuffled) < 2
+    key = lambda b: (tuple(b["input_ids"]), tuple(b["position_ids"]))  # noqa: E731
+    assert sorted(map(key, shuffled)) == sorted(map(key, ordered))
+    assert train_blocks(specs, tok, 16, eval_fraction=0.0, seed=5, shuffle_buffer=64) == shuffled

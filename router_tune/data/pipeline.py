@@ -205,9 +205,11 @@ def build_train_dataset(
     max_bad_records: int = 0,
     check: bool = True,
     bad_records: BadRecords | None = None,
+    shuffle_buffer: int = 0,
 ) -> datasets.IterableDataset:
     """The training blocks: each source packed on its own, then sources drawn block by block with
-    probabilities proportional to their weights (so weights are shares of training tokens).
+    probabilities proportional to their weights (so weights are shares of training tokens), then
+    shuffled in a buffer of `shuffle_buffer` blocks.
 
     Args:
         specs: from `parse_sources`.
@@ -219,6 +221,9 @@ def build_train_dataset(
         check: read local sources once up front (`check_sources`) so errors come before training.
         bad_records: where malformed records met while streaming are counted (the trainer checks it
             on every rank); default: one that raises past `max_bad_records`.
+        shuffle_buffer: blocks held by datasets' `IterableDataset.shuffle` (0 or 1 = stream order).
+            Packing cuts a long document into consecutive blocks, so without it a 10k-token file
+            fills the source's share of a dozen steps in a row.
 
     Returns:
         An IterableDataset of blocks {"input_ids", "labels", "position_ids", "token_mask",
@@ -237,11 +242,13 @@ def build_train_dataset(
         for i, s in enumerate(specs)
     ]
     if len(streams) == 1:
-        return streams[0]
-    total = sum(s.weight for s in specs)
-    return datasets.interleave_datasets(
-        streams, probabilities=[s.weight / total for s in specs], seed=seed, stopping_strategy="all_exhausted"
-    )
+        mixed = streams[0]
+    else:
+        total = sum(s.weight for s in specs)
+        mixed = datasets.interleave_datasets(
+            streams, probabilities=[s.weight / total for s in specs], seed=seed, stopping_strategy="all_exhausted"
+        )
+    return mixed.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer > 1 else mixed
 
 
 def build_eval_blocks(

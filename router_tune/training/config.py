@@ -30,7 +30,7 @@ from router_tune.training.sharding import configure_process_group
 SECRET_KEY = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
 ROUTER_GRADIENTS = ("sparse", "dense", "default_moe")
 # A logit-unit rate below this is almost certainly a raw Adam rate from an older recipe (the default
-# is 2.0), and a raw Adam rate above MAX_RAW_LR almost certainly a logit-unit one.
+# is 0.5), and a raw Adam rate above MAX_RAW_LR almost certainly a logit-unit one.
 MIN_LOGIT_LR, MAX_RAW_LR = 0.05, 0.5
 
 
@@ -62,6 +62,14 @@ class RouterTuneConfig(TrainingArguments):
     )
     eval_before_after: bool = field(
         default=True, metadata={"help": "Evaluate held-out perplexity and routing at the start and end of training."}
+    )
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={
+            "help": "Training blocks shuffled in a buffer of this many (datasets' IterableDataset.shuffle): "
+            "packing cuts a long document into consecutive blocks, which would otherwise fill steps in a "
+            "row. 0 = stream order."
+        },
     )
     max_bad_records: int = field(
         default=0,
@@ -183,7 +191,7 @@ class RouterTuneConfig(TrainingArguments):
         default=False, metadata={"help": "Routers are used on every step, so DDP needs no unused-parameter search."}
     )
     learning_rate: float = field(
-        default=2.0,
+        default=0.5,
         metadata={
             "help": "Peak learning rate. With router_lr_scale input (the default) in logit units: about how far "
             "one step can move a token's router logits, the same on any width (each layer's Adam rate is "
@@ -208,6 +216,8 @@ class RouterTuneConfig(TrainingArguments):
             problems.append("`model_name_or_path` is missing: set it to a merged MoE directory or hub id.")
         if self.block_size <= 1:
             problems.append(f"`block_size` must be at least 2 tokens, got {self.block_size}.")
+        if self.shuffle_buffer < 0:
+            problems.append(f"`shuffle_buffer` must be >= 0 blocks (0 = stream order), got {self.shuffle_buffer}.")
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction}.")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter"):
@@ -224,7 +234,7 @@ class RouterTuneConfig(TrainingArguments):
         elif self.router_lr_scale == "input" and self.learning_rate < MIN_LOGIT_LR:
             problems.append(
                 f"`learning_rate` {self.learning_rate:g} is read in logit units (router_lr_scale: input, the "
-                f"default), where {self.learning_rate:g} barely moves a router (the default is 2.0). If it is an "
+                f"default), where {self.learning_rate:g} barely moves a router (the default is 0.5). If it is an "
                 "Adam rate from an older recipe, add `router_lr_scale: none`; else raise it."
             )
         elif self.router_lr_scale == "none" and self.learning_rate > MAX_RAW_LR:

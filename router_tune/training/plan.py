@@ -48,6 +48,7 @@ def plan(config) -> dict:
         seed=config.seed,
         eval_fraction=config.eval_fraction,
         max_bad_records=config.max_bad_records,
+        shuffle_buffer=config.shuffle_buffer,
     )
     names = source_names(specs)
     blocks = dict.fromkeys(names, 0)

@@ -137,6 +137,7 @@ class RouterTrainer(Trainer):
                 seed=args.seed,
                 eval_fraction=args.eval_fraction,
                 bad_records=self.bad_records,
+                shuffle_buffer=args.shuffle_buffer,
             )
         data_collator = data_collator or data.collate_blocks
         first_blocks = data.first_blocks(train_dataset, max(1, args.per_device_train_batch_size))
