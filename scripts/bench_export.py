@@ -208,6 +208,11 @@ def run_benchmark(work_dir: str | Path = ROOT / "bench" / "work", repeats: int =
     for method, runs in samples.items():
         result[method] = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
         result[method]["all_seconds"] = [round(r["seconds"], 3) for r in runs]
+    model_mb = sum(f.stat().st_size for f in shards) / 2**20
+    for method in ("export", "splice"):  # against the model's bytes (issue 12: <= 0.25 verified)
+        m = result[method]
+        m["peak_rss_over_model"] = round(m["peak_rss_mb"] / model_mb, 3)
+        m["added_rss_over_model"] = round((m["peak_rss_mb"] - m["rss_after_imports_mb"]) / model_mb, 3)
     for method in ("export", "splice"):  # against from_pretrained + save_pretrained
         result[f"{method}_time_ratio"] = round(result[method]["seconds"] / result["reload_save"]["seconds"], 3)
         result[f"{method}_rss_ratio"] = round(result[method]["peak_rss_mb"] / result["reload_save"]["peak_rss_mb"], 3)

@@ -311,11 +311,13 @@ def test_bf16_figures_are_the_deployed_model_with_fp32_router_figures_beside(mix
     routers, the stock forward); the fp32-router-logit figures, as training sees them, come beside."""
     model, info = load_moe(mixtral_bf16)  # fp32 routers, as training and `router-tune eval` load it
     # Large routers (as mergekit `random` gates) that bf16 cannot hold exactly, seeded: the deployed and
-    # fp32-router figures then differ by more than the tolerance below, whatever the test blocks.
+    # fp32-router figures then differ by more than the tolerance below. The margin depends on the test
+    # tokenizer, trained on this package's source (tests/factories.py): with x8 an unrelated source
+    # change left 7.8e-7 (< 4e-6); x16 leaves 3.2e-5 at the commit that set it.
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for ref in info.routers:
-            ref.module.weight.copy_(torch.randn(ref.module.weight.shape, generator=gen) * 8)
+            ref.module.weight.copy_(torch.randn(ref.module.weight.shape, generator=gen) * 16)
     blocks = build_eval_blocks(
         parse_sources(sources_from_files([str(p) for p in data_files])),
         AutoTokenizer.from_pretrained(mixtral_bf16),

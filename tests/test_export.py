@@ -421,6 +421,7 @@ def test_checkpoint_dir_cli_and_model_card(mixtral_legacy, tmp_path, capsys):
     assert "| perplexity/overall | 20 | 15 | -25.0% (better) |" in card and "| balance | 0.5 | 0.9 | +80.0% |" in card
     assert "re-arranged from the legacy layout" not in card  # legacy source, legacy export
     assert "convert_hf_to_gguf.py" in card and "tokens/overall" not in card
+    assert "every non-router tensor is byte-identical to the source's" in card  # what the verification proved
     (run / "routers.safetensors").unlink()
     assert cli_main(["export", str(run), "--out", str(tmp_path / "x")]) == 1
     assert "checkpoint-3" in capsys.readouterr().err

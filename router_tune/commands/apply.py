@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-verify",
         dest="verify",
         action="store_false",
-        help="skip reloading and comparing the output (the fingerprint check still runs)",
+        help="skip checking the output against the source and the routers (the fingerprint check still runs)",
     )
 
 

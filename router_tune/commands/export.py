@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-verify",
         dest="verify",
         action="store_false",
-        help="skip reloading and comparing the export (verifying needs about twice the "
-        "checkpoint size in RAM, one model at a time)",
+        help="skip checking the export against the source and the trained routers (the check "
+        "streams the shards and loads no model: it costs about one more read of the checkpoint)",
     )
 
 

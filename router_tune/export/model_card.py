@@ -22,6 +22,15 @@ REPORT = Path("eval") / "report.json"
 LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "nll")
 HEADLINE = ("perplexity", "balance")
 
+# What the verification of each format proved (export.verify, export.peft_adapter, exporter._check_delta).
+VERIFIED = {
+    "full": "The export was verified: every non-router tensor is byte-identical to the source's, every router "
+    "equals the trained one in the stored dtype, config.json is the source's, and transformers loads it with no "
+    "missing, unexpected or mismatched keys: it is the trained model, so it computes the trained model's logits.",
+    "peft": "The adapter was verified: loaded with peft onto the source model, it computes the trained model's logits.",
+    "routers": "The delta was verified: it reads back identical to the trained routers, fingerprints included.",
+}
+
 
 def read_report(run_dir: Path | None, global_step) -> dict | None:
     """The run's evaluation report, if it exists and describes these routers."""
@@ -143,12 +152,7 @@ def render(
     parts += [
         "## How it was made\n",
         f"Routers trained and exported with router_tune {version('router-tune')}: `{command}`. "
-        + (
-            "The export was verified: it reloads in transformers with no missing or unexpected keys, computes "
-            "the trained model's logits, and every non-router tensor equals the source's."
-            if verified
-            else "The export was written with --no-verify (not re-loaded and compared)."
-        ),
+        + (VERIFIED[fmt] if verified else "The export was written with --no-verify (not checked after writing)."),
         "",
         "## Use\n",
         _usage(fmt, source, layout, title),

@@ -1,27 +1,42 @@
-"""Prove an export equals the trained model: reload it, compare logits, tensors and bytes.
+"""Prove an export is the trained model, with O(chunk) memory and no second model load.
 
-The reference is the source checkpoint with the trained routers loaded into it, in the
-source dtype: exactly the weights the export stores. It is captured (logits on a fixed
-input, a hash of every other tensor) and freed before the export is loaded, so verifying
-needs about one copy of the model in RAM at a time, never two.
+A full export is checked in three parts, each enough to fail on its own fault:
+  tensors   one streaming pass over the export's shards (`check_tensors`): every non-router
+            tensor is byte-identical to the source's (same name, dtype, shape, shard and shard
+            metadata), compared range by range with no tensor in memory; every router equals
+            the trained one in the stored dtype; for a layout conversion, the re-arranged
+            experts have the trained routers' expert fingerprints.
+  loading   transformers loads the export on the meta device (`check_loads`): its own key
+            renaming, layout conversion and shape checks map every tensor to a parameter of
+            the model that config.json describes, with none missing, unexpected or mismatched.
+  files     config.json is the source's except `output_router_logits` (False); every other
+            side file is byte-identical (`check_side_files`).
+Together they make the export's logits the trained model's by construction: the reference
+model (source + trained routers in the stored dtype) would be loaded from these very bytes,
+names and config. Comparing logits therefore needs no second model; PEFT adapters, which are
+made from the loaded trained model anyway, still compare logits (`Reference`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from router_tune.architectures import architecture_named
+from router_tune.architectures.on_disk import FUSED_EXPERT, LEGACY_EXPERT, disk_name, param_name
 from router_tune.errors import RouterTuneError
+from router_tune.export.splice import SpliceResult
 from router_tune.io import checkpoint
 from router_tune.io.router_files import TrainedRouters, check_fingerprints
+from router_tune.io.shards import TORCH_DTYPES, StoredTensor, read_header, read_segment, same_bytes
 from router_tune.model.fingerprints import FORMAT as FINGERPRINT_FORMAT
-from router_tune.model.fingerprints import checkpoint_fingerprints, tensor_digest
+from router_tune.model.fingerprints import checkpoint_fingerprints
 from router_tune.model.loading import load_moe
 from router_tune.model.routers import load_router_state_dict, router_param_names
 
@@ -34,12 +49,10 @@ INPUT_SHAPE = (2, 24)
 
 @dataclass
 class Reference:
-    """What the trained model computes, kept after the model itself is freed."""
+    """What the trained model computes, kept after the model itself is freed (PEFT adapters)."""
 
     logits: torch.Tensor
     dtype: torch.dtype
-    routers: dict[str, torch.Tensor]  # as the model stores them (source dtype)
-    hashes: dict[str, str] = field(repr=False)  # every other parameter and buffer
 
 
 def fixed_input(vocab_size: int) -> torch.Tensor:
@@ -113,39 +126,8 @@ def router_shapes(source_dir: Path) -> dict[str, tuple[int, ...]]:
 
 def capture_reference(model) -> Reference:
     names = set(router_param_names(model))
-    state = model.state_dict()
-    return Reference(
-        logits=logits_of(model),
-        dtype=next(t for n, t in state.items() if n not in names).dtype,
-        routers={n: state[n].detach().clone() for n in names},
-        hashes={n: tensor_digest([(n, t)]) for n, t in state.items() if n not in names},
-    )
-
-
-def check_model_dir(out_dir: Path, ref: Reference) -> None:
-    """Reload with plain transformers: no missing / unexpected keys, same tensors, same logits."""
-    model, info = AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True)
-    try:
-        problems = {k: v for k, v in info.items() if v}
-        if problems:
-            raise RouterTuneError(
-                f"the export does not load cleanly in transformers: {problems}. Nothing was written; "
-                "please report this with the source model's config.json."
-            )
-        state = model.state_dict()
-        for name, want in ref.routers.items():
-            if not torch.equal(state[name], want):
-                raise RouterTuneError(f"router {name} in the export differs from the trained one; nothing was written.")
-        changed = [n for n, d in ref.hashes.items() if n not in state or tensor_digest([(n, state[n])]) != d]
-        if changed or set(state) - set(ref.hashes) - set(ref.routers):
-            raise RouterTuneError(
-                f"the export changed non-router tensors ({', '.join(changed[:4])}); nothing was "
-                "written. Please report this with the source model's config.json."
-            )
-        check_logits(logits_of(model.eval()), ref, "the exported model")
-    finally:
-        del model
-        gc.collect()
+    dtype = next(p.dtype for n, p in model.named_parameters() if n not in names)
+    return Reference(logits=logits_of(model), dtype=dtype)
 
 
 def check_logits(logits: torch.Tensor, ref: Reference, what: str) -> float:
@@ -158,32 +140,120 @@ def check_logits(logits: torch.Tensor, ref: Reference, what: str) -> float:
     return diff
 
 
-def check_bytes(source_dir: Path, out_dir: Path, skip: set[str]) -> int:
-    """Same layout: every non-router tensor of the export is byte-identical to the source's,
-    with the same names, dtypes, shard metadata and shard of residence. Returns the count checked."""
+def check_export(source_dir: Path, out_dir: Path, trained: TrainedRouters, result: SpliceResult) -> None:
+    """All checks of a full export (see the module docstring). Raises RouterTuneError on the first fault."""
+    check_tensors(source_dir, out_dir, trained, result)
+    check_side_files(source_dir, out_dir, result.side_files)
+    check_loads(out_dir)
 
-    def shards(root: Path) -> dict[str, Path]:
-        return {f.name: f for f in checkpoint.weight_files(root)}
 
-    src, out = shards(source_dir), shards(out_dir)
-    if set(src) != set(out):
-        raise RouterTuneError(f"the export has shards {sorted(out)}, the source {sorted(src)}; nothing was written.")
+def check_tensors(source_dir: Path, out_dir: Path, trained: TrainedRouters, result: SpliceResult) -> int:
+    """Compare the export's tensors with the source's and the trained routers, streaming; returns the count checked.
+
+    The export's headers are parsed afresh (io.shards.read_header checks every range against the
+    file) and its bytes compared with the source's by name, not through the splice's plan, so a
+    writer or plan that put the wrong bytes under a name fails here.
+    """
+    naming = architecture_named(result.architecture).legacy_naming
+    src_meta, src = _tensors(source_dir)
+    out_meta, out = _tensors(out_dir)
+    index = out_dir / checkpoint.SAFETENSORS_INDEX
+    if index.is_file() and json.loads(index.read_text())["weight_map"] != {n: t.file.name for n, t in out.items()}:
+        raise RouterTuneError(f"{index.name} of the export does not list its tensors; nothing was written.")
+    routers = {disk_name(p, naming, result.layout): p for p in trained.tensors}
+    same_layout = result.layout == result.source_layout
+    if same_layout and (
+        src_meta != out_meta or {n: t.file.name for n, t in src.items()} != {n: t.file.name for n, t in out.items()}
+    ):
+        raise RouterTuneError(
+            f"the export's shards hold other tensors or metadata than the source's ({_difference(src, out)}); "
+            "nothing was written."
+        )
+    # source tensors by in-memory name: the same key for either layout of a non-expert tensor
+    src_by_param = {param_name(n, naming): t for n, t in src.items() if not _is_expert(n)}
+    out_by_param = {param_name(n, naming): t for n, t in out.items() if not _is_expert(n)}
+    if set(src_by_param) != set(out_by_param):
+        raise RouterTuneError(
+            f"the export's non-expert tensors differ from the source's ({_difference(src_by_param, out_by_param)}); "
+            "nothing was written."
+        )
     checked = 0
-    for name in src:
-        with safe_open(str(src[name]), "pt") as a, safe_open(str(out[name]), "pt") as b:
-            if a.metadata() != b.metadata() or set(a.keys()) != set(b.keys()):
-                raise RouterTuneError(
-                    f"shard {name} of the export has other tensors or metadata than the source; nothing was written."
-                )
-            for key in a.keys():
-                if key in skip:
-                    continue
-                x, y = a.get_tensor(key), b.get_tensor(key)
-                if (
-                    x.dtype != y.dtype
-                    or x.shape != y.shape
-                    or not torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
-                ):
-                    raise RouterTuneError(f"tensor {key} of the export differs from the source; nothing was written.")
-                checked += 1
+    for name, t in out.items():
+        if name in routers:
+            _check_router(t, trained.tensors[routers[name]], src_by_param[routers[name]])
+        elif _is_expert(name) and not same_layout:
+            continue  # re-arranged bytes: proven below by their expert fingerprints
+        else:
+            want = src[name] if same_layout else src_by_param[param_name(name, naming)]
+            if (want.dtype, want.shape) != (t.dtype, t.shape) or not same_bytes(want.segment(), t.segment()):
+                raise RouterTuneError(f"tensor {name} of the export differs from the source; nothing was written.")
+        checked += 1
+    if not same_layout and checkpoint_fingerprints(out_dir) != trained.meta.get("fingerprints"):
+        raise RouterTuneError(
+            f"the {result.layout} experts of the export are not the source's experts re-arranged (their "
+            "fingerprints differ from the trained routers'); nothing was written. Please report this."
+        )
     return checked
+
+
+def _tensors(root: Path) -> tuple[dict[str, dict[str, str]], dict[str, StoredTensor]]:
+    metadata, tensors = {}, {}
+    for f in checkpoint.weight_files(root):
+        metadata[f.name], stored = read_header(f)
+        tensors.update(stored)
+    return metadata, tensors
+
+
+def _is_expert(name: str) -> bool:
+    return bool(LEGACY_EXPERT.match(name) or FUSED_EXPERT.match(name))
+
+
+def _difference(a: dict, b: dict) -> str:
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    return f"only in the source: {only_a[:3]}, only in the export: {only_b[:3]}"
+
+
+def _check_router(stored: StoredTensor, value: torch.Tensor, source: StoredTensor) -> None:
+    """The stored router is the trained one cast to the source's dtype, in the source's shape."""
+    dtype = TORCH_DTYPES.get(source.dtype)
+    want = None if dtype is None else value.detach().cpu().to(dtype).contiguous().reshape(-1).view(torch.uint8)
+    if (
+        want is None
+        or (stored.dtype, stored.shape) != (source.dtype, source.shape)
+        or read_segment(stored.segment()) != want.numpy().tobytes()
+    ):
+        raise RouterTuneError(f"router {stored.name} in the export differs from the trained one; nothing was written.")
+
+
+def check_side_files(source_dir: Path, out_dir: Path, side_files: list[str]) -> None:
+    """config.json: the source's with `output_router_logits` False; every other copied file byte-identical."""
+    for name in side_files:
+        src, out = source_dir / name, out_dir / name
+        if name == "config.json":
+            want = {**json.loads(src.read_text()), "output_router_logits": False}
+            try:
+                same = json.loads(out.read_text()) == want
+            except (OSError, json.JSONDecodeError):
+                same = False
+        else:
+            same = out.is_file() and out.read_bytes() == src.read_bytes()
+        if not same:
+            raise RouterTuneError(f"{name} of the export differs from the source's; nothing was written.")
+
+
+def check_loads(out_dir: Path) -> None:
+    """transformers loads the export on the meta device (names, layout conversion, shapes; no weight data)
+    with no missing, unexpected or mismatched keys."""
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(out_dir, device_map="meta", output_loading_info=True)
+    except Exception as err:  # any failure of the loader means users cannot load the export
+        raise RouterTuneError(
+            f"transformers cannot load the export ({type(err).__name__}: {err}); nothing was written."
+        ) from err
+    del model
+    problems = {k: sorted(v)[:4] if isinstance(v, set) else v[:4] for k, v in info.items() if v}
+    if problems:
+        raise RouterTuneError(
+            f"the export does not load cleanly in transformers: {problems}. Nothing was written; "
+            "please report this with the source model's config.json."
+        )

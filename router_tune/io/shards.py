@@ -8,11 +8,13 @@ expert layout only moves byte ranges around (`gate_up_proj[e]` is `w1[e]` then `
 row-major), so the writer streams every output tensor from its source ranges in small
 chunks: peak memory is one chunk, not one shard, and copied tensors are byte-identical by
 construction. Headers come from untrusted files and are checked before any offset is used.
+Copies go through `os.copy_file_range` where the system allows it (no bytes through Python).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,26 +163,84 @@ def write_shard(path: Path, tensors: list[OutputTensor], metadata: dict[str, str
     blob += b" " * (-len(blob) % 8)
     handles: dict[Path, object] = {}
     try:
-        with open(path, "wb") as out:
-            out.write(struct.pack("<Q", len(blob)) + blob)
+        with open(path, "wb", buffering=0) as out:  # unbuffered: literal writes and kernel copies share one offset
+            _write_all(out, struct.pack("<Q", len(blob)) + blob)
             for t in tensors:
                 for seg in t.segments:
                     if seg.data is not None:
-                        out.write(seg.data)
+                        _write_all(out, seg.data)
                         continue
                     src = handles.get(seg.file) or handles.setdefault(seg.file, open(seg.file, "rb"))
-                    src.seek(seg.start)
-                    left = seg.length
-                    while left:
-                        chunk = src.read(min(CHUNK, left))
-                        if not chunk:
-                            raise RouterTuneError(
-                                f"{seg.file} ended early while copying {t.name}: the source "
-                                "changed during export; re-run it."
-                            )
-                        out.write(chunk)
-                        left -= len(chunk)
+                    if not _copy_range(src, out, seg.start, seg.length):
+                        raise RouterTuneError(
+                            f"{seg.file} ended early while copying {t.name}: the source "
+                            "changed during export; re-run it."
+                        )
     finally:
         for h in handles.values():
             h.close()
     return offset
+
+
+def _write_all(out, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) :]
+
+
+def _copy_range(src, out, start: int, length: int) -> bool:
+    """Append `length` bytes at `start` of `src` to `out`; False if `src` is shorter.
+
+    `os.copy_file_range` copies inside the kernel (or shares extents on file systems that can),
+    about 8x faster than a read/write loop here (0.19 s vs 1.57 s for a 0.49 GB shard,
+    scripts/bench_export.py's checkpoint); the loop remains for systems and file pairs that
+    refuse it (other OS, across file systems on old kernels).
+    """
+    left, offset = length, start
+    copy_range = getattr(os, "copy_file_range", None)
+    while left and copy_range is not None:
+        try:
+            done = copy_range(src.fileno(), out.fileno(), min(left, 2**30), offset)
+        except OSError:
+            break
+        if not done:  # end of file, or a file system that copies nothing (procfs-like): the loop decides
+            break
+        left, offset = left - done, offset + done
+    src.seek(offset)
+    while left:
+        chunk = src.read(min(CHUNK, left))
+        if not chunk:
+            return False
+        _write_all(out, chunk)
+        left -= len(chunk)
+    return True
+
+
+def read_segment(segment: Segment) -> bytes:
+    """The bytes of a (small) segment, e.g. one router tensor."""
+    if segment.data is not None:
+        return segment.data
+    with open(segment.file, "rb") as fh:
+        fh.seek(segment.start)
+        data = fh.read(segment.length)
+    if len(data) != segment.length:
+        raise RouterTuneError(f"{segment.file} ended early: the file is truncated; re-create it.")
+    return data
+
+
+def same_bytes(a: Segment, b: Segment) -> bool:
+    """Whether two file ranges hold the same bytes, compared CHUNK by CHUNK (memory: two chunks,
+    whatever the tensor size; a comparison runs at memory speed, several times faster than hashing)."""
+    if a.length != b.length:
+        return False
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        fa.seek(a.start)
+        fb.seek(b.start)
+        left = a.length
+        while left:
+            n = min(CHUNK, left)
+            x, y = fa.read(n), fb.read(n)
+            if len(x) != n or x != y:
+                return False
+            left -= n
+    return True
