@@ -274,6 +274,10 @@ def run(cmd: list[str], env: dict, log: Path, timeout: float, min_available: flo
 
     import psutil
 
+    # the previous configuration's memory must be back before this one starts (and is judged by the guard)
+    wait_until = time.perf_counter() + 120
+    while psutil.virtual_memory().available < 2 * min_available and time.perf_counter() < wait_until:
+        time.sleep(1)
     start, peaks, stopped = time.perf_counter(), {}, None
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -282,7 +286,9 @@ def run(cmd: list[str], env: dict, log: Path, timeout: float, min_available: flo
             available = psutil.virtual_memory().available
             if available < min_available or time.perf_counter() - start > timeout:
                 stopped = f"available memory {available / GB:.2f} GB" if available < min_available else "timeout"
+                group = parent.children(recursive=True)
                 os.killpg(proc.pid, signal.SIGKILL)
+                psutil.wait_procs(group, timeout=120)  # every rank gone, its memory returned
                 break
             for child in [parent, *parent.children(recursive=True)]:
                 try:
