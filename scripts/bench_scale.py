@@ -286,8 +286,14 @@ def run(cmd: list[str], env: dict, log: Path, timeout: float, min_available: flo
             available = psutil.virtual_memory().available
             if available < min_available or time.perf_counter() - start > timeout:
                 stopped = f"available memory {available / GB:.2f} GB" if available < min_available else "timeout"
+                # torch's launcher starts each rank in a session of its own: kill them one by one
                 group = parent.children(recursive=True)
                 os.killpg(proc.pid, signal.SIGKILL)
+                for child in group:
+                    try:
+                        child.kill()
+                    except psutil.Error:
+                        pass
                 psutil.wait_procs(group, timeout=120)  # every rank gone, its memory returned
                 break
             for child in [parent, *parent.children(recursive=True)]:
