@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.router-tune-installed
 
-.PHONY: setup test test-slow lint demo bench bench-quality bench-quant clean
+.PHONY: setup test test-slow lint demo bench bench-quality bench-quant bench-scale clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,14 @@ bench-quality: $(STAMP)
 # (builds build/scale-model first, ~6 GB); writes bench/quant.json and bench/quant.md
 bench-quant: $(STAMP)
 	$(PY) scripts/bench_quant.py --out bench
+
+# Seed-model scale (issue 12) on the Raiden-shaped scale model (builds it first if SCALE_MODEL is missing, ~6 GB):
+# per-rank peak RSS of 1 process, 2-rank FSDP2 and 2-rank ZeRO-3, start-up phases, router-only checkpoint bytes,
+# verified export time and RSS, tokens/s vs transformers.Trainer, and the 26-layer projection. One configuration at
+# a time (~15 min on 2 cores, up to ~12 GB per rank); writes bench/scale.json and bench/scale.md
+SCALE_MODEL ?= build/scale-model
+bench-scale: $(STAMP)
+	$(PY) scripts/bench_scale.py --out bench --model $(SCALE_MODEL)
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

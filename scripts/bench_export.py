@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from measure import vm_hwm
 from provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,17 +140,7 @@ def make_run(model_dir: Path, run_dir: Path) -> Path:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
-    exec from the parent, so a child would inherit the peak of the process that generated the
-    checkpoint."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+    return vm_hwm() / 2**20
 
 
 def child(method: str, model_dir: Path, run_dir: Path, out_dir: Path) -> dict:

@@ -23,8 +23,6 @@ with the commit and whether the tree was clean.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -32,12 +30,13 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from measure import PeakRss, release_free_memory, rss  # noqa: E402  (scripts/measure.py)
 
 MODES = ("none", "nf4", "int8")
 DEMO_RECIPE = ROOT / "recipes" / "demo.yaml"
@@ -106,43 +105,6 @@ def demo(work: Path, steps: int | None, reuse: bool, modes: list[str]) -> dict:
 
 
 # ---- scale model: memory and speed --------------------------------------------------------
-
-
-def rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def release_free_memory() -> None:
-    """Return freed heap pages to the OS so RSS shows what is really held (glibc keeps them otherwise)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-class PeakRss:
-    """Highest RSS seen by a 20 ms sampler between start() and stop()."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss())
-            time.sleep(0.02)
-
-    def start(self):
-        self.peak = rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, rss())
 
 
 def measure_scale(mode: str, model_dir: Path, seq: int, steps: int, out_dir: Path) -> dict:

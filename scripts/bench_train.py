@@ -226,7 +226,7 @@ def run(args) -> dict:
         output_dir=args.out_dir,
         max_steps=args.steps,
         per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1,
+        gradient_accumulation_steps=args.grad_accum,
         learning_rate=1e-3,
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -314,7 +314,7 @@ def run(args) -> dict:
     sampler.join()
 
     measured = clock.times[args.warmup - 1 :] if args.warmup else [start] + clock.times
-    tokens_per_step = args.batch * len(data[0]["input_ids"])
+    tokens_per_step = args.batch * args.grad_accum * len(data[0]["input_ids"])
     seconds = measured[-1] - measured[0]
     ckpt = Path(args.out_dir) / f"checkpoint-{args.steps}"
     files = {str(f.relative_to(ckpt)): f.stat().st_size for f in ckpt.rglob("*") if f.is_file()}
@@ -325,6 +325,7 @@ def run(args) -> dict:
         "dtype": args.dtype,
         "threads": args.threads,
         "batch": args.batch,
+        "grad_accum": args.grad_accum,
         "seq": len(data[0]["input_ids"]),
         "steps": args.steps,
         "warmup": args.warmup,
@@ -398,6 +399,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512, help="data_pipeline: block size")
     parser.add_argument("--blocks", type=int, default=64, help="data_pipeline: blocks to draw")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)

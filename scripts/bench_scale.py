@@ -1,0 +1,835 @@
+"""Seed-model scale on this machine: memory per rank, start-up, checkpoints, export and speed on the
+Raiden-shaped scale model (scripts/make_scale_model.py: Raiden's widths, 2 layers, bf16, ~5.9 GB),
+and their projection to the real 26-layer model (issue 12, `make bench-scale`).
+
+    make bench-scale                                # ~20 min on 2 CPU cores; writes bench/scale.json, bench/scale.md
+    python scripts/bench_scale.py --steps 2 --seq 128 --out bench
+
+Every configuration runs in fresh processes, one configuration at a time, all with the same global
+batch (2 sequences of `--seq` random tokens per optimizer step) and `--steps` steps:
+  single   RouterTrainer, 1 process (2 threads), micro-batch 1 x seq, gradient accumulation 2
+  fsdp2    RouterTrainer, 2 gloo ranks (1 thread each), recipes/accelerate/cpu-fsdp2.yaml
+           (transformers' load-time FSDP2 sharding), micro-batch 1 x seq per rank
+  zero3    RouterTrainer, 2 gloo ranks (1 thread each), recipes/accelerate/cpu-deepspeed-zero3.yaml
+           (DS_ACCELERATOR=cpu), micro-batch 1 x seq per rank
+  baseline transformers.Trainer on the same model and batch (scripts/bench_train.py --impl baseline)
+  export   `router-tune export` of the single run's last checkpoint, verification on (in-process CLI)
+  peak     this machine's dense matmul FLOP/s, fp32 and bf16, at 2 threads (the denominator of MFU)
+Each rank records its RSS after imports, the peak while loading (RouterTrainer construction), the RSS
+after loading, the peak while training (20 ms sampler), the kernel's peak (VmHWM) for the whole
+process, RouterTrainer.startup_seconds (load, fingerprints, rescale probe), the time `train()` takes
+to reach its first step (accelerator.prepare: DDP-free for FSDP2, deepspeed.initialize for ZeRO-3) and
+the step times. scripts/measure.py holds the measurement helpers, scripts/provenance.py the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+from measure import PeakRss, checkpoint_bytes, release_free_memory, rss, rss_parts, vm_hwm  # noqa: E402
+from provenance import describe, provenance  # noqa: E402
+
+BASE_ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "OMP_NUM_THREADS")},
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": str(ROOT),
+}
+CONFIGS = ("single", "fsdp2", "zero3", "zero3-lean")
+SHARDED = CONFIGS[1:]
+# zero3-lean: the shipped CPU ZeRO-3 config with DeepSpeed's look-ahead off, so that one MoE block is live at a
+# time: no prefetch of the next module's partitions, and no keeping gathered parameters for reuse
+ZERO3_LEAN = {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0}
+GB = 1e9
+REAL_LAYERS = 26  # Kquant03/Raiden-16x3.43B
+TARGETS = {"rss_vs_predicted": 0.15, "checkpoint_share": 0.01, "startup_share": 0.10, "export_rss": 0.25}
+
+
+# ---- the model's bytes, from the safetensors headers (no weights read) --------------------
+
+
+def tensor_bytes(model_dir: Path) -> dict[str, int]:
+    """name -> bytes of every tensor in the checkpoint's safetensors files (headers only)."""
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                begin, end = info["data_offsets"]
+                out[name] = end - begin
+    return out
+
+
+def model_anatomy(model_dir: Path) -> dict:
+    sizes = tensor_bytes(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    per_layer = [sum(b for n, b in sizes.items() if n.startswith(f"model.layers.{i}.")) for i in range(layers)]
+    moe_block = sum(b for n, b in sizes.items() if n.startswith("model.layers.0.block_sparse_moe."))
+    total = sum(sizes.values())
+    return {
+        "layers": layers,
+        "model_bytes": total,
+        "layer_bytes": max(per_layer),
+        "moe_block_bytes": moe_block,
+        "attention_bytes": sum(b for n, b in sizes.items() if n.startswith("model.layers.0.self_attn.")),
+        "outside_layers_bytes": total - sum(per_layer),
+        "expert_bytes": sum(b for n, b in sizes.items() if ".experts." in n),
+        "config": {k: config[k] for k in ("hidden_size", "intermediate_size", "num_local_experts", "vocab_size")},
+    }
+
+
+# ---- one rank of one configuration (a fresh process) --------------------------------------
+
+
+def worker(args) -> None:
+    import torch
+
+    from router_tune.training.config import load_recipe
+    from router_tune.training.trainer import RouterTrainer
+
+    release_free_memory()
+    after_imports, parts_after_imports = rss(), rss_parts()
+    from datasets import load_from_disk
+    from transformers import TrainerCallback
+
+    sharded = args.worker != "single"
+    zero3 = args.worker.startswith("zero3")
+    if zero3:
+        # ZeRO-3 partitions in DeepSpeed's compute dtype (zero.Init follows `bf16.enabled`). On a GPU a run is
+        # `bf16: true`, so the partitions are bf16, like the checkpoint. TrainingArguments refuse bf16 on a
+        # machine without a GPU unless `use_cpu`, which turns DeepSpeed into DDP; the check is about the device,
+        # not DeepSpeed, so this worker passes it to measure the GPU-shaped run. Without it (fp32 partitions,
+        # twice the bytes) two ranks of this model do not fit this machine.
+        import transformers.training_args as training_args
+
+        training_args.is_torch_bf16_gpu_available = lambda: True
+    config = load_recipe(
+        None,
+        model_name_or_path=str(args.model),
+        model_dtype="bfloat16",
+        output_dir=str(args.run_dir),
+        max_steps=args.steps,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1 if sharded else 2,  # the same global batch: 2 x 1 x seq
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        eval_before_after=False,
+        routing_log_every=1,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=args.steps,
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        use_cpu=args.worker == "single",  # fsdp2: ACCELERATE_USE_CPU=1; zero3: none (see its yaml)
+        bf16=zero3,
+    )
+    data = load_from_disk(str(args.data))
+    marks: dict[str, float] = {}
+    step_ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            marks["train_begin"] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            step_ends.append(time.perf_counter())
+
+    anon_peak = PeakRss(lambda: rss_parts().get("anon", 0))  # private memory: tensors, heap (no file pages)
+    anon_peak.start()
+    load_peak = PeakRss()
+    load_peak.start()
+    trainer = RouterTrainer(args=config, train_dataset=data, source_names=["random"], callbacks=[Clock()])
+    peak_load = load_peak.stop()
+    release_free_memory()
+    after_load, parts_after_load = rss(), rss_parts()
+    rank = trainer.accelerator.process_index
+    loaded = {  # written now too: a configuration stopped while training still reports its start-up
+        "config": args.worker,
+        "world": trainer.accelerator.num_processes,
+        "rank": rank,
+        "rss_after_imports": after_imports,
+        "rss_parts_after_imports": parts_after_imports,
+        "peak_rss_load": peak_load,
+        "rss_after_load": after_load,
+        "rss_parts_after_load": parts_after_load,
+        "startup_seconds": dict(trainer.startup_seconds),
+    }
+    Path(f"{args.json}.loaded{rank}.json").write_text(json.dumps(loaded, indent=2) + "\n")
+    train_peak = PeakRss()
+    train_peak.start()
+    done = threading.Event()
+
+    def progress() -> None:  # the training peak so far, each second: a rank stopped for memory still reports it
+        while not done.wait(1.0):
+            so_far = {"peak_rss_train": train_peak.peak, "peak_rss_anon": anon_peak.peak, "steps": len(step_ends)}
+            Path(f"{args.json}.training{rank}.json").write_text(json.dumps(so_far) + "\n")
+
+    threading.Thread(target=progress, daemon=True).start()
+    marks["train_call"] = time.perf_counter()
+    trainer.train()
+    done.set()
+    peak_train = train_peak.stop()
+    peak_anon = anon_peak.stop()
+
+    local = full = 0  # parameter bytes this rank holds / the whole model's, after wrapping
+    for p in trainer.model.parameters():
+        if hasattr(p, "ds_tensor"):
+            local += p.ds_tensor.numel() * p.ds_tensor.element_size()
+            full += p.ds_numel * p.ds_tensor.element_size()
+            continue
+        local += (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+        full += p.numel() * p.element_size()
+    timed = step_ends  # intervals from the first step's end: the first step (warm-up) is not timed
+    tokens_per_step = 2 * args.seq  # global
+    result = {
+        "config": args.worker,
+        "world": trainer.accelerator.num_processes,
+        "rank": trainer.accelerator.process_index,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "threads": torch.get_num_threads(),
+        "rss_after_imports": after_imports,
+        "rss_parts_after_imports": parts_after_imports,
+        "peak_rss_load": peak_load,
+        "rss_after_load": after_load,
+        "rss_parts_after_load": parts_after_load,
+        "rss_parts_end": rss_parts(),
+        "peak_rss_train": peak_train,
+        "peak_rss_process": vm_hwm(),
+        "peak_rss_anon": peak_anon,
+        "param_bytes_held": local,
+        "param_bytes_full": full,
+        "startup_seconds": {**trainer.startup_seconds, "prepare": marks["train_begin"] - marks["train_call"]},
+        "step_seconds": [b - a for a, b in zip([marks["train_begin"]] + step_ends, step_ends)],
+        "tokens_per_s": (len(timed) - 1) * tokens_per_step / (timed[-1] - timed[0]) if len(timed) > 1 else None,
+        "tokens_per_s_incl_first": len(step_ends) * tokens_per_step / (step_ends[-1] - marks["train_begin"]),
+        "steps": trainer.state.global_step,
+    }
+    out = Path(f"{args.json}.rank{result['rank']}.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def export_worker(args) -> None:
+    """`router-tune export RUN --out DIR --force` (verification on) in this fresh process."""
+    import torch  # noqa: F401  (imported before the baseline RSS, as bench_export does: the CLI imports lazily)
+    import transformers  # noqa: F401
+
+    from router_tune.cli import main as cli
+
+    release_free_memory()
+    after_imports = rss()
+    start = time.perf_counter()
+    code = cli(["export", str(args.run_dir), "--out", str(args.export_dir), "--force"])
+    seconds = time.perf_counter() - start
+    result = {"exit_code": code, "seconds": seconds, "rss_after_imports": after_imports, "peak_rss_process": vm_hwm()}
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def peak_worker(args) -> None:
+    import torch
+    from measure import matmul_peak_flops
+
+    torch.set_num_threads(2)
+    result = {d: matmul_peak_flops(d) for d in ("float32", "bfloat16")}
+    Path(args.json).write_text(json.dumps({"threads": 2, "size": 2048, "flops": result}, indent=2) + "\n")
+
+
+# ---- the parent: one configuration at a time ----------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], env: dict, log: Path, timeout: float, min_available: float = 0) -> dict:
+    """`cmd` in fresh processes, output to `log`; samples every process it starts (each rank) for its
+    peak RSS, so a configuration stopped for memory still says how far each rank got. Stops it when the
+    machine's available memory falls under `min_available` bytes (the machine is shared: the OOM killer
+    must not get there first)."""
+    import signal
+
+    import psutil
+
+    # the previous configuration's memory must be back before this one starts (and is judged by the guard)
+    wait_until = time.perf_counter() + 120
+    while psutil.virtual_memory().available < 2 * min_available and time.perf_counter() < wait_until:
+        time.sleep(1)
+    start, peaks, stopped = time.perf_counter(), {}, None
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        parent = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            available = psutil.virtual_memory().available
+            if available < min_available or time.perf_counter() - start > timeout:
+                stopped = f"available memory {available / GB:.2f} GB" if available < min_available else "timeout"
+                # torch's launcher starts each rank in a session of its own: kill them one by one
+                group = parent.children(recursive=True)
+                os.killpg(proc.pid, signal.SIGKILL)
+                for child in group:
+                    try:
+                        child.kill()
+                    except psutil.Error:
+                        pass
+                psutil.wait_procs(group, timeout=120)  # every rank gone, its memory returned
+                break
+            for child in [parent, *parent.children(recursive=True)]:
+                try:
+                    peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(0.1)
+        code = proc.wait()
+    return {
+        "wall_s": time.perf_counter() - start,
+        "exit_code": code,
+        "stopped": stopped,
+        "sampled_peak_rss_by_pid": {str(k): v for k, v in peaks.items()},
+    }
+
+
+def measure_config(name: str, args, work: Path) -> dict:
+    run_dir, stem = work / f"run-{name}", work / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for old in work.glob(f"{name}.json.*.json"):
+        old.unlink()
+    me = [str(Path(__file__)), "--model", str(args.model), "--data", str(work / "blocks")]
+    me += ["--steps", str(args.steps), "--seq", str(args.seq), "--run-dir", str(run_dir), "--json", f"{stem}.json"]
+    me += ["--worker", name]
+    if name == "single":
+        cmd, env = [sys.executable, *me], {**BASE_ENV, "OMP_NUM_THREADS": "2"}
+    else:
+        yaml = "cpu-fsdp2.yaml" if name == "fsdp2" else "cpu-deepspeed-zero3.yaml"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{yaml}"]
+        cmd += ["--main_process_port", str(free_port()), *me]
+        env = {**BASE_ENV, "OMP_NUM_THREADS": "1"}
+        env.update({"ACCELERATE_USE_CPU": "1"} if name == "fsdp2" else {"DS_ACCELERATOR": "cpu"})
+        if name.startswith("zero3"):  # bf16 partitions, as on a GPU (see worker)
+            extra = ["--mixed_precision", "bf16"]
+            if name == "zero3-lean":
+                ds = json.loads((ROOT / "recipes/accelerate/cpu-deepspeed-zero3.json").read_text())
+                ds["zero_optimization"].update(ZERO3_LEAN)
+                (work / "zero3-lean.json").write_text(json.dumps(ds, indent=2))
+                extra += ["--deepspeed_config_file", str(work / "zero3-lean.json")]
+            cmd[cmd.index("--main_process_port") : cmd.index("--main_process_port")] = extra
+    result = run(cmd, env, work / f"{name}.log", args.timeout, args.min_available_gb * GB)
+    ranks = [json.loads(p.read_text()) for p in sorted(work.glob(f"{name}.json.rank*.json"))]
+    ckpt = run_dir / f"checkpoint-{args.steps}"
+    files = {str(f.relative_to(ckpt)): f.stat().st_size for f in ckpt.rglob("*") if f.is_file()}
+    result.update(ranks=ranks, checkpoint_bytes=sum(files.values()), checkpoint_files=files)
+    if result["exit_code"] != 0 or not ranks:
+        tail = (work / f"{name}.log").read_text(errors="replace").splitlines()[-40:]
+        loaded = [json.loads(p.read_text()) for p in sorted(work.glob(f"{name}.json.loaded*.json"))]
+        for r in loaded:  # how far training got before the stop
+            progress = work / f"{name}.json.training{r['rank']}.json"
+            r["training_so_far"] = json.loads(progress.read_text()) if progress.is_file() else None
+        result.update(failed=True, log_tail=tail, loaded_ranks=loaded)
+        peaks = sorted(result["sampled_peak_rss_by_pid"].values())[-2:]
+        print(f"{name}: FAILED (exit {result['exit_code']}, {result['stopped']}); sampled peaks {peaks}")
+        return result
+    peaks = ", ".join(f"{r['peak_rss_process'] / GB:.2f}" for r in ranks)
+    print(f"{name}: {result['wall_s']:.0f} s, peak RSS per rank (GB) {peaks}")
+    return result
+
+
+def check(result: dict, log: Path) -> None:
+    if result["exit_code"] != 0:
+        raise SystemExit(f"exit {result['exit_code']}; see {log}")
+
+
+def measure_baseline(args, work: Path) -> dict:
+    out = work / "run-baseline"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, str(SCRIPTS / "bench_train.py"), "--impl", "baseline", "--model-dir", str(args.model)]
+    cmd += ["--data", str(work / "blocks"), "--out-dir", str(out), "--batch", "1", "--grad-accum", "2"]
+    cmd += ["--steps", str(args.steps), "--warmup", "1", "--threads", "2", "--dtype", "bfloat16"]
+    cmd += ["--logging-steps", "1"]
+    log = work / "baseline.log"
+    check(run(cmd, {**BASE_ENV, "OMP_NUM_THREADS": "2"}, log, args.timeout), log)
+    result = json.loads(log.read_text().strip().splitlines()[-1])
+    shutil.rmtree(out, ignore_errors=True)  # its checkpoint holds the whole model
+    return result
+
+
+def measure_export(args, work: Path) -> dict:
+    export_dir = work / "export"
+    checkpoint = work / "run-single" / f"checkpoint-{args.steps}"
+    me = [sys.executable, str(Path(__file__)), "--export-worker", "--run-dir", str(checkpoint)]
+    me += ["--export-dir", str(export_dir), "--json", str(work / "export.json")]
+    check(run(me, {**BASE_ENV, "OMP_NUM_THREADS": "2"}, work / "export.log", args.timeout), work / "export.log")
+    result = json.loads((work / "export.json").read_text())
+    result["export_bytes"] = checkpoint_bytes(export_dir)
+    shutil.rmtree(export_dir, ignore_errors=True)
+    return result
+
+
+def measure_peak(args, work: Path) -> dict:
+    me = [sys.executable, str(Path(__file__)), "--peak-worker", "--json", str(work / "peak.json")]
+    check(run(me, {**BASE_ENV, "OMP_NUM_THREADS": "2"}, work / "peak.log", args.timeout), work / "peak.log")
+    return json.loads((work / "peak.json").read_text())
+
+
+# ---- figures ------------------------------------------------------------------------------
+
+
+def analyse(data: dict) -> dict:
+    a = data["model"]
+    cfg = {n: c for n, c in data["configs"].items() if not c.get("failed")}
+    model_bytes = a["model_bytes"]
+    single = cfg["single"]["ranks"][0]
+    activations = single["peak_rss_train"] - single["rss_after_load"]  # one micro-batch of 1 x seq, 2 layers
+    # the same for private memory: peak RssAnon minus RssAnon after loading
+    activations_anon = max(0, single["peak_rss_anon"] - single["rss_parts_after_load"]["anon"])
+    out = {
+        "activations_bytes": activations,
+        "activations_anon_bytes": activations_anon,
+        "single_peak": single["peak_rss_process"],
+    }
+    out["failed"] = {
+        n: {
+            "stopped": c.get("stopped"),
+            "exit_code": c["exit_code"],
+            # the two largest processes sampled: the ranks (the launcher holds a few hundred MB)
+            "sampled_peak_rss_ranks": sorted(c["sampled_peak_rss_by_pid"].values())[-2:],
+            "loaded_ranks": c.get("loaded_ranks", []),
+        }
+        for n, c in data["configs"].items()
+        if c.get("failed")
+    }
+    # What each backend gathers at once: FSDP2 (transformers' plan) shards each decoder layer as one unit
+    # and gathers it whole for its forward and backward; ZeRO-3 gathers the MoE block (a leaf) whole and
+    # the attention projections module by module: one decoder layer bounds both.
+    for name in SHARDED:
+        if name not in cfg:
+            continue
+        rows = []
+        for r in cfg[name]["ranks"]:
+            shard = model_bytes / 2 + a["layer_bytes"]
+            predicted = r["rss_after_imports"] + shard + activations
+            predicted_anon = r["rss_parts_after_imports"]["anon"] + shard + activations_anon
+            rows.append(
+                {
+                    "rank": r["rank"],
+                    "predicted": predicted,
+                    "measured": r["peak_rss_process"],
+                    "ratio": r["peak_rss_process"] / predicted,
+                    "predicted_anon": predicted_anon,
+                    "measured_anon": r["peak_rss_anon"],
+                    "ratio_anon": r["peak_rss_anon"] / predicted_anon,
+                    "vs_single": r["peak_rss_process"] / single["peak_rss_process"],
+                    "vs_single_anon": r["peak_rss_anon"] / single["peak_rss_anon"],
+                }
+            )
+        within = TARGETS["rss_vs_predicted"]
+        out[name] = {
+            "per_rank": rows,
+            "pass_within_15pct": all(abs(x["ratio"] - 1) <= within for x in rows),
+            "pass_within_15pct_anon": all(abs(x["ratio_anon"] - 1) <= within for x in rows),
+            "below_single": all(x["vs_single"] < 1 for x in rows),
+            "below_single_anon": all(x["vs_single_anon"] < 1 for x in rows),
+        }
+    for name, x in out["failed"].items():  # stopped: how far each rank got, against the same prediction
+        rows = []
+        for r in x["loaded_ranks"] if name in SHARDED else []:
+            so_far = r.get("training_so_far") or {}
+            measured = max(r["peak_rss_load"], so_far.get("peak_rss_train", 0))
+            anon = so_far.get("peak_rss_anon", r["rss_parts_after_load"]["anon"])
+            shard = model_bytes / 2 + a["layer_bytes"]
+            predicted = r["rss_after_imports"] + shard + activations
+            predicted_anon = r["rss_parts_after_imports"]["anon"] + shard + activations_anon
+            rows.append(
+                {
+                    "rank": r["rank"],
+                    "steps_done": so_far.get("steps"),
+                    "peak_rss_train_so_far": so_far.get("peak_rss_train"),
+                    "predicted": predicted,
+                    "measured": measured,
+                    "ratio": measured / predicted,
+                    "predicted_anon": predicted_anon,
+                    "measured_anon": anon,
+                    "ratio_anon": anon / predicted_anon,
+                    "vs_single": measured / single["peak_rss_process"],
+                    "vs_single_anon": anon / single["peak_rss_anon"],
+                }
+            )
+        x["per_rank_so_far"] = rows  # lower bounds: the run was stopped before its peak
+    startup = {}
+    for name, c in data["configs"].items():
+        ranks = c["ranks"] or c.get("loaded_ranks")  # stopped while training: the phases before it
+        if not ranks:
+            continue
+        s = max(ranks, key=lambda r: sum(r["startup_seconds"].values()))["startup_seconds"]  # slowest rank
+        share = (s.get("fingerprints", 0) + s.get("rescale probe", 0)) / s["load"]
+        startup[name] = {**s, "fingerprint_probe_share_of_load": share, "pass": share <= TARGETS["startup_share"]}
+    out["startup"] = startup
+    out["checkpoints"] = {
+        n: {"bytes": c["checkpoint_bytes"], "share": c["checkpoint_bytes"] / model_bytes} for n, c in cfg.items()
+    }
+    out["checkpoints_pass"] = all(v["share"] <= TARGETS["checkpoint_share"] for v in out["checkpoints"].values())
+    e = data.get("export")
+    if e:
+        out["export"] = {
+            "seconds": e["seconds"],
+            "peak_rss": e["peak_rss_process"],
+            "ratio": e["peak_rss_process"] / model_bytes,
+            "ratio_above_imports": (e["peak_rss_process"] - e["rss_after_imports"]) / model_bytes,
+            "pass": e["peak_rss_process"] / model_bytes <= TARGETS["export_rss"],
+        }
+    from bench_train import active_params
+
+    n = active_params(argparse.Namespace(**data["model_config"]))
+    speed = {"active_params": n, "flops_per_token": 4 * n["total_active"]}
+    rt, base = single.get("tokens_per_s"), data.get("baseline", {}).get("tokens_per_s")
+    speed["router_tune_tokens_per_s"], speed["baseline_tokens_per_s"] = rt, base
+    speed["ratio"] = rt / base if rt and base else None
+    peak = data.get("peak", {}).get("flops", {})
+    if rt:
+        achieved = rt * speed["flops_per_token"]
+        speed["achieved_flops"] = achieved
+        speed["share_of_peak"] = {d: achieved / f for d, f in peak.items()}
+        if base:
+            speed["baseline_share_of_peak"] = {d: base * speed["flops_per_token"] / f for d, f in peak.items()}
+    for name in SHARDED:
+        if name in cfg:
+            speed[f"{name}_tokens_per_s"] = cfg[name]["ranks"][0]["tokens_per_s"]
+    out["speed"] = speed
+    out["projection"] = project(data, out)
+    return out
+
+
+def project(data: dict, figures: dict) -> dict:
+    """The 26-layer model from per-layer figures measured here (see the markdown for the formula)."""
+    a = data["model"]
+    layers = a["layers"]
+    cfg = {n: c for n, c in data["configs"].items() if not c.get("failed")}
+    real = a["outside_layers_bytes"] + REAL_LAYERS * a["layer_bytes"]
+    act_per_layer = figures["activations_bytes"] / layers
+    activations = REAL_LAYERS * act_per_layer
+    byte_scale = real / a["model_bytes"]
+    rows = {}
+    for name, world, gpu_gb in (("single", 1, 141), ("fsdp2", 8, 80), ("zero3", 8, 80)):
+        measured = next((m for m in (name, f"{name}-lean") if m in cfg), None)  # start-up: the run that finished
+        gathered = a["layer_bytes"] if world > 1 else 0
+        memory = real / world + gathered + activations
+        row = {
+            "gpus": world,
+            "gpu_gb": gpu_gb,
+            "weights_per_gpu": real / world,
+            "gathered_unit": gathered,
+            "activations": activations,
+            "memory_per_gpu": memory,
+            "fits": memory <= gpu_gb * GB * 0.9,  # 10% left for the CUDA context and the allocator
+        }
+        measured = measured or next((m for m in (name, f"{name}-lean") if m in figures["startup"]), None)
+        if measured and measured in figures["startup"]:
+            row["startup_from"] = measured
+            s = figures["startup"][measured]
+            phases = {
+                "load": s["load"] * byte_scale,
+                "fingerprints": s.get("fingerprints", 0) * byte_scale,
+                "rescale probe": s.get("rescale probe", 0) * REAL_LAYERS / layers,
+            }
+            if "prepare" in s:  # absent when the run stopped before training
+                phases["prepare"] = s["prepare"] * byte_scale
+            row["startup_seconds"] = phases
+            row["startup_total"] = sum(phases.values())
+        # the worst anon ratio of a finished 2-rank run of this backend, else a stopped one's (a lower bound)
+        for variant in (name, f"{name}-lean"):
+            done = figures.get(variant, {}).get("per_rank")
+            so_far = figures["failed"].get(variant, {}).get("per_rank_so_far")
+            if world > 1 and (done or so_far):
+                row["ratio_from"], row["ratio_is_lower_bound"] = variant, not done
+                row["memory_per_gpu_times_measured_ratio"] = memory * max(x["ratio_anon"] for x in done or so_far)
+                break
+        rows[name] = row
+    return {"real_model_bytes": real, "activations_per_layer": act_per_layer, "byte_scale": byte_scale, "rows": rows}
+
+
+def gb(b) -> str:
+    return f"{b / GB:.2f}"
+
+
+def markdown(data: dict) -> str:
+    a, f = data["model"], data["figures"]
+    cfg = {n: c for n, c in data["configs"].items() if not c.get("failed")}
+    p = data["provenance"]
+    ok = lambda b: "PASS" if b else "MISS"  # noqa: E731
+    lines = [
+        "# Seed-model scale (issue 12): the Raiden-shaped scale model on this machine\n",
+        f"{data['machine']}. {describe(p)}. Regenerate: `make bench-scale` (scripts/bench_scale.py, "
+        f"~{data['wall_s'] / 60:.0f} min here).\n",
+        f"Model: scripts/make_scale_model.py, Raiden's widths (hidden {a['config']['hidden_size']}, intermediate "
+        f"{a['config']['intermediate_size']}, {a['config']['num_local_experts']} experts, top-2, vocab "
+        f"{a['config']['vocab_size']}), {a['layers']} layers, bf16, mergekit legacy layout: {gb(a['model_bytes'])} GB "
+        f"(one decoder layer {gb(a['layer_bytes'])} GB, of which the MoE block {gb(a['moe_block_bytes'])} GB; "
+        f"embeddings, head and final norm {gb(a['outside_layers_bytes'])} GB). GB = 1e9 bytes.\n",
+        f"Batch: every configuration takes {data['steps']} optimizer steps of the same global batch, 2 sequences "
+        f"of {data['seq']} random tokens: 1 process with micro-batch 1 x {data['seq']} and gradient accumulation "
+        f"2 (2 threads); 2 gloo ranks with micro-batch 1 x {data['seq']} each (1 thread each). Short, so that "
+        "three ~6 GB configurations finish in minutes on 2 cores. One configuration at a time, fresh processes.\n",
+        "## Memory per rank (GB)\n",
+        "Predicted per rank = RSS after imports (that rank's interpreter, torch, transformers, deepspeed) + model "
+        "bytes / 2 + one decoder layer (the largest unit gathered at once) + activations, where activations = "
+        "the 1-process run's peak while training minus its RSS after loading "
+        f"({gb(f['activations_bytes'])} GB for one micro-batch of 1 x {data['seq']}; anon: "
+        f"{gb(f['activations_anon_bytes'])} GB). FSDP2 (transformers' "
+        "load-time plan) shards each decoder layer as one unit and gathers it whole; ZeRO-3 gathers the MoE "
+        "block whole (a leaf module) and the attention projections module by module, so one decoder layer "
+        "bounds both. Measured: RSS = the kernel's peak for the process (VmHWM, loading included); anon = the "
+        "peak of its private memory (RssAnon, sampled every 20 ms: tensors and heap, without the pages of "
+        "memory-mapped files, which are page cache shared by every process that maps the file). The 'anon' "
+        "prediction starts from RssAnon after imports instead of RSS.\n",
+        "| configuration | rank | after imports | peak loading | after loading (anon + file) | peak training | "
+        "peak RSS | predicted | ratio | peak anon | predicted anon | ratio anon | RSS vs 1 process | "
+        "anon vs 1 process |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in cfg.items():
+        for r in c["ranks"]:
+            pr = next((x for x in f.get(name, {}).get("per_rank", []) if x["rank"] == r["rank"]), None)
+            parts = r["rss_parts_after_load"]
+            cells = [
+                name,
+                r["rank"],
+                gb(r["rss_after_imports"]),
+                gb(r["peak_rss_load"]),
+                f"{gb(r['rss_after_load'])} ({gb(parts.get('anon', 0))} + {gb(parts.get('file', 0))})",
+                gb(r["peak_rss_train"]),
+                gb(r["peak_rss_process"]),
+                gb(pr["predicted"]) if pr else "-",
+                f"{pr['ratio']:.2f}" if pr else "-",
+                gb(r["peak_rss_anon"]),
+                gb(pr["predicted_anon"]) if pr else "-",
+                f"{pr['ratio_anon']:.2f}" if pr else "-",
+                f"{pr['vs_single']:.2f}" if pr else "1.00",
+                f"{pr['vs_single_anon']:.2f}" if pr else "1.00",
+            ]
+            lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    for name, x in f["failed"].items():
+        why = x["stopped"] or f"exit {x['exit_code']}"
+        loaded = {r["rank"]: r for r in x["loaded_ranks"]}
+        for pr in x.get("per_rank_so_far", []):
+            r = loaded[pr["rank"]]
+            parts = r["rss_parts_after_load"]
+            train = pr["peak_rss_train_so_far"]
+            cells = [
+                f"{name} (stopped: {why}, {pr['steps_done'] or 0} steps done; peaks so far)",
+                pr["rank"],
+                gb(r["rss_after_imports"]),
+                gb(r["peak_rss_load"]),
+                f"{gb(r['rss_after_load'])} ({gb(parts.get('anon', 0))} + {gb(parts.get('file', 0))})",
+                f">= {gb(train)}" if train else "-",
+                f">= {gb(pr['measured'])}",
+                gb(pr["predicted"]),
+                f">= {pr['ratio']:.2f}",
+                f">= {gb(pr['measured_anon'])}",
+                gb(pr["predicted_anon"]),
+                f">= {pr['ratio_anon']:.2f}",
+                f">= {pr['vs_single']:.2f}",
+                f">= {pr['vs_single_anon']:.2f}",
+            ]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        if not x.get("per_rank_so_far"):
+            peaks = " and ".join(gb(b) for b in x["sampled_peak_rss_ranks"])
+            lines.append(f"| {name} | - | stopped ({why}) | sampled peaks: {peaks} |" + " |" * 10)
+    lines.append("")
+    for name in SHARDED:
+        if name in f:
+            x = f[name]
+            lines.append(
+                f"- {name}: within 15% of the prediction on every rank: RSS {ok(x['pass_within_15pct'])}, anon "
+                f"{ok(x['pass_within_15pct_anon'])}; below the 1-process peak: RSS {ok(x['below_single'])}, anon "
+                f"{ok(x['below_single_anon'])}."
+            )
+    lines += [
+        "",
+        "## Start-up per phase (s, slowest rank)\n",
+        "load: `from_pretrained` (FSDP2: sharded at load); fingerprints: expert hashes (main process, "
+        "broadcast); rescale probe: skipped when no router's stored weights can saturate; prepare: `train()` "
+        "until its first step (accelerator.prepare, optimizer; ZeRO-3: deepspeed.initialize partitions here). "
+        "Target: fingerprints + probe <= 10% of load.\n",
+        "| configuration | load | fingerprints | rescale probe | prepare | (fingerprints + probe) / load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in f["startup"].items():
+        prepare = f"{s['prepare']:.1f}" if "prepare" in s else "(stopped in training)"
+        lines.append(
+            f"| {name} | {s['load']:.1f} | {s.get('fingerprints', 0):.1f} | {s.get('rescale probe', 0):.2f} | "
+            f"{prepare} | {100 * s['fingerprint_probe_share_of_load']:.1f}% {ok(s['pass'])} |"
+        )
+    lines += [
+        "",
+        "## Checkpoints (router-only) and export\n",
+        "| configuration | checkpoint bytes | share of the model's bytes (target <= 1%) | files |",
+        "|---|---|---|---|",
+    ]
+    for name, c in cfg.items():
+        ck = f["checkpoints"][name]
+        lines.append(
+            f"| {name} | {ck['bytes']:,} | {100 * ck['share']:.4f}% {ok(ck['share'] <= 0.01)} | "
+            f"{', '.join(sorted(c['checkpoint_files']))} |"
+        )
+    e = f.get("export")
+    if e:
+        lines += [
+            "",
+            f"`router-tune export RUN/checkpoint-{data['steps']} --out DIR` (full format, verification on), in a "
+            f"fresh process: {e['seconds']:.1f} s, peak RSS {gb(e['peak_rss'])} GB = {e['ratio']:.3f}x the model's "
+            f"bytes (target <= 0.25x: {ok(e['pass'])}); {e['ratio_above_imports']:.3f}x above the "
+            f"{gb(data['export']['rss_after_imports'])} GB the process holds after importing torch and transformers.",
+        ]
+    s = f["speed"]
+    lines += [
+        "",
+        "## Training speed (1 process, 2 threads, bf16 weights)\n",
+        f"N = {s['active_params']['total_active']:,} active parameters per token (bench_train.active_params: "
+        f"attention, router, top-2 experts' MLPs, LM head), 4N = {s['flops_per_token'] / 1e9:.2f} GFLOP per token. "
+        "Tokens/s over the steps after the first. Matmul peak: the best 2048^3 product at 2 threads.\n",
+        "| | tokens/s | achieved GFLOP/s at 4N | share of fp32 matmul peak | share of bf16 matmul peak |",
+        "|---|---|---|---|---|",
+    ]
+    peak = data.get("peak", {}).get("flops", {})
+    for label, tps in (("router_tune (RouterTrainer)", s["router_tune_tokens_per_s"]),
+                       ("transformers Trainer (baseline)", s["baseline_tokens_per_s"])):  # fmt: skip
+        if tps:
+            fl = tps * s["flops_per_token"]
+            shares = " | ".join(f"{100 * fl / peak[d]:.1f}%" if d in peak else "-" for d in ("float32", "bfloat16"))
+            lines.append(f"| {label} | {tps:.1f} | {fl / 1e9:.1f} | {shares} |")
+    if s.get("ratio"):
+        lines.append(f"\nrouter_tune / baseline: {s['ratio']:.2f}x.")
+    if peak:
+        lines.append(
+            f"Matmul peak here: fp32 {peak['float32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s."
+        )
+    for name in ("fsdp2", "zero3"):
+        if s.get(f"{name}_tokens_per_s"):
+            lines.append(f"{name} (2 ranks x 1 thread): {s[f'{name}_tokens_per_s']:.1f} tokens/s.")
+    pj = f["projection"]
+    lines += [
+        "",
+        f"## Projection to the real model ({REAL_LAYERS} layers, {gb(pj['real_model_bytes'])} GB bf16)\n",
+        f"Computed, not measured: weights = the bytes outside the layers + {REAL_LAYERS} x one layer's bytes (from "
+        "the safetensors headers here); per GPU = weights / GPUs + the unit gathered at once (one decoder layer, "
+        f"{gb(a['layer_bytes'])} GB; none on one GPU) + activations = {REAL_LAYERS} x the measured activations per "
+        f"layer ({gb(pj['activations_per_layer'])} GB per layer for one micro-batch of 1 x {data['seq']} tokens: the "
+        "1-process activation figure divided by its layers, the head's share included), the same formula as "
+        "the 2-rank prediction above, without the host process's own RSS. 'x measured ratio' multiplies by the "
+        "worst anon measured / predicted ratio at 2 ranks (GPU memory holds tensors, not file pages). Start-up: "
+        "load, fingerprints and prepare scaled by "
+        f"the bytes ({pj['byte_scale']:.2f}x), the probe by the layers, from the configuration measured here "
+        "(single for 1 GPU, the 2-rank runs for 8 GPUs: no credit taken for more ranks reading in parallel, "
+        "and this machine's disk and page cache, not a GPU host's).\n",
+        "| setting | weights per GPU | gathered | activations | memory per GPU | x measured ratio | fits "
+        "(90% of the GPU) | start-up s (load + fingerprints + probe + prepare) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    labels = {"single": "1 x 141 GB, bf16, 1 process", "fsdp2": "8 x 80 GB, FSDP2", "zero3": "8 x 80 GB, ZeRO-3"}
+    for name, r in pj["rows"].items():
+        st = r.get("startup_seconds")
+        stext = f"{r['startup_total']:.0f} ({' + '.join(f'{v:.0f}' for v in st.values())})" if st else "not measured"
+        if st and r["startup_from"] != name:
+            stext += f", from {r['startup_from']}"
+        corrected = r.get("memory_per_gpu_times_measured_ratio")
+        corrected = (">= " if r.get("ratio_is_lower_bound") else "") + gb(corrected) if corrected else None
+        lines.append(
+            f"| {labels[name]} | {gb(r['weights_per_gpu'])} | {gb(r['gathered_unit'])} | {gb(r['activations'])} | "
+            f"{gb(r['memory_per_gpu'])} | {corrected or '-'} | {'yes' if r['fits'] else 'no'} | "
+            f"{stext} |"
+        )
+    lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-scale")
+    parser.add_argument("--model", type=Path, default=ROOT / "build" / "scale-model")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
+    parser.add_argument("--configs", nargs="+", default=[*CONFIGS, "baseline", "export", "peak"])
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    parser.add_argument(
+        "--min-available-gb", type=float, default=1.5, help="stop a configuration when the machine has less free"
+    )
+    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--export-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--peak-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--export-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.export_worker:
+        return export_worker(args)
+    if args.peak_worker:
+        return peak_worker(args)
+
+    start = time.perf_counter()
+    prov = provenance()  # before anything is written
+    if not args.model.is_dir():
+        subprocess.run([sys.executable, str(SCRIPTS / "make_scale_model.py"), "--out", str(args.model)], check=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    from bench_train import make_random_blocks
+
+    shutil.rmtree(args.work / "blocks", ignore_errors=True)
+    config = json.loads((args.model / "config.json").read_text())
+    make_random_blocks(args.work / "blocks", vocab=config["vocab_size"], seq=args.seq, n_blocks=4 * args.steps)
+    data = {
+        "provenance": prov,
+        "steps": args.steps,
+        "seq": args.seq,
+        "model_dir": str(args.model),
+        "model": model_anatomy(args.model),
+        "model_config": {k: v for k, v in config.items() if isinstance(v, int)},
+        "configs": {},
+    }
+    for name in args.configs:
+        if name in CONFIGS:
+            data["configs"][name] = measure_config(name, args, args.work)
+        elif name == "baseline":
+            data["baseline"] = measure_baseline(args, args.work)
+            print(f"baseline: {data['baseline']['tokens_per_s']:.1f} tokens/s")
+        elif name == "export":
+            data["export"] = measure_export(args, args.work)
+            print(f"export: {data['export']['seconds']:.1f} s, {data['export']['peak_rss_process'] / GB:.2f} GB")
+        elif name == "peak":
+            data["peak"] = measure_peak(args, args.work)
+    data["figures"] = analyse(data)
+    data["wall_s"] = time.perf_counter() - start
+    data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " + (
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(data, indent=2) + "\n")
+    (args.out / "scale.md").write_text(markdown(data))
+    print((args.out / "scale.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
