@@ -31,7 +31,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out bench
 
-# Gap to oracle routing closed per model x gate kind x router gradient mode (bench/quality.md, .json);
+# Gap to oracle routing closed per model x gate kind x router gradient mode (bench/quality.md, .json, .png);
 # builds the second frankenMoE (scripts/make_second_moe.py) on first use. CPU hours on 2 cores.
 bench-quality: $(STAMP)
 	$(PY) scripts/bench_quality.py --out bench
