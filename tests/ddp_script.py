@@ -8,22 +8,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.test_trainer import make_trainer, uneven_blocks  # noqa: E402
+from tests.test_trainer import distributed_trainer  # noqa: E402
 
 model_dir, out, batch, ga = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-trainer = make_trainer(
-    model_dir,
-    out,
-    steps=3,
-    batch=batch,
-    ga=ga,
-    data=uneven_blocks(Path(model_dir), 24),
-    train_sampling_strategy="sequential",
-    use_cpu=False,
-    aux_loss_reduce="global_prev",
-    router_aux_loss_coef=0.1,
-    router_z_loss_coef=0.01,
-    router_gradient=sys.argv[5] if len(sys.argv) > 5 else "sparse",
+trainer = distributed_trainer(
+    model_dir, out, steps=3, batch=batch, ga=ga, router_gradient=sys.argv[5] if len(sys.argv) > 5 else "sparse"
 )
 trainer.train()
 trainer.save_model()

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from router_tune.training.sharding import shard_fraction  # noqa: E402
-from tests.test_trainer import make_trainer, uneven_blocks  # noqa: E402
+from tests.test_trainer import distributed_trainer  # noqa: E402
 
 model_dir, out, batch, ga, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 resume = sys.argv[6] if len(sys.argv) > 6 else None
@@ -21,20 +21,7 @@ import router_tune.training.trainer as trainer_module  # noqa: E402
 hashed = []  # which ranks hash the experts' bytes (only the main process should)
 fingerprints_of = trainer_module.fingerprints_of
 trainer_module.fingerprints_of = lambda *a: hashed.append(1) or fingerprints_of(*a)
-trainer = make_trainer(
-    model_dir,
-    out,
-    steps=steps,
-    batch=batch,
-    ga=ga,
-    data=uneven_blocks(Path(model_dir), 24),
-    train_sampling_strategy="sequential",
-    use_cpu=False,
-    aux_loss_reduce="global_prev",
-    router_aux_loss_coef=0.1,
-    router_z_loss_coef=0.01,
-    save_steps=2,
-)
+trainer = distributed_trainer(model_dir, out, steps=steps, batch=batch, ga=ga, save_steps=2)
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 layers = trainer.model.get_decoder().layers

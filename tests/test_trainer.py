@@ -89,6 +89,26 @@ def make_trainer(model_dir, out, *, steps=4, batch=4, ga=1, lr=0.3, data="text",
     )
 
 
+def distributed_trainer(model_dir, out, *, steps, batch, ga, **kw) -> RouterTrainer:
+    """The trainer tests/ddp_script.py, fsdp_script.py and zero3_train_script.py run on every rank (and
+    alone, as the 1-process reference): uneven blocks in a fixed order, global_prev balancing and a
+    z-loss strong enough that a normalisation error shows in the routers."""
+    return make_trainer(
+        model_dir,
+        out,
+        steps=steps,
+        batch=batch,
+        ga=ga,
+        data=uneven_blocks(Path(model_dir), 24),
+        train_sampling_strategy="sequential",
+        use_cpu=False,
+        aux_loss_reduce="global_prev",
+        router_aux_loss_coef=0.1,
+        router_z_loss_coef=0.01,
+        **kw,
+    )
+
+
 def source_tensors(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
