@@ -129,6 +129,25 @@ def test_zero3_rescales_saturated_routers_as_one_process(mixtral_saturated, tmp_
     _assert_equal_routers(tmp_path / "two", tmp_path / "one")
 
 
+def test_zero3_forward_keeps_no_gathered_experts_for_backward():
+    """ZeRO-3 releases a leaf block after its forward, but autograd saves *views* of its fused expert
+    weights (`gate_up_proj[e]`), which would keep every block's gathered experts until backward: on
+    each rank, the whole model's experts at the peak. With `saved_views_by_reference` (what
+    RouterTrainer's forward uses under ZeRO-3) the forward holds less than one layer's experts, the
+    plain forward holds all three layers' (the control: if DeepSpeed stops saving views, this says so),
+    and the loss and the router gradients are the same bits. 2 gloo ranks, different tokens per rank."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    reports = _run(run + [str(ROOT / "tests" / "zero3_views_script.py")])
+    assert len(reports) == 2
+    for r in reports:
+        layer = r["layer_expert_bytes"]
+        assert r["plain_held_after_forward"] - r["by_reference_held_after_forward"] > 2.5 * layer, r
+        assert r["by_reference_held_after_forward"] < 0.75 * layer, r
+        assert r["by_reference_loss"] == r["plain_loss"]
+        assert r["by_reference_grads_sha256"] == r["plain_grads_sha256"] and r["plain_grads_norm"] > 0
+    assert reports[0]["plain_loss"] != reports[1]["plain_loss"]  # the ranks saw different tokens
+
+
 @pytest.mark.parametrize("fixture", ["mixtral_legacy", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_moe_blocks_are_zero3_leaves(fixture, request):
     """Every supported architecture: its MoE blocks, and only they, are ZeRO-3 leaf modules, and the

@@ -70,6 +70,7 @@ from router_tune.training.sharding import (
     prepare_zero3,
 )
 from router_tune.training.support import LossWindow, RouterTrainingCallback, stop_on_signals, warn_identical_experts
+from router_tune.training.zero3_saved_views import saved_views_by_reference
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ class RouterTrainer(Trainer):
             self.router_gradient.updating() if model.training else contextlib.nullcontext(),
             self.router_capture() as router_logits,
             lm_head_as_identity(unwrapped) if chunked else contextlib.nullcontext() as head,
+            saved_views_by_reference() if self.backend == "deepspeed" else contextlib.nullcontext(),
         ):
             outputs = model(**inputs, use_cache=False)
         ce_sum = next_token_loss_sum(outputs.logits, head, labels, self.args.ce_chunk_tokens)
