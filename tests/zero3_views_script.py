@@ -91,8 +91,10 @@ ids = torch.arange(24).reshape(1, 24) * (rank + 3) % 320  # different tokens, di
 report = {"rank": rank, "layer_expert_bytes": layer_expert_bytes}
 for mode in ("warm-up", "plain", "by_reference"):  # warm-up: DeepSpeed's buffers exist before anything is measured
     before = anon_bytes()
-    with saved_views_by_reference() if mode == "by_reference" else torch.autograd.graph.saved_tensors_hooks(
-        lambda t: t, lambda t: t
+    with (
+        saved_views_by_reference()
+        if mode == "by_reference"
+        else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
     ):
         loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
     report[f"{mode}_held_after_forward"] = anon_bytes() - before
