@@ -54,9 +54,16 @@ BASE_ENV = {
 CONFIGS = ("single", "fsdp2", "zero3", "zero3-lean")
 SHARDED = CONFIGS[1:]
 # zero3-lean: the shipped CPU ZeRO-3 config with DeepSpeed's look-ahead off, so that one MoE block is live at a
-# time: no prefetch of the next module's partitions, and no keeping gathered parameters for reuse
+# time: no prefetch of the next module's partitions, and no keeping gathered parameters for reuse. Not in the
+# default run: it did not change the peak (the excess over one gathered block was autograd's saved views of
+# the gathered experts, see router_tune/training/zero3_saved_views.py)
 ZERO3_LEAN = {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0}
 GB = 1e9
+# A gathered unit costs twice its bytes while it is gathered, on both backends: the flat all-gather output
+# and the per-parameter tensors copied out of it (FSDP2's copy-out, DeepSpeed's torch.cat). Measured here
+# (2 gloo ranks, one module of a 1 GiB bf16 parameter): peak private memory +2.00 GiB above the shards for a
+# no-grad forward under FSDP2 and ZeRO-3 alike; the same code runs on GPUs.
+GATHER_COPIES = 2
 REAL_LAYERS = 26  # Kquant03/Raiden-16x3.43B
 TARGETS = {"rss_vs_predicted": 0.15, "checkpoint_share": 0.01, "startup_share": 0.10, "export_rss": 0.25}
 
@@ -427,7 +434,7 @@ def analyse(data: dict) -> dict:
             continue
         rows = []
         for r in cfg[name]["ranks"]:
-            shard = model_bytes / 2 + a["layer_bytes"]
+            shard = model_bytes / 2 + GATHER_COPIES * a["layer_bytes"]
             predicted = r["rss_after_imports"] + shard + activations
             predicted_anon = r["rss_parts_after_imports"]["anon"] + shard + activations_anon
             rows.append(
@@ -457,7 +464,7 @@ def analyse(data: dict) -> dict:
             so_far = r.get("training_so_far") or {}
             measured = max(r["peak_rss_load"], so_far.get("peak_rss_train", 0))
             anon = so_far.get("peak_rss_anon", r["rss_parts_after_load"]["anon"])
-            shard = model_bytes / 2 + a["layer_bytes"]
+            shard = model_bytes / 2 + GATHER_COPIES * a["layer_bytes"]
             predicted = r["rss_after_imports"] + shard + activations
             predicted_anon = r["rss_parts_after_imports"]["anon"] + shard + activations_anon
             rows.append(
@@ -532,7 +539,7 @@ def project(data: dict, figures: dict) -> dict:
     rows = {}
     for name, world, gpu_gb in (("single", 1, 141), ("fsdp2", 8, 80), ("zero3", 8, 80)):
         measured = next((m for m in (name, f"{name}-lean") if m in cfg), None)  # start-up: the run that finished
-        gathered = a["layer_bytes"] if world > 1 else 0
+        gathered = GATHER_COPIES * a["layer_bytes"] if world > 1 else 0
         memory = real / world + gathered + activations
         row = {
             "gpus": world,
@@ -592,7 +599,9 @@ def markdown(data: dict) -> str:
         "three ~6 GB configurations finish in minutes on 2 cores. One configuration at a time, fresh processes.\n",
         "## Memory per rank (GB)\n",
         "Predicted per rank = RSS after imports (that rank's interpreter, torch, transformers, deepspeed) + model "
-        "bytes / 2 + one decoder layer (the largest unit gathered at once) + activations, where activations = "
+        "bytes / 2 + 2 x one decoder layer (the largest unit gathered at once, counted twice: the flat all-gather "
+        "output and the per-parameter copies made from it, 2.00x of the unit measured for both backends) + "
+        "activations, where activations = "
         "the 1-process run's peak while training minus its RSS after loading "
         f"({gb(f['activations_bytes'])} GB for one micro-batch of 1 x {data['seq']}; anon: "
         f"{gb(f['activations_anon_bytes'])} GB). FSDP2 (transformers' "
@@ -732,8 +741,8 @@ def markdown(data: dict) -> str:
         "",
         f"## Projection to the real model ({REAL_LAYERS} layers, {gb(pj['real_model_bytes'])} GB bf16)\n",
         f"Computed, not measured: weights = the bytes outside the layers + {REAL_LAYERS} x one layer's bytes (from "
-        "the safetensors headers here); per GPU = weights / GPUs + the unit gathered at once (one decoder layer, "
-        f"{gb(a['layer_bytes'])} GB; none on one GPU) + activations = {REAL_LAYERS} x the measured activations per "
+        "the safetensors headers here); per GPU = weights / GPUs + the unit gathered at once, twice (one decoder "
+        f"layer, {gb(a['layer_bytes'])} GB, as all-gather output and copy; none on one GPU) + activations = {REAL_LAYERS} x the measured activations per "
         f"layer ({gb(pj['activations_per_layer'])} GB per layer for one micro-batch of 1 x {data['seq']} tokens: the "
         "1-process activation figure divided by its layers, the head's share included), the same formula as "
         "the 2-rank prediction above, without the host process's own RSS. 'x measured ratio' multiplies by the "
@@ -770,7 +779,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "build" / "scale-model")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
-    parser.add_argument("--configs", nargs="+", default=[*CONFIGS, "baseline", "export", "peak"])
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["single", "fsdp2", "zero3", "baseline", "export", "peak"],
+        help=f"any of {', '.join(CONFIGS)}, baseline, export, peak",
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     parser.add_argument(
         "--min-available-gb", type=float, default=1.5, help="stop a configuration when the machine has less free"

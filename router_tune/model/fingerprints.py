@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ from router_tune.io.shards import CHUNK, TORCH_DTYPES, Segment, read_header
 FORMAT = 2  # recorded as `fingerprint_format` in run files: digests of other formats are not comparable
 SAFETENSORS_DTYPE = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 PROJECTIONS = ("gate", "up", "down")
+HASH_THREADS = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def _new_digest():
@@ -103,7 +106,12 @@ def checkpoint_fingerprints(checkpoint_dir: str | Path) -> list[list[str]]:
                     experts[m["layer"]][e]["gate"] = (shape, t.dtype, [t.segment(e * per_expert, half)])
                     experts[m["layer"]][e]["up"] = (shape, t.dtype, [t.segment(e * per_expert + half, half)])
     layers = sorted(experts, key=lambda prefix: int(re.search(r"(\d+)$", prefix)[1]))
-    return [[_stream_digest(root, layer, e, experts[layer][e]) for e in sorted(experts[layer])] for layer in layers]
+    jobs = [[(layer, e) for e in sorted(experts[layer])] for layer in layers]
+    # One thread per core: file reads and blake2b updates of large buffers release the GIL, so the
+    # experts hash in parallel (the read is one pass over the experts' bytes either way).
+    with ThreadPoolExecutor(max_workers=min(HASH_THREADS, sum(map(len, jobs)) or 1)) as pool:
+        digests = [[pool.submit(_stream_digest, root, layer, e, experts[layer][e]) for layer, e in row] for row in jobs]
+        return [[d.result() for d in row] for row in digests]
 
 
 def _stream_digest(root: Path, layer: str, expert: int, projections: dict[str, tuple]) -> str:
