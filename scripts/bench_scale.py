@@ -742,7 +742,8 @@ def markdown(data: dict) -> str:
         f"## Projection to the real model ({REAL_LAYERS} layers, {gb(pj['real_model_bytes'])} GB bf16)\n",
         f"Computed, not measured: weights = the bytes outside the layers + {REAL_LAYERS} x one layer's bytes (from "
         "the safetensors headers here); per GPU = weights / GPUs + the unit gathered at once, twice (one decoder "
-        f"layer, {gb(a['layer_bytes'])} GB, as all-gather output and copy; none on one GPU) + activations = {REAL_LAYERS} x the measured activations per "
+        f"layer, {gb(a['layer_bytes'])} GB, as all-gather output and copy; none on one GPU) + activations = "
+        f"{REAL_LAYERS} x the measured activations per "
         f"layer ({gb(pj['activations_per_layer'])} GB per layer for one micro-batch of 1 x {data['seq']} tokens: the "
         "1-process activation figure divided by its layers, the head's share included), the same formula as "
         "the 2-rank prediction above, without the host process's own RSS. 'x measured ratio' multiplies by the "

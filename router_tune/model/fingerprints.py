@@ -31,7 +31,8 @@ from router_tune.io.shards import CHUNK, TORCH_DTYPES, Segment, read_header
 FORMAT = 2  # recorded as `fingerprint_format` in run files: digests of other formats are not comparable
 SAFETENSORS_DTYPE = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 PROJECTIONS = ("gate", "up", "down")
-HASH_THREADS = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+HASH_THREADS = max(1, min(16, CORES))
 
 
 def _new_digest():
