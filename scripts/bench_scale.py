@@ -59,11 +59,13 @@ SHARDED = CONFIGS[1:]
 # the gathered experts, see router_tune/training/zero3_saved_views.py)
 ZERO3_LEAN = {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0}
 GB = 1e9
-# A gathered unit costs twice its bytes while it is gathered, on both backends: the flat all-gather output
-# and the per-parameter tensors copied out of it (FSDP2's copy-out, DeepSpeed's torch.cat). Measured here
-# (2 gloo ranks, one module of a 1 GiB bf16 parameter): peak private memory +2.00 GiB above the shards for a
-# no-grad forward under FSDP2 and ZeRO-3 alike; the same code runs on GPUs.
-GATHER_COPIES = 2
+# Decoder layers' worth of gathered weights a rank holds at its peak, besides its shard. Gathering costs
+# twice the unit on both backends: the flat all-gather output and the per-parameter tensors copied out of it
+# (FSDP2's copy-out, DeepSpeed's torch.cat); measured here with 2 gloo ranks and one module of a 1 GiB bf16
+# parameter: +2.00 GiB of private memory in a no-grad forward, FSDP2 and ZeRO-3 alike. FSDP2 also prefetches
+# in backward: a layer's pre-backward hook all-gathers the next layer to run while its own stays unsharded
+# (torch's FSDPParamGroup._backward_prefetch, on by default), so 1 + 2. The same code runs on GPUs.
+GATHERED_LAYERS = {"fsdp2": 3, "zero3": 2, "zero3-lean": 2}
 REAL_LAYERS = 26  # Kquant03/Raiden-16x3.43B
 TARGETS = {"rss_vs_predicted": 0.15, "checkpoint_share": 0.01, "startup_share": 0.10, "export_rss": 0.25}
 
@@ -428,13 +430,13 @@ def analyse(data: dict) -> dict:
     }
     # What each backend gathers at once: FSDP2 (transformers' plan) shards each decoder layer as one unit
     # and gathers it whole for its forward and backward; ZeRO-3 gathers the MoE block (a leaf) whole and
-    # the attention projections module by module: one decoder layer bounds both.
+    # the attention projections module by module: one decoder layer bounds both (GATHERED_LAYERS).
     for name in SHARDED:
         if name not in cfg:
             continue
         rows = []
         for r in cfg[name]["ranks"]:
-            shard = model_bytes / 2 + GATHER_COPIES * a["layer_bytes"]
+            shard = model_bytes / 2 + GATHERED_LAYERS[name] * a["layer_bytes"]
             predicted = r["rss_after_imports"] + shard + activations
             predicted_anon = r["rss_parts_after_imports"]["anon"] + shard + activations_anon
             rows.append(
@@ -464,7 +466,7 @@ def analyse(data: dict) -> dict:
             so_far = r.get("training_so_far") or {}
             measured = max(r["peak_rss_load"], so_far.get("peak_rss_train", 0))
             anon = so_far.get("peak_rss_anon", r["rss_parts_after_load"]["anon"])
-            shard = model_bytes / 2 + GATHER_COPIES * a["layer_bytes"]
+            shard = model_bytes / 2 + GATHERED_LAYERS[name] * a["layer_bytes"]
             predicted = r["rss_after_imports"] + shard + activations
             predicted_anon = r["rss_parts_after_imports"]["anon"] + shard + activations_anon
             rows.append(
@@ -539,7 +541,7 @@ def project(data: dict, figures: dict) -> dict:
     rows = {}
     for name, world, gpu_gb in (("single", 1, 141), ("fsdp2", 8, 80), ("zero3", 8, 80)):
         measured = next((m for m in (name, f"{name}-lean") if m in cfg), None)  # start-up: the run that finished
-        gathered = GATHER_COPIES * a["layer_bytes"] if world > 1 else 0
+        gathered = GATHERED_LAYERS[name] * a["layer_bytes"] if world > 1 else 0
         memory = real / world + gathered + activations
         row = {
             "gpus": world,
@@ -587,7 +589,13 @@ def markdown(data: dict) -> str:
     lines = [
         "# Seed-model scale (issue 12): the Raiden-shaped scale model on this machine\n",
         f"{data['machine']}. {describe(p)}. Regenerate: `make bench-scale` (scripts/bench_scale.py, "
-        f"~{data['wall_s'] / 60:.0f} min here).\n",
+        f"~{data['wall_s'] / 60:.0f} min here)."
+        + (
+            f" Figures and predictions recomputed from these measurements with `--reanalyse` ({describe(r)})."
+            if (r := data.get("reanalysed"))
+            else ""
+        )
+        + "\n",
         f"Model: scripts/make_scale_model.py, Raiden's widths (hidden {a['config']['hidden_size']}, intermediate "
         f"{a['config']['intermediate_size']}, {a['config']['num_local_experts']} experts, top-2, vocab "
         f"{a['config']['vocab_size']}), {a['layers']} layers, bf16, mergekit legacy layout: {gb(a['model_bytes'])} GB "
@@ -599,9 +607,10 @@ def markdown(data: dict) -> str:
         "three ~6 GB configurations finish in minutes on 2 cores. One configuration at a time, fresh processes.\n",
         "## Memory per rank (GB)\n",
         "Predicted per rank = RSS after imports (that rank's interpreter, torch, transformers, deepspeed) + model "
-        "bytes / 2 + 2 x one decoder layer (the largest unit gathered at once, counted twice: the flat all-gather "
-        "output and the per-parameter copies made from it, 2.00x of the unit measured for both backends) + "
-        "activations, where activations = "
+        "bytes / 2 + k x one decoder layer (the largest unit gathered at once) + activations, with k = 2 for "
+        "ZeRO-3 (a gathered unit costs twice its bytes: the flat all-gather output and the per-parameter copies "
+        "made from it, 2.00x measured for both backends) and k = 3 for FSDP2 (in backward it also prefetches "
+        "the next layer while the current one is unsharded: 1 + 2), where activations = "
         "the 1-process run's peak while training minus its RSS after loading "
         f"({gb(f['activations_bytes'])} GB for one micro-batch of 1 x {data['seq']}; anon: "
         f"{gb(f['activations_anon_bytes'])} GB). FSDP2 (transformers' "
@@ -741,8 +750,8 @@ def markdown(data: dict) -> str:
         "",
         f"## Projection to the real model ({REAL_LAYERS} layers, {gb(pj['real_model_bytes'])} GB bf16)\n",
         f"Computed, not measured: weights = the bytes outside the layers + {REAL_LAYERS} x one layer's bytes (from "
-        "the safetensors headers here); per GPU = weights / GPUs + the unit gathered at once, twice (one decoder "
-        f"layer, {gb(a['layer_bytes'])} GB, as all-gather output and copy; none on one GPU) + activations = "
+        "the safetensors headers here); per GPU = weights / GPUs + k x one decoder layer gathered (k = 3 FSDP2, "
+        f"2 ZeRO-3, as in the 2-rank prediction; {gb(a['layer_bytes'])} GB each; none on one GPU) + activations = "
         f"{REAL_LAYERS} x the measured activations per "
         f"layer ({gb(pj['activations_per_layer'])} GB per layer for one micro-batch of 1 x {data['seq']} tokens: the "
         "1-process activation figure divided by its layers, the head's share included), the same formula as "
@@ -790,6 +799,12 @@ def main() -> None:
     parser.add_argument(
         "--min-available-gb", type=float, default=1.5, help="stop a configuration when the machine has less free"
     )
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the scale model, if --model is made")
+    parser.add_argument(
+        "--reanalyse",
+        action="store_true",
+        help="recompute the figures and the markdown from OUT/scale.json's measurements, without measuring",
+    )
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--export-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--peak-worker", action="store_true", help=argparse.SUPPRESS)
@@ -805,10 +820,15 @@ def main() -> None:
     if args.peak_worker:
         return peak_worker(args)
 
+    if args.reanalyse:  # the analysis changed, the measurements stand: both commits are recorded
+        data = json.loads((args.out / "scale.json").read_text())
+        data["figures"], data["reanalysed"] = analyse(data), provenance()
+        return write(data, args.out)
     start = time.perf_counter()
     prov = provenance()  # before anything is written
     if not args.model.is_dir():
-        subprocess.run([sys.executable, str(SCRIPTS / "make_scale_model.py"), "--out", str(args.model)], check=True)
+        make = [sys.executable, str(SCRIPTS / "make_scale_model.py"), "--out", str(args.model)]
+        subprocess.run(make + ["--layers", str(args.layers)], check=True)
     args.work.mkdir(parents=True, exist_ok=True)
     from bench_train import make_random_blocks
 
@@ -840,10 +860,14 @@ def main() -> None:
     data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " + (
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(data, indent=2) + "\n")
-    (args.out / "scale.md").write_text(markdown(data))
-    print((args.out / "scale.md").read_text())
+    write(data, args.out)
+
+
+def write(data: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "scale.md").write_text(markdown(data))
+    print((out / "scale.md").read_text())
 
 
 if __name__ == "__main__":
