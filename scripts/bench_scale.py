@@ -64,8 +64,14 @@ GB = 1e9
 # (FSDP2's copy-out, DeepSpeed's torch.cat); measured here with 2 gloo ranks and one module of a 1 GiB bf16
 # parameter: +2.00 GiB of private memory in a no-grad forward, FSDP2 and ZeRO-3 alike. FSDP2 also prefetches
 # in backward: a layer's pre-backward hook all-gathers the next layer to run while its own stays unsharded
-# (torch's FSDPParamGroup._backward_prefetch, on by default), so 1 + 2. The same code runs on GPUs.
-GATHERED_LAYERS = {"fsdp2": 3, "zero3": 2, "zero3-lean": 2}
+# (torch's FSDPParamGroup._backward_prefetch, on by default), so 1 + 2 when there is a next layer. The same
+# code runs on GPUs.
+
+
+def gathered_layers(backend: str, layers: int) -> int:
+    return 3 if backend == "fsdp2" and layers > 1 else 2
+
+
 REAL_LAYERS = 26  # Kquant03/Raiden-16x3.43B
 TARGETS = {"rss_vs_predicted": 0.15, "checkpoint_share": 0.01, "startup_share": 0.10, "export_rss": 0.25}
 
@@ -430,13 +436,13 @@ def analyse(data: dict) -> dict:
     }
     # What each backend gathers at once: FSDP2 (transformers' plan) shards each decoder layer as one unit
     # and gathers it whole for its forward and backward; ZeRO-3 gathers the MoE block (a leaf) whole and
-    # the attention projections module by module: one decoder layer bounds both (GATHERED_LAYERS).
+    # the attention projections module by module: one decoder layer bounds both (gathered_layers).
     for name in SHARDED:
         if name not in cfg:
             continue
         rows = []
         for r in cfg[name]["ranks"]:
-            shard = model_bytes / 2 + GATHERED_LAYERS[name] * a["layer_bytes"]
+            shard = model_bytes / 2 + gathered_layers(name, a["layers"]) * a["layer_bytes"]
             predicted = r["rss_after_imports"] + shard + activations
             predicted_anon = r["rss_parts_after_imports"]["anon"] + shard + activations_anon
             rows.append(
@@ -466,7 +472,7 @@ def analyse(data: dict) -> dict:
             so_far = r.get("training_so_far") or {}
             measured = max(r["peak_rss_load"], so_far.get("peak_rss_train", 0))
             anon = so_far.get("peak_rss_anon", r["rss_parts_after_load"]["anon"])
-            shard = model_bytes / 2 + GATHERED_LAYERS[name] * a["layer_bytes"]
+            shard = model_bytes / 2 + gathered_layers(name, a["layers"]) * a["layer_bytes"]
             predicted = r["rss_after_imports"] + shard + activations
             predicted_anon = r["rss_parts_after_imports"]["anon"] + shard + activations_anon
             rows.append(
@@ -541,7 +547,7 @@ def project(data: dict, figures: dict) -> dict:
     rows = {}
     for name, world, gpu_gb in (("single", 1, 141), ("fsdp2", 8, 80), ("zero3", 8, 80)):
         measured = next((m for m in (name, f"{name}-lean") if m in cfg), None)  # start-up: the run that finished
-        gathered = GATHERED_LAYERS[name] * a["layer_bytes"] if world > 1 else 0
+        gathered = gathered_layers(name, REAL_LAYERS) * a["layer_bytes"] if world > 1 else 0
         memory = real / world + gathered + activations
         row = {
             "gpus": world,
@@ -609,8 +615,9 @@ def markdown(data: dict) -> str:
         "Predicted per rank = RSS after imports (that rank's interpreter, torch, transformers, deepspeed) + model "
         "bytes / 2 + k x one decoder layer (the largest unit gathered at once) + activations, with k = 2 for "
         "ZeRO-3 (a gathered unit costs twice its bytes: the flat all-gather output and the per-parameter copies "
-        "made from it, 2.00x measured for both backends) and k = 3 for FSDP2 (in backward it also prefetches "
-        "the next layer while the current one is unsharded: 1 + 2), where activations = "
+        "made from it, 2.00x measured for both backends) and k = 3 for FSDP2 with more than one layer (in "
+        "backward it also prefetches the next layer while the current one is unsharded: 1 + 2), where "
+        "activations = "
         "the 1-process run's peak while training minus its RSS after loading "
         f"({gb(f['activations_bytes'])} GB for one micro-batch of 1 x {data['seq']}; anon: "
         f"{gb(f['activations_anon_bytes'])} GB). FSDP2 (transformers' "
