@@ -206,6 +206,19 @@ def test_no_silent_downgrade(mixtral_legacy, tmp_path, monkeypatch):
         sharding.check_sharded(plain, "fsdp")
 
 
+def test_unsharded_runs_load_straight_to_their_accelerator():
+    """One process or DDP on an accelerator loads the weights onto this rank's device (no whole model
+    in host RAM, the rescale probe runs there); a CPU run, a quantized base (quantized on the way to
+    the device) and DeepSpeed (partitioned at load by zero.Init) get no device_map. No GPU needed: the
+    arguments only, as `from_pretrained` receives them."""
+    args = lambda device, quantize="none": SimpleNamespace(device=device, quantize=quantize)  # noqa: E731
+    assert sharding.load_kwargs(args(torch.device("cuda", 1)), None) == {"device_map": {"": "cuda:1"}}
+    assert sharding.load_kwargs(args("mps"), None) == {"device_map": {"": "mps"}}
+    assert sharding.load_kwargs(args(torch.device("cpu")), None) == {}
+    assert sharding.load_kwargs(args(torch.device("cuda", 0), "nf4"), None) == {}
+    assert sharding.load_kwargs(args(torch.device("cuda", 0)), "deepspeed") == {}
+
+
 # about 13 s each (deepspeed start-up on 2 processes); fp32 is also covered by tests/test_zero3.py
 @pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.slow), "bf16"])
 def test_zero3_routers_found_read_and_written(mixtral_legacy, precision):

@@ -34,9 +34,10 @@ DEFAULT_TARGET_STD = 1.0
 
 def measure_routers(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, float]]:
     """Per MoE layer: mean top-1 probability and logit standard deviation on `batch`."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
+    device = model.get_input_embeddings().weight.device  # the accelerator, when the model was loaded there
+    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
     mask = batch.get("token_mask", batch.get("attention_mask"))
-    keep = mask.reshape(-1).bool() if mask is not None else slice(None)
+    keep = mask.reshape(-1).bool().to(device) if mask is not None else slice(None)
     result = []
     for logits in router_logits_on(model, inputs):
         logits = logits[keep]

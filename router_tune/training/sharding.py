@@ -107,8 +107,20 @@ def configure_process_group(args) -> None:
 
 
 def load_kwargs(args, backend: str | None) -> dict:
-    """Extra `from_pretrained` arguments: FSDP2 sharding at load time over all processes, with
-    bf16 compute when the run is bf16 (the routers then cast their weight to fp32 in the forward)."""
+    """Extra `from_pretrained` arguments, so that each rank's weights load straight to where they live.
+
+    - FSDP2: transformers' sharding at load time over all processes, with bf16 compute when the run is
+      bf16 (the routers then cast their weight to fp32 in the forward).
+    - One process or DDP on an accelerator, unquantized: `device_map` to this rank's device, so the
+      start-up (rescale probe included) runs there and the host never holds the whole model.
+    - DeepSpeed partitions at load by itself (`zero.Init`); a quantized base loads on the host and
+      `quantize_model` moves each layer to the device as it quantizes it (the bf16 model may not fit).
+    """
+    if backend is None:
+        device = torch.device(args.device)
+        if device.type != "cpu" and getattr(args, "quantize", "none") == "none":
+            return {"device_map": {"": str(device)}}
+        return {}
     if backend != "fsdp":
         return {}
     from transformers.distributed import DistributedConfig
