@@ -13,10 +13,11 @@ through forward + backward instead of 2x, and two layers of the Raiden-shaped sc
 `saved_views_by_reference` installs `torch.autograd.graph.saved_tensors_hooks` that store such a view
 as (parameter, offset, size, stride) when autograd saves it, and rebuild it from the parameter in
 backward, where ZeRO-3 has gathered the leaf block again: DeepSpeed's pre-backward hook on the
-block's outputs runs before the block's own backward unpacks anything. Neither DeepSpeed (its
-memory-efficient linear saves `nn.Linear.weight`, a parameter itself, never a view) nor torch offers
-this, hence the hand-written hooks. Forward values and gradients are unchanged (the same bytes in the
-same layout); the tests compare them bit for bit and measure the memory.
+block's outputs runs before the block's own backward unpacks anything. DeepSpeed's release works for
+weights that are parameters themselves (`nn.Linear.weight`: the saved tensor is the parameter, whose
+data it swaps), not for views of them, and torch has nothing for it, hence the hand-written hooks.
+Forward values and gradients are unchanged (the same bytes in the same layout); the tests compare
+them bit for bit and measure the memory.
 """
 
 from __future__ import annotations
