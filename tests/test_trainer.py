@@ -410,3 +410,29 @@ def test_rescale_probe_only_where_stored_weights_can_saturate(mixtral_legacy, mi
     assert rescale.rescale_routers(sane, sane_info, batch, "auto") == []
     with pytest.raises(AssertionError, match="probe ran"):
         rescale.rescale_routers(saturated, saturated_info, batch, "auto")
+
+
+def test_recipe_shuffle_buffer_reaches_the_training_stream(mixtral_legacy, tmp_path):
+    """The recipe's `shuffle_buffer` is what the trainer's stream uses: with 0, one long document's
+    blocks come in a row (packing order); with a buffer, the same blocks come interleaved."""
+    docs = [{"text": f"doc{i} " + " ".join(f"w{i}" for _ in range(200))} for i in range(4)]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tok = AutoTokenizer.from_pretrained(mixtral_legacy)
+
+    def first_docs(buffer: int) -> list[int]:
+        trainer = make_trainer(
+            mixtral_legacy,
+            tmp_path / f"run{buffer}",
+            data=None,
+            datasets=[{"source": "text", "path": str(path)}],
+            block_size=32,
+            eval_fraction=0.0,
+            shuffle_buffer=buffer,
+        )
+        blocks = list(trainer.train_dataset.take(24))
+        return [max(ch for ch in tok.decode(b["input_ids"]) if ch.isdigit()) for b in blocks]
+
+    ordered, shuffled = first_docs(0), first_docs(64)
+    assert len(set(ordered[:8])) == 1  # the first document's blocks, one after another
+    assert len(set(shuffled[:8])) > 1
