@@ -44,9 +44,9 @@ bench-quant: $(STAMP)
 # Seed-model scale (issue 12) on the Raiden-shaped scale model (builds it first if SCALE_MODEL is missing, ~6 GB):
 # per-rank peak RSS of 1 process, 2-rank FSDP2 and 2-rank ZeRO-3, start-up phases, router-only checkpoint bytes,
 # verified export time and RSS, tokens/s vs transformers.Trainer, and the 26-layer projection. One configuration at
-# a time (~20 min on 2 cores, up to ~12 GB per rank); writes bench/scale.json and bench/scale.md. Then the same
+# a time (~10 min on 2 cores, up to ~12 GB per rank); writes bench/scale.json and bench/scale.md. Then the same
 # 1 process, FSDP2 and ZeRO-3 on a 1-layer copy (3.1 GB), whose two ranks fit a 24 GB machine under both backends
-# (~8 min): bench/scale-1layer/
+# (~6 min): bench/scale-1layer/
 SCALE_MODEL ?= build/scale-model
 bench-scale: $(STAMP)
 	$(PY) scripts/bench_scale.py --out bench --model $(SCALE_MODEL)
