@@ -434,6 +434,24 @@ def analyse(data: dict) -> dict:
         for n, c in data["configs"].items()
         if c.get("failed")
     }
+
+    def against_prediction(name: str, r: dict, measured: float, anon: float) -> dict:
+        """One rank's peaks (RSS, private) against the prediction and the 1-process run."""
+        shard = model_bytes / 2 + gathered_layers(name, a["layers"]) * a["layer_bytes"]
+        predicted = r["rss_after_imports"] + shard + activations
+        predicted_anon = r["rss_parts_after_imports"]["anon"] + shard + activations_anon
+        return {
+            "rank": r["rank"],
+            "predicted": predicted,
+            "measured": measured,
+            "ratio": measured / predicted,
+            "predicted_anon": predicted_anon,
+            "measured_anon": anon,
+            "ratio_anon": anon / predicted_anon,
+            "vs_single": measured / single["peak_rss_process"],
+            "vs_single_anon": anon / single["peak_rss_anon"],
+        }
+
     # What each backend gathers at once: FSDP2 (transformers' plan) shards each decoder layer as one unit
     # and gathers it whole for its forward and backward; ZeRO-3 gathers the MoE block (a leaf) whole and
     # the attention projections module by module: one decoder layer bounds both (gathered_layers).
@@ -442,22 +460,7 @@ def analyse(data: dict) -> dict:
             continue
         rows = []
         for r in cfg[name]["ranks"]:
-            shard = model_bytes / 2 + gathered_layers(name, a["layers"]) * a["layer_bytes"]
-            predicted = r["rss_after_imports"] + shard + activations
-            predicted_anon = r["rss_parts_after_imports"]["anon"] + shard + activations_anon
-            rows.append(
-                {
-                    "rank": r["rank"],
-                    "predicted": predicted,
-                    "measured": r["peak_rss_process"],
-                    "ratio": r["peak_rss_process"] / predicted,
-                    "predicted_anon": predicted_anon,
-                    "measured_anon": r["peak_rss_anon"],
-                    "ratio_anon": r["peak_rss_anon"] / predicted_anon,
-                    "vs_single": r["peak_rss_process"] / single["peak_rss_process"],
-                    "vs_single_anon": r["peak_rss_anon"] / single["peak_rss_anon"],
-                }
-            )
+            rows.append(against_prediction(name, r, r["peak_rss_process"], r["peak_rss_anon"]))
         within = TARGETS["rss_vs_predicted"]
         out[name] = {
             "per_rank": rows,
@@ -472,23 +475,9 @@ def analyse(data: dict) -> dict:
             so_far = r.get("training_so_far") or {}
             measured = max(r["peak_rss_load"], so_far.get("peak_rss_train", 0))
             anon = so_far.get("peak_rss_anon", r["rss_parts_after_load"]["anon"])
-            shard = model_bytes / 2 + gathered_layers(name, a["layers"]) * a["layer_bytes"]
-            predicted = r["rss_after_imports"] + shard + activations
-            predicted_anon = r["rss_parts_after_imports"]["anon"] + shard + activations_anon
+            row = against_prediction(name, r, measured, anon)
             rows.append(
-                {
-                    "rank": r["rank"],
-                    "steps_done": so_far.get("steps"),
-                    "peak_rss_train_so_far": so_far.get("peak_rss_train"),
-                    "predicted": predicted,
-                    "measured": measured,
-                    "ratio": measured / predicted,
-                    "predicted_anon": predicted_anon,
-                    "measured_anon": anon,
-                    "ratio_anon": anon / predicted_anon,
-                    "vs_single": measured / single["peak_rss_process"],
-                    "vs_single_anon": anon / single["peak_rss_anon"],
-                }
+                {**row, "steps_done": so_far.get("steps"), "peak_rss_train_so_far": so_far.get("peak_rss_train")}
             )
         x["per_rank_so_far"] = rows  # lower bounds: the run was stopped before its peak
     startup = {}
