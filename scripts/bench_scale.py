@@ -244,6 +244,7 @@ def worker(args) -> None:
     }
     out = Path(f"{args.json}.rank{result['rank']}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
+    trainer.accelerator.end_training()  # process group down before exit (PITFALLS.md: gloo teardown)
 
 
 def export_worker(args) -> None:

@@ -42,3 +42,5 @@ trainer.save_model()
 report["step"] = trainer.state.global_step
 report["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 print("REPORT " + json.dumps(report), flush=True)
+# Gloo's worker threads abort the interpreter's exit if the process group outlives it (PITFALLS.md).
+trainer.accelerator.end_training()

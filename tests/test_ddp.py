@@ -63,3 +63,38 @@ def test_two_cpu_processes_equal_one(router_gradient, mixtral_legacy, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
         legacy = name.replace("mlp.gate", "block_sparse_moe.gate")
         assert not torch.equal(a[name], source[legacy].float()), "routers did not train"
+
+
+PROBE = """import sys
+import torch.distributed as dist
+from router_tune.cli import main
+rc = main(sys.argv[1:])
+print(f"RANK_EXIT rc={rc} process_group_alive={dist.is_initialized()}", flush=True)
+sys.exit(rc)
+"""
+
+
+def test_launched_train_command_tears_down_its_process_group(mixtral_legacy, tmp_path):
+    """`accelerate launch -m router_tune train` on 2 ranks, as users run it. The command destroys its
+    process group before returning: left to interpreter exit, gloo's worker threads can abort a
+    finished run (CI saw SIGABRT, "terminate called without an active exception", ~1 run in 6)."""
+    from tests.test_train_cli import write_recipe
+
+    recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=2, save_steps=100, routing_log_every=0)
+    probe = tmp_path / "probe.py"  # router_tune's own entry point, with one line after it returns
+    probe.write_text(PROBE)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(ROOT / "recipes/accelerate/cpu-ddp.yaml"), "--main_process_port", str(free_port())]
+    proc = subprocess.run(
+        launch + [str(probe), "train", str(recipe), "--output_dir", str(tmp_path / "out")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "router-tune train: finished at step 2" in proc.stdout
+    exits = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK_EXIT"))
+    assert exits == ["RANK_EXIT rc=0 process_group_alive=False"] * 2, proc.stdout[-2000:]

@@ -68,3 +68,5 @@ assert all(torch.equal(before[n] + 1.0, again[n]) for n in before)
 for ref, w in zip(find_routers(model), weights):  # the master, not only the module copy
     torch.testing.assert_close(safe_get_full_fp32_param(w).cpu(), before[f"{ref.module_name}.weight"] + 1.0)
 print(f"ZERO3 OK rank={torch.distributed.get_rank()}", flush=True)
+# Gloo's worker threads abort the interpreter's exit if the process group outlives it (PITFALLS.md).
+torch.distributed.destroy_process_group()

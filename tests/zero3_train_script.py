@@ -36,3 +36,5 @@ report = {
     "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
 }
 print("REPORT " + json.dumps(report), flush=True)
+# Gloo's worker threads abort the interpreter's exit if the process group outlives it (PITFALLS.md).
+trainer.accelerator.end_training()

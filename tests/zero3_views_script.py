@@ -106,3 +106,5 @@ for mode in ("warm-up", "plain", "by_reference"):  # warm-up: DeepSpeed's buffer
     engine.optimizer.zero_grad()
     del loss
 print("REPORT " + json.dumps(report), flush=True)
+# Gloo's worker threads abort the interpreter's exit if the process group outlives it (PITFALLS.md).
+torch.distributed.destroy_process_group()

@@ -100,4 +100,8 @@ def train(config) -> int:
         if trainer._interrupted:
             print(f"resume with: {resume_command(sys.argv[1:])}")
         print(json.dumps({"global_step": trainer.state.global_step, "nonfinite_steps": trainer.nonfinite_steps}))
+    # Destroys the process group (launched runs) while the interpreter is alive: left to exit, gloo's
+    # worker threads can still hold tensors and abort the process after a finished run (PITFALLS.md).
+    # Only on success: a rank that failed must not wait in a collective teardown for the others.
+    trainer.accelerator.end_training()
     return 0

@@ -3,6 +3,7 @@
     from router_tune import RouterTrainer, load_recipe
     trainer = RouterTrainer(args=load_recipe("recipes/demo.yaml"))
     trainer.train()
+    trainer.accelerator.end_training()  # under `accelerate launch`: process group down before exit
 
 What it changes in the stock Trainer (everything else — accelerate launch, gradient
 accumulation, mixed precision, DeepSpeed/FSDP, progress bars, `report_to` — is inherited):
