@@ -94,8 +94,7 @@ class Probe(TrainerCallback):
 
 def run(model_dir: Path, oracle_map: dict, mode: str, steps: int, every: int, out: Path, **overrides) -> dict:
     recipe = load_recipe(RECIPE)
-    args = load_recipe(
-        None,
+    settings = dict(
         model_name_or_path=str(model_dir),
         datasets=recipe.datasets,
         block_size=recipe.block_size,
@@ -110,8 +109,9 @@ def run(model_dir: Path, oracle_map: dict, mode: str, steps: int, every: int, ou
         logging_steps=max(steps // 10, 1),
         disable_tqdm=True,
         dataloader_num_workers=0,
-        **{"seed": 42, **overrides},
+        seed=42,
     )
+    args = load_recipe(None, **{**settings, **overrides})  # an override may replace any of these
     trainer = RouterTrainer(args=args)
     specs = data.parse_sources(args.datasets)
     blocks = data.build_eval_blocks(specs, trainer.processing_class, args.block_size, max_blocks=EVAL_BLOCKS)
