@@ -358,3 +358,40 @@ def test_shuffle_buffer_breaks_up_long_documents_and_keeps_every_block(tmp_path,
     key = lambda b: (tuple(b["input_ids"]), tuple(b["position_ids"]))  # noqa: E731
     assert sorted(map(key, shuffled)) == sorted(map(key, ordered))
     assert train_blocks(specs, tok, 16, eval_fraction=0.0, seed=5, shuffle_buffer=64) == shuffled
+
+
+def test_document_shuffle_reads_the_whole_file_early_and_keeps_every_document(tmp_path, tok):
+    """Sorted files (one subject after another, like the bundled code sample's codec tables) must not
+    mean a run trains on a prefix: with the document buffer, the first documents come from all over
+    the file, each document exactly once per pass, same order for the same seed (resume), files in a
+    seeded order, and a malformed record is still named by its place in its file."""
+    files = []
+    for f in range(3):
+        docs = [
+            {"text": f"f{f} d{i} " + "x " * (i % 5), "meta": {"redpajama_set_name": "RedPajamaGithub"}}
+            for i in range(40)
+        ]
+        files.append(write_jsonl(tmp_path / f"part{f}_sample.jsonl", docs))
+    (spec,) = specs_for({"source": "redpajama", "path": str(tmp_path)})
+
+    def documents(**kw):
+        blocks = source_blocks(spec, 0, tok, 512, heldout=False, eval_fraction=0.0, **kw)
+        text = tok.decode([t for b in blocks for t, m in zip(b["input_ids"], b["token_mask"]) if m])
+        return re.findall(r"f(\d) d(\d+)", text)
+
+    ordered = documents()
+    assert ordered[:3] == [("0", "0"), ("1", "0"), ("2", "0")]  # files round-robin, each in file order
+    shuffled = documents(document_shuffle_buffer=100, seed=3)
+    assert sorted(shuffled) == sorted(ordered) and len(set(shuffled)) == 120
+    first_half = [int(d) for _, d in shuffled[:60]]
+    assert max(first_half) >= 35 and min(first_half) <= 4  # every part of the files, not a prefix
+    assert documents(document_shuffle_buffer=100, seed=3) == shuffled
+    assert documents(document_shuffle_buffer=100, seed=4) != shuffled
+    assert documents(document_shuffle_buffer=1, seed=3) == ordered
+
+    (tmp_path / "bad").mkdir()
+    bad = tmp_path / "bad" / "x_sample.jsonl"
+    bad.write_text("".join(json.dumps({"text": f"ok {i}"}) + "\n" for i in range(30)) + '{"txt": "no"}\n')
+    (spec,) = specs_for({"source": "text", "path": str(bad)})
+    with pytest.raises(RouterTuneError, match=r"x_sample\.jsonl: record 31"):
+        list(source_blocks(spec, 0, tok, 32, heldout=False, eval_fraction=0.0, document_shuffle_buffer=50, seed=1))

@@ -13,6 +13,7 @@ import warnings
 from functools import partial
 
 import datasets
+import numpy as np
 from datasets import Features, List, Value
 
 from router_tune.data.chat import chat_template_for, tokenize_chats, tokenize_texts
@@ -35,6 +36,8 @@ BLOCK_FEATURES = Features(
 _BAD_FIX = "Fix or remove it, or allow skipping malformed records with `max_bad_records`."
 # Records of each hub file read and checked before training (local files are read whole).
 HUB_CHECK_RECORDS = 100
+# The column that carries each record's index in its file through the document shuffle.
+RECORD_INDEX = "__router_tune_record__"
 
 
 class BadRecords:
@@ -116,9 +119,13 @@ def check_sources(specs: list[SourceSpec], *, max_bad_records: int = 0) -> dict[
     return skipped
 
 
+def _record_index(_record: dict, index: int) -> dict:
+    """A module-level function, not a lambda: DataLoader workers pickle the dataset."""
+    return {RECORD_INDEX: index}
+
+
 def _tokenize_batch(
     batch: dict,
-    indices: list[int],
     *,
     spec: SourceSpec,
     path: str,
@@ -129,7 +136,9 @@ def _tokenize_batch(
     bad: BadRecords,
 ) -> dict:
     """Same-length map: each record -> its tokens, or empty lists when it is not in this split."""
-    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    indices = batch[RECORD_INDEX]  # the record's place in its file, for error messages
+    fields = {key: values for key, values in batch.items() if key != RECORD_INDEX}
+    rows = [dict(zip(fields, values)) for values in zip(*fields.values())]
     docs: list = []
     for index, record in zip(indices, rows):
         try:
@@ -157,14 +166,25 @@ def source_blocks(
     heldout: bool,
     eval_fraction: float,
     bad: BadRecords | None = None,
+    document_shuffle_buffer: int = 0,
+    seed: int = 0,
 ) -> datasets.IterableDataset:
-    """The packed blocks of one source, in file order, files taken round-robin (malformed records
-    counted in `bad`; by default none is allowed)."""
+    """The packed blocks of one source, files taken round-robin (malformed records counted in
+    `bad`; by default none is allowed). With `document_shuffle_buffer` > 1, the files' order is
+    shuffled and each file's documents pass a shuffle buffer of that many before tokenizing;
+    otherwise documents come in file order."""
     bad = bad if bad is not None else BadRecords(0, strict=True)
     template = chat_template_for(spec, tokenizer) if spec.is_chat else None
+    files = resolve_files(spec)
+    shuffle = document_shuffle_buffer > 1
+    if shuffle:
+        files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
     per_file = []
-    for path in resolve_files(spec):
-        docs = load_file(path).map(
+    for number, path in enumerate(files):
+        records = load_file(path).map(_record_index, with_indices=True)
+        if shuffle:
+            records = records.shuffle(seed=seed + number, buffer_size=document_shuffle_buffer)
+        docs = records.map(
             partial(
                 _tokenize_batch,
                 spec=spec,
@@ -176,7 +196,6 @@ def source_blocks(
                 bad=bad,
             ),
             batched=True,
-            with_indices=True,
         )
         per_file.append(docs.select_columns(["input_ids", "labels"]))
     docs = (
@@ -206,8 +225,10 @@ def build_train_dataset(
     check: bool = True,
     bad_records: BadRecords | None = None,
     shuffle_buffer: int = 0,
+    document_shuffle_buffer: int = 0,
 ) -> datasets.IterableDataset:
-    """The training blocks: each source packed on its own, then sources drawn block by block with
+    """The training blocks: each source's documents shuffled in a buffer of
+    `document_shuffle_buffer`, packed on their own, then sources drawn block by block with
     probabilities proportional to their weights (so weights are shares of training tokens), then
     shuffled in a buffer of `shuffle_buffer` blocks.
 
@@ -224,6 +245,10 @@ def build_train_dataset(
         shuffle_buffer: blocks held by datasets' `IterableDataset.shuffle` (0 or 1 = stream order).
             Packing cuts a long document into consecutive blocks, so without it a 10k-token file
             fills the source's share of a dozen steps in a row.
+        document_shuffle_buffer: documents held by a shuffle buffer per file, before tokenizing (0
+            or 1 = file order; files are then also taken in their listed order). Data files are
+            often sorted (by repository, by book, by module), and a run that reads them in order
+            trains on a prefix unlike the held-out documents, which are drawn from the whole file.
 
     Returns:
         An IterableDataset of blocks {"input_ids", "labels", "position_ids", "token_mask",
@@ -238,7 +263,17 @@ def build_train_dataset(
     if check:
         check_sources(specs, max_bad_records=bad.limit)
     streams = [
-        source_blocks(s, i, tokenizer, block_size, heldout=False, eval_fraction=eval_fraction, bad=bad)
+        source_blocks(
+            s,
+            i,
+            tokenizer,
+            block_size,
+            heldout=False,
+            eval_fraction=eval_fraction,
+            bad=bad,
+            document_shuffle_buffer=document_shuffle_buffer,
+            seed=seed + 1000 * i,
+        )
         for i, s in enumerate(specs)
     ]
     if len(streams) == 1:

@@ -71,6 +71,14 @@ class RouterTuneConfig(TrainingArguments):
             "row. 0 = stream order."
         },
     )
+    document_shuffle_buffer: int = field(
+        default=1000,
+        metadata={
+            "help": "Documents of each data file shuffled in a buffer of this many before tokenizing, and "
+            "the files' order shuffled (same order for the same seed). Data files are often sorted, and "
+            "reading them in order trains on a prefix unlike the held-out documents. 0 = file order."
+        },
+    )
     max_bad_records: int = field(
         default=0,
         metadata={"help": "Malformed data records that may be skipped (counted, reported) before it is an error."},
@@ -218,6 +226,10 @@ class RouterTuneConfig(TrainingArguments):
             problems.append(f"`block_size` must be at least 2 tokens, got {self.block_size}.")
         if self.shuffle_buffer < 0:
             problems.append(f"`shuffle_buffer` must be >= 0 blocks (0 = stream order), got {self.shuffle_buffer}.")
+        if self.document_shuffle_buffer < 0:
+            problems.append(
+                f"`document_shuffle_buffer` must be >= 0 documents (0 = file order), got {self.document_shuffle_buffer}."
+            )
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction}.")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter"):

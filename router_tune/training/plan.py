@@ -49,6 +49,7 @@ def plan(config) -> dict:
         eval_fraction=config.eval_fraction,
         max_bad_records=config.max_bad_records,
         shuffle_buffer=config.shuffle_buffer,
+        document_shuffle_buffer=config.document_shuffle_buffer,
     )
     names = source_names(specs)
     blocks = dict.fromkeys(names, 0)

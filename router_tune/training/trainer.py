@@ -140,6 +140,7 @@ class RouterTrainer(Trainer):
                 eval_fraction=args.eval_fraction,
                 bad_records=self.bad_records,
                 shuffle_buffer=args.shuffle_buffer,
+                document_shuffle_buffer=args.document_shuffle_buffer,
             )
         data_collator = data_collator or data.collate_blocks
         first_blocks = data.first_blocks(train_dataset, max(1, args.per_device_train_batch_size))
