@@ -228,7 +228,8 @@ class RouterTuneConfig(TrainingArguments):
             problems.append(f"`shuffle_buffer` must be >= 0 blocks (0 = stream order), got {self.shuffle_buffer}.")
         if self.document_shuffle_buffer < 0:
             problems.append(
-                f"`document_shuffle_buffer` must be >= 0 documents (0 = file order), got {self.document_shuffle_buffer}."
+                "`document_shuffle_buffer` must be >= 0 documents (0 = file order), "
+                f"got {self.document_shuffle_buffer}."
             )
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction}.")
