@@ -30,7 +30,7 @@ from router_tune.training.sharding import configure_process_group
 SECRET_KEY = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
 ROUTER_GRADIENTS = ("sparse", "dense", "default_moe")
 # A logit-unit rate below this is almost certainly a raw Adam rate from an older recipe (the default
-# is 0.5), and a raw Adam rate above MAX_RAW_LR almost certainly a logit-unit one.
+# is 1.0), and a raw Adam rate above MAX_RAW_LR almost certainly a logit-unit one.
 MIN_LOGIT_LR, MAX_RAW_LR = 0.05, 0.5
 
 
@@ -199,7 +199,7 @@ class RouterTuneConfig(TrainingArguments):
         default=False, metadata={"help": "Routers are used on every step, so DDP needs no unused-parameter search."}
     )
     learning_rate: float = field(
-        default=0.5,
+        default=1.0,
         metadata={
             "help": "Peak learning rate. With router_lr_scale input (the default) in logit units: about how far "
             "one step can move a token's router logits, the same on any width (each layer's Adam rate is "
@@ -247,7 +247,7 @@ class RouterTuneConfig(TrainingArguments):
         elif self.router_lr_scale == "input" and self.learning_rate < MIN_LOGIT_LR:
             problems.append(
                 f"`learning_rate` {self.learning_rate:g} is read in logit units (router_lr_scale: input, the "
-                f"default), where {self.learning_rate:g} barely moves a router (the default is 0.5). If it is an "
+                f"default), where {self.learning_rate:g} barely moves a router (the default is 1.0). If it is an "
                 "Adam rate from an older recipe, add `router_lr_scale: none`; else raise it."
             )
         elif self.router_lr_scale == "none" and self.learning_rate > MAX_RAW_LR:
