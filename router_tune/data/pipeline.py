@@ -272,7 +272,7 @@ def build_train_dataset(
             eval_fraction=eval_fraction,
             bad=bad,
             document_shuffle_buffer=document_shuffle_buffer,
-            seed=seed + 1000 * i,
+            seed=seed + 1000 * i,  # each source (and, inside, each file) its own document order
         )
         for i, s in enumerate(specs)
     ]
