@@ -412,27 +412,37 @@ def test_rescale_probe_only_where_stored_weights_can_saturate(mixtral_legacy, mi
         rescale.rescale_routers(saturated, saturated_info, batch, "auto")
 
 
-def test_recipe_shuffle_buffer_reaches_the_training_stream(mixtral_legacy, tmp_path):
-    """The recipe's `shuffle_buffer` is what the trainer's stream uses: with 0, one long document's
-    blocks come in a row (packing order); with a buffer, the same blocks come interleaved."""
+def test_recipe_shuffle_buffers_reach_the_training_stream(mixtral_legacy, tmp_path):
+    """The recipe's `shuffle_buffer` and `document_shuffle_buffer` are what the trainer's stream uses:
+    with both 0, the documents come in file order and one long document's blocks in a row (packing
+    order); with a block buffer, the same blocks come interleaved; with a document buffer, the
+    documents come in another order."""
     docs = [{"text": f"doc{i} " + " ".join(f"w{i}" for _ in range(200))} for i in range(4)]
     path = tmp_path / "long.jsonl"
     path.write_text("".join(json.dumps(d) + "\n" for d in docs))
     tok = AutoTokenizer.from_pretrained(mixtral_legacy)
 
-    def first_docs(buffer: int) -> list[int]:
+    def first_docs(blocks_buffer: int, documents_buffer: int) -> list[str]:
         trainer = make_trainer(
             mixtral_legacy,
-            tmp_path / f"run{buffer}",
+            tmp_path / f"run{blocks_buffer}-{documents_buffer}",
             data=None,
             datasets=[{"source": "text", "path": str(path)}],
             block_size=32,
             eval_fraction=0.0,
-            shuffle_buffer=buffer,
+            shuffle_buffer=blocks_buffer,
+            document_shuffle_buffer=documents_buffer,
         )
-        blocks = list(trainer.train_dataset.take(24))
+        blocks = list(trainer.train_dataset.take(80))  # all four documents
         return [max(ch for ch in tok.decode(b["input_ids"]) if ch.isdigit()) for b in blocks]
 
-    ordered, shuffled = first_docs(0), first_docs(64)
+    def runs(doc_ids: list[str]) -> list[str]:
+        """The documents in the order the stream starts them."""
+        return [d for i, d in enumerate(doc_ids) if i == 0 or doc_ids[i - 1] != d]
+
+    ordered = first_docs(0, 0)
     assert len(set(ordered[:8])) == 1  # the first document's blocks, one after another
-    assert len(set(shuffled[:8])) > 1
+    assert runs(ordered) == ["0", "1", "2", "3"]  # in file order
+    assert len(set(first_docs(64, 0)[:8])) > 1
+    documents_shuffled = first_docs(0, 100)
+    assert sorted(runs(documents_shuffled)) == ["0", "1", "2", "3"] and runs(documents_shuffled) != runs(ordered)
