@@ -272,6 +272,14 @@ def main() -> None:
         help="also run, per model, the sparse path as issue 14 found it (raw Adam rate 2e-2, files read in order; "
         "today's other defaults), the reference of its wall-clock target",
     )
+    parser.add_argument(
+        "--overload",
+        nargs="*",
+        type=float,
+        default=[],
+        metavar="COEF",
+        help="also run, per model, sparse mode with router_overload_loss_coef COEF (the balance / quality trade-off)",
+    )
     parser.add_argument("--no-cost", dest="cost", action="store_false")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()
@@ -302,6 +310,20 @@ def main() -> None:
             key = f"{name}/{FILED_PATH_LABEL}"
             result["runs"][key] = run(
                 model_dir, oracle_map, "sparse", args.steps, args.eval_every, work / "runs", **FILED_PATH
+            )
+            print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
+            (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    for coef in args.overload:
+        for name, (model_dir, oracle_map) in models(args.models).items():
+            key = f"{name}/sparse+overload={coef:g}"
+            result["runs"][key] = run(
+                model_dir,
+                oracle_map,
+                "sparse",
+                args.steps,
+                args.eval_every,
+                work / "runs",
+                router_overload_loss_coef=coef,
             )
             print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
             (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -186,6 +186,37 @@ def load_balancing_loss(
     return num_experts * (f * p).sum()
 
 
+def overload_loss(
+    router_logits: Sequence[Tensor],
+    top_k: int,
+    threshold: float,
+    mask: Tensor | None = None,
+    counts: Tensor | None = None,
+    num_tokens: Tensor | float | None = None,
+) -> Tensor:
+    """Per-layer overload loss [L]: sum over experts of max(0, E * f_i - threshold) * P_i.
+
+    E * f_i is expert i's load over the mean load (what `max_load` reports), P_i its mean
+    softmax probability (carries the gradient), f and counts as in `load_balancing_loss`. Unlike
+    the Switch loss, which pulls every layer towards uniform use whatever its balance, this is
+    zero in a layer whose experts all stay under `threshold`, and it pushes tokens off an
+    overloaded expert in proportion to its excess, towards the experts each token already rates
+    next. Specialised routing (one domain per pair of experts) is left alone while it is balanced.
+    """
+    logits, weight = stack_router_logits(router_logits, mask)
+    num_layers, _, num_experts = logits.shape
+    probs = torch.softmax(logits, dim=-1)
+    if counts is None:
+        with torch.no_grad():
+            counts = count_selections(top_k_experts(probs, top_k), num_experts, weight)[0]
+    counts = counts.detach().to(device=logits.device, dtype=logits.dtype)
+    load = num_experts * counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    excess = (load - threshold).clamp_min(0.0)
+    prob_sum = torch.einsum("lte,t->le", probs, weight)
+    p = prob_sum / _token_count(weight, num_tokens).clamp_min(1.0)
+    return (excess * p).sum(dim=-1)
+
+
 def router_z_loss(
     router_logits: Sequence[Tensor], mask: Tensor | None = None, num_tokens: Tensor | float | None = None
 ) -> Tensor:
@@ -207,6 +238,7 @@ def router_z_loss(
 
 __all__ = [
     "load_balancing_loss",
+    "overload_loss",
     "router_z_loss",
     "selection_counts",
     "all_reduce_counts",

@@ -104,6 +104,19 @@ class RouterTuneConfig(TrainingArguments):
             "choices": list(REDUCE_MODES),
         },
     )
+    router_overload_loss_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the overload loss: per layer, the sum over experts of max(0, load/mean - "
+            "router_overload_threshold) x mean probability. Zero in layers under the threshold, it pushes tokens "
+            "off overloaded experts only. 0 = off (the default: on merges whose routers cannot tell some domains "
+            "apart it costs perplexity, see the README's 'Balance against quality'); 1.0 held the demo under 1.3."
+        },
+    )
+    router_overload_threshold: float = field(
+        default=1.2,
+        metadata={"help": "Load / mean above which an expert counts as overloaded (router_overload_loss_coef)."},
+    )
     router_z_loss_coef: float = field(
         default=0.001, metadata={"help": "Weight of the router z-loss (mean logsumexp^2 of router logits, ST-MoE)."}
     )
@@ -233,11 +246,16 @@ class RouterTuneConfig(TrainingArguments):
             )
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction}.")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter"):
+        for name in ("router_aux_loss_coef", "router_overload_loss_coef", "router_z_loss_coef", "router_jitter"):
             if getattr(self, name) < 0:
                 problems.append(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.aux_loss_scope not in ("layer", "pooled"):
             problems.append(f"`aux_loss_scope` must be layer or pooled, got {self.aux_loss_scope!r}.")
+        if self.router_overload_threshold < 1.0:
+            problems.append(
+                f"`router_overload_threshold` must be >= 1.0 (1.0 = every expert over the mean load is "
+                f"overloaded), got {self.router_overload_threshold}."
+            )
         if self.aux_loss_reduce not in REDUCE_MODES:
             problems.append(
                 f"`aux_loss_reduce` must be one of {', '.join(REDUCE_MODES)}, got {self.aux_loss_reduce!r}."

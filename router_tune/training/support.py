@@ -53,24 +53,29 @@ class LossWindow:
     by the steps; outside a step (`whole=True`) each value is a whole one and they are averaged.
     """
 
-    def __init__(self):
+    def __init__(self, overload: bool = False):
         self.micro_batches = 0
         self.steps = 0
+        self.overload = overload  # log the overload loss too (only trained with when its coefficient is set)
 
-    def add(self, ce_sum, targets, aux, z, whole: bool = False):
+    def add(self, ce_sum, targets, aux, z, overload=None, whole: bool = False):
         weight = torch.ones((), device=ce_sum.device) if whole else torch.zeros((), device=ce_sum.device)
-        parts = torch.stack([ce_sum.float(), targets.float(), aux.float(), z.float(), weight])
+        overload = torch.zeros((), device=ce_sum.device) if overload is None else overload.detach()
+        parts = torch.stack([ce_sum.float(), targets.float(), aux.float(), z.float(), overload.float(), weight])
         self.sums = parts if self.micro_batches == 0 else self.sums + parts
         self.micro_batches += 1
 
     def flush(self) -> dict[str, float]:
-        """The window's mean LM, balancing and z losses over all ranks (a collective: every rank calls it)."""
+        """Mean LM, balancing (and overload) and z losses of the window over all ranks (a collective:
+        every rank calls it)."""
         sums = self.sums.clone()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        ce, targets, aux, z, whole = sums.tolist()
+        ce, targets, aux, z, overload, whole = sums.tolist()
         norm = whole if whole else float(max(self.steps, 1))
         out = {"lm_loss": ce / max(targets, 1.0), "aux_loss": aux / norm, "z_loss": z / norm}
+        if self.overload:
+            out["overload_loss"] = overload / norm
         self.micro_batches, self.steps = 0, 0
         return out
 

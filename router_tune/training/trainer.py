@@ -219,7 +219,7 @@ class RouterTrainer(Trainer):
             layer_ids=self.moe.moe_layers,
         )
         self.telemetry = RoutingTelemetry(args.output_dir, args.report_to)
-        self._window = LossWindow()
+        self._window = LossWindow(overload=bool(args.router_overload_loss_coef))
         self.global_batch = GlobalBatch(
             args.aux_loss_reduce, self.moe.top_k, across_ranks=args.average_tokens_across_devices
         )
@@ -269,11 +269,23 @@ class RouterTrainer(Trainer):
         aux = losses.load_balancing_loss(
             router_logits, self.moe.top_k, mask, self.args.aux_loss_scope, counts, num_tokens=step_tokens
         )
+        balancing = self.args.router_aux_loss_coef * aux
+        overload = None
+        if self.args.router_overload_loss_coef:
+            overload = losses.overload_loss(
+                router_logits,
+                self.moe.top_k,
+                self.args.router_overload_threshold,
+                mask,
+                counts,
+                num_tokens=step_tokens,
+            ).mean()
+            balancing = balancing + self.args.router_overload_loss_coef * overload
         z = losses.router_z_loss(router_logits, mask, num_tokens=step_tokens)
-        loss = (lm + self.args.router_aux_loss_coef * aux + self.args.router_z_loss_coef * z) * scale
+        loss = (lm + balancing + self.args.router_z_loss_coef * z) * scale
 
         if model.training:
-            self._window.add(ce_sum.detach(), targets, aux.detach(), z.detach(), whole=not in_step)
+            self._window.add(ce_sum.detach(), targets, aux.detach(), z.detach(), overload, whole=not in_step)
             if self.args.routing_log_every:
                 with_sources = source_id is not None and self.source_names
                 tokens = source_id.repeat_interleave(labels.shape[1]) if with_sources else None
