@@ -9,7 +9,13 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from router_tune.losses.balancing import all_reduce_counts, load_balancing_loss, router_z_loss, selection_counts
+from router_tune.losses.balancing import (
+    all_reduce_counts,
+    load_balancing_loss,
+    overload_loss,
+    router_z_loss,
+    selection_counts,
+)
 
 L, T, E, K = 3, 24, 5, 2
 
@@ -201,6 +207,43 @@ def test_all_padding_gives_zero_not_nan_and_bad_scope_raises():
         load_balancing_loss(logits, K, scope="global")
 
 
+def loop_overload(logits, k, threshold, mask=None, counts=None):
+    """Per layer: sum over experts of max(0, E * f_i - threshold) * P_i, one token at a time."""
+    values = []
+    for layer, lg in enumerate(logits):
+        c, prob_sum, n = loop_counts_and_probs(lg, k, mask)
+        if counts is not None:
+            c = np.asarray(counts[layer], dtype=np.float64)
+        num_experts = len(c)
+        values.append(sum(max(0.0, num_experts * c[i] / c.sum() - threshold) * prob_sum[i] / n for i in range(E)))
+    return values
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_overload_loss_matches_loop_formula(use_mask):
+    logits, mask = make_logits(seed=14, scale=2.5), make_mask(seed=7) if use_mask else None
+    for threshold in (1.0, 1.2, 1.5):
+        got = overload_loss(logits, K, threshold, mask)
+        assert got.shape == (L,)
+        np.testing.assert_allclose(got.detach().numpy(), loop_overload(logits, K, threshold, mask), rtol=1e-5)
+    # counts from elsewhere (the global batch) give f; the local logits give P
+    counts = selection_counts(make_logits(seed=15, tokens=40, scale=2.5), K)
+    got = overload_loss(logits, K, 1.1, mask, counts=counts)
+    np.testing.assert_allclose(got.detach().numpy(), loop_overload(logits, K, 1.1, mask, counts.numpy()), rtol=1e-5)
+
+
+def test_overload_loss_only_acts_on_overloaded_experts():
+    """Zero (and no gradient) in a layer whose experts are all under the threshold; elsewhere the
+    gradient lowers the overloaded expert's logits, for every token, and raises every other one's."""
+    logits = make_logits(seed=16, layers=2)
+    counts = torch.tensor([[10.0, 10.0, 10.0, 9.0, 9.0], [30.0, 4.0, 2.0, 6.0, 6.0]])  # layer 1: expert 0 at 3.125x
+    loss = overload_loss(logits, K, 1.2, counts=counts)
+    assert loss[0].item() == 0.0 and loss[1].item() > 0.0
+    loss.sum().backward()
+    assert logits[0].grad.abs().sum() == 0
+    assert (logits[1].grad[:, 0] > 0).all() and (logits[1].grad[:, 1:] < 0).all()  # descent moves 0 down
+
+
 def test_no_host_sync(monkeypatch):
     """The per-step paths never pull a value to the host (item, bool, float, tolist, numpy, cpu)."""
     logits, mask = make_logits(seed=13), make_mask(seed=6)
@@ -213,4 +256,5 @@ def test_no_host_sync(monkeypatch):
     loss = load_balancing_loss(logits, K, mask) + load_balancing_loss(logits, K, mask, scope="pooled")
     loss = loss + router_z_loss(logits, mask)
     loss = loss + load_balancing_loss(logits, K, mask, counts=all_reduce_counts(selection_counts(logits, K, mask)))
+    loss = loss + overload_loss(logits, K, 1.2, mask).sum()
     loss.backward()

@@ -171,6 +171,41 @@ def test_loss_is_ce_plus_weighted_aux_and_z(mixtral_legacy, tmp_path):
     assert torch.allclose(loss, ce + 0.1 * aux + 0.01 * z, rtol=1e-5, atol=1e-6)
 
 
+def test_overload_loss_is_added_with_its_coefficient_and_logged(mixtral_legacy, tmp_path):
+    """threshold 1.0: any expert over the mean load counts, so the term is non-zero on real routing."""
+    kw = dict(router_aux_loss_coef=0.1, router_z_loss_coef=0.01, aux_loss_reduce="micro")
+    trainer = make_trainer(
+        mixtral_legacy, tmp_path / "run", router_overload_loss_coef=0.5, router_overload_threshold=1.0, **kw
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], output_router_logits=True)
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    rl = out.router_logits
+    z = torch.stack([torch.logsumexp(layer.float(), -1).square().mean() for layer in rl]).mean()
+    overload = []
+    for layer in rl:  # independent: loads from a loop over the top-k choices
+        probs = layer.float().softmax(-1)
+        load = torch.zeros(probs.shape[1])
+        for row in probs.topk(2, dim=-1).indices:
+            load[row] += 1
+        load = load * probs.shape[1] / load.sum()
+        overload.append(((load - 1.0).clamp_min(0) * probs.mean(0)).sum())
+    overload = torch.stack(overload).mean()
+    assert overload > 0.01
+    expected = ce + 0.1 * _switch_aux(rl, 2) + 0.01 * z + 0.5 * overload
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
+
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "lm_loss" in h]
+    assert logged and all(h["overload_loss"] >= 0 for h in logged)
+    plain = make_trainer(mixtral_legacy, tmp_path / "plain", steps=1, **kw)
+    plain.train()
+    assert not any("overload_loss" in h for h in plain.state.log_history)
+
+
 def routers_after(mixtral_legacy, out, *, batch, ga, data, reduce, steps=3):
     trainer = make_trainer(
         mixtral_legacy,
