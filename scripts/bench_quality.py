@@ -41,24 +41,25 @@ EVAL_BLOCKS = 16  # per source: 4 x 16 x 256 tokens, a few seconds per evaluatio
 MARKS = (0.75, 0.90)
 
 
-def models(names: list[str]) -> dict[str, tuple[Path, dict]]:
-    """{name: (model dir, oracle expert per source)}, building what is missing."""
+def models(names: list[str]) -> dict[str, tuple[Path, dict, dict | None]]:
+    """{name: (model dir, oracle expert per source, each expert's near-twin or None)}, building what is missing."""
+    import make_second_moe
     import saturated_demo
 
     out = {}
     for name in names:
         if name == "demo-hidden":
-            out[name] = (ROOT / "router_tune" / "assets" / "demo-moe", DEMO_ORACLE)
+            out[name] = (ROOT / "router_tune" / "assets" / "demo-moe", DEMO_ORACLE, None)
         elif name == "demo-random":
             path = ROOT / "build" / "quality" / "demo-random"
             if not path.exists():
                 saturated_demo.random_gate_variant(path)
-            out[name] = (path, DEMO_ORACLE)
+            out[name] = (path, DEMO_ORACLE, None)
         else:  # second-hidden / second-random
             if not (SECOND / "figures.json").exists():
                 subprocess.run([sys.executable, str(ROOT / "scripts" / "make_second_moe.py")], check=True)
             figures = json.loads((SECOND / "figures.json").read_text())
-            out[name] = (SECOND / name.split("-")[1], figures["oracle_experts"])
+            out[name] = (SECOND / name.split("-")[1], figures["oracle_experts"], make_second_moe.twins())
     return out
 
 
@@ -92,7 +93,11 @@ class Probe(TrainerCallback):
         }
 
 
-def run(model_dir: Path, oracle_map: dict, mode: str, steps: int, every: int, out: Path, **overrides) -> dict:
+def run(
+    model_dir: Path, oracle_map: dict, mode: str, steps: int, every: int, out: Path, twins=None, **overrides
+) -> dict:
+    """One training run evaluated every `every` steps; `twins` ({expert: its near-twin}) adds the
+    balanced oracle (each domain shared evenly by its expert and that expert's twin)."""
     recipe = load_recipe(RECIPE)
     settings = dict(
         model_name_or_path=str(model_dir),
@@ -120,9 +125,13 @@ def run(model_dir: Path, oracle_map: dict, mode: str, steps: int, every: int, ou
     trainer.add_callback(probe)
     model = trainer.accelerator.unwrap_model(trainer.model)
     oracle = evaluate_oracle(model, blocks, oracle_map, top_k=trainer.moe.top_k)["perplexity"]["overall"]
+    balanced = None
+    if twins:  # each domain shared evenly by its two experts: max-load / mean 1.0 by construction
+        pairs = {source: [expert, twins[expert]] for source, expert in oracle_map.items()}
+        balanced = evaluate_oracle(model, blocks, pairs, top_k=trainer.moe.top_k)["perplexity"]["overall"]
     probe.points.append(probe.measure(0))
     trainer.train()
-    return summarise(probe.points, oracle, args)
+    return {**summarise(probe.points, oracle, args), "balanced_oracle_perplexity": balanced}
 
 
 def summarise(points: list[dict], oracle: float, args) -> dict:
@@ -211,6 +220,13 @@ def write_markdown(result: dict, path: Path) -> None:
             + f" | {run['best']['perplexity']:.2f} ({run['best']['step']}) | "
             f"{', '.join(f'{x:.2f}' for x in last['max_load_per_layer'])} | {last['dead_experts']} |"
         )
+    balanced = {n.split("/")[0]: r for n, r in result["runs"].items() if r.get("balanced_oracle_perplexity")}
+    for model, run in balanced.items():
+        lines.append(
+            f"\n{model}: oracle routing {run['oracle_perplexity']:.2f} sends each domain to its better expert alone "
+            f"(max-load / mean 2.0: 4 of 8 experts idle); the balanced oracle, each domain shared evenly by its "
+            f"two near-twin experts (max-load / mean 1.0), {run['balanced_oracle_perplexity']:.2f}."
+        )
     for name, run in result["runs"].items():  # the wall-clock target: each run against the filed path
         model = name.split("/")[0]
         filed = result["runs"].get(f"{model}/{FILED_PATH_LABEL}")
@@ -295,26 +311,26 @@ def main() -> None:
     }
     work = ROOT / "build" / "quality"
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, (model_dir, oracle_map) in models(args.models).items():
+    for name, (model_dir, oracle_map, twins) in models(args.models).items():
         for mode in args.modes:
             for lr in args.learning_rates:
                 key = f"{name}/{mode}" + (f"/lr={lr:g}" if lr else "")
                 extra = {"learning_rate": lr} if lr else {}
                 result["runs"][key] = run(
-                    model_dir, oracle_map, mode, args.steps, args.eval_every, work / "runs", **extra
+                    model_dir, oracle_map, mode, args.steps, args.eval_every, work / "runs", twins, **extra
                 )
                 print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
                 (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.filed_path:
-        for name, (model_dir, oracle_map) in models(args.models).items():
+        for name, (model_dir, oracle_map, twins) in models(args.models).items():
             key = f"{name}/{FILED_PATH_LABEL}"
             result["runs"][key] = run(
-                model_dir, oracle_map, "sparse", args.steps, args.eval_every, work / "runs", **FILED_PATH
+                model_dir, oracle_map, "sparse", args.steps, args.eval_every, work / "runs", twins, **FILED_PATH
             )
             print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
             (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     for coef in args.overload:
-        for name, (model_dir, oracle_map) in models(args.models).items():
+        for name, (model_dir, oracle_map, twins) in models(args.models).items():
             key = f"{name}/sparse+overload={coef:g}"
             result["runs"][key] = run(
                 model_dir,
@@ -323,6 +339,7 @@ def main() -> None:
                 args.steps,
                 args.eval_every,
                 work / "runs",
+                twins,
                 router_overload_loss_coef=coef,
             )
             print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)

@@ -37,6 +37,11 @@ BASE_STEPS, EXPERT_STEPS = 100, 30
 HALVES = ("a", "b")
 
 
+def twins() -> dict[int, int]:
+    """Each expert's near-twin: experts are merged domain by domain, half a then half b (see `build`)."""
+    return {2 * d + h: 2 * d + 1 - h for d in range(len(demo.DOMAINS)) for h in range(len(HALVES))}
+
+
 def halves(texts: list[str]) -> dict[str, list[str]]:
     """A fixed 50/50 split of a domain's training documents (the held-out hash rule, salted)."""
     first = [t for t in texts if is_heldout(t + "#second-moe", 0.5)]

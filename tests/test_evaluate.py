@@ -306,6 +306,37 @@ def test_forced_routing_equals_a_model_of_that_expert_alone(mixtral_legacy):
     assert not torch.allclose(normal, forced)
 
 
+def test_forced_routing_to_two_experts_shares_every_token_evenly(mixtral_legacy):
+    """Every MoE block's output is the mean of the two experts' own outputs (their SwiGLU written out
+    from the weights); a wrong set of experts is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from router_tune.evaluation.evaluate import forced_routing
+
+    model = AutoModelForCausalLM.from_pretrained(mixtral_legacy, dtype=torch.float32)
+    seen = []
+    hooks = [
+        layer.mlp.register_forward_hook(lambda m, a, out: seen.append((m, a[0], out))) for layer in model.model.layers
+    ]
+    ids = torch.randint(0, model.config.vocab_size, (2, 10))
+    with torch.no_grad(), forced_routing(model, [2, 1]):
+        model(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == len(model.model.layers)
+    for block, x, out in seen:
+        out = out[0] if isinstance(out, tuple) else out
+        x = x.reshape(-1, x.shape[-1])
+        outputs = []
+        for e in (1, 2):
+            gate, up = (x @ block.experts.gate_up_proj[e].T).chunk(2, dim=-1)
+            outputs.append((F.silu(gate) * up) @ block.experts.down_proj[e].T)
+        torch.testing.assert_close(out.reshape(x.shape), (outputs[0] + outputs[1]) / 2, rtol=1e-5, atol=1e-6)
+    for bad in ([1, 1], [0, 1, 2], [7]):
+        with pytest.raises(RouterTuneError, match="forced routing"), forced_routing(model, bad):
+            model(input_ids=ids)
+
+
 def test_bf16_figures_are_the_deployed_model_with_fp32_router_figures_beside(mixtral_bf16, data_files):
     """In bf16, `perplexity` is what the exported checkpoint computes under plain transformers (bf16
     routers, the stock forward); the fp32-router-logit figures, as training sees them, come beside."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -294,17 +295,23 @@ def load_for_eval(
 
 
 @contextlib.contextmanager
-def forced_routing(model: nn.Module, expert: int):
-    """Send every token of every MoE layer to `expert` alone (weight 1; the other top-k slots get
-    weight 0): the oracle that routes a domain to the expert fine-tuned on it."""
+def forced_routing(model: nn.Module, experts: int | Sequence[int]):
+    """Send every token of every MoE layer to `experts` with equal weights (the other top-k slots get
+    weight 0): one expert is the oracle that routes a domain to the expert fine-tuned on it; several
+    (at most top-k) are e.g. a domain's near-twin experts shared evenly, a balanced oracle."""
+    chosen = [experts] if isinstance(experts, int) else [int(e) for e in experts]
 
     def force(module, args, output):
         logits, scores, indices = output
-        indices = torch.remainder(
-            torch.arange(indices.shape[-1], device=indices.device) + expert, logits.shape[-1]
-        ).expand_as(indices)
+        top_k, num_experts = indices.shape[-1], logits.shape[-1]
+        if not 0 < len(chosen) <= top_k or len(set(chosen)) < len(chosen):
+            raise RouterTuneError(f"forced routing needs 1 to {top_k} distinct experts, got {chosen}")
+        if not all(0 <= e < num_experts for e in chosen):
+            raise RouterTuneError(f"forced routing to experts {chosen}, but the model has {num_experts}")
+        fill = [e for e in range(num_experts) if e not in chosen][: top_k - len(chosen)]
+        indices = torch.tensor(chosen + fill, device=indices.device).expand_as(indices)
         scores = torch.zeros_like(scores)
-        scores[..., 0] = 1.0
+        scores[..., : len(chosen)] = 1.0 / len(chosen)
         return logits, scores, indices
 
     handles = [ref.module.register_forward_hook(force) for ref in find_routers(model)]
@@ -318,12 +325,13 @@ def forced_routing(model: nn.Module, expert: int):
 def evaluate_oracle(
     model: nn.Module,
     eval_blocks: dict[str, list[dict]],
-    expert_of_source: dict[str, int],
+    expert_of_source: dict[str, int | Sequence[int]],
     *,
     top_k: int | None = None,
     batch_size: int = 8,
 ) -> dict:
-    """Held-out perplexity when each source is routed to its own expert (`expert_of_source`).
+    """Held-out perplexity when each source is routed to its own expert (`expert_of_source`; a list of
+    experts shares each token evenly among them, see `forced_routing`).
 
     Returns {"perplexity": {source..., "overall"}, "experts": expert_of_source}: the upper bound
     that router training on a domain-expert merge approaches.
