@@ -91,8 +91,9 @@ def make_trainer(model_dir, out, *, steps=4, batch=4, ga=1, lr=0.3, data="text",
 
 def distributed_trainer(model_dir, out, *, steps, batch, ga, **kw) -> RouterTrainer:
     """The trainer tests/ddp_script.py, fsdp_script.py and zero3_train_script.py run on every rank (and
-    alone, as the 1-process reference): uneven blocks in a fixed order, global_prev balancing and a
-    z-loss strong enough that a normalisation error shows in the routers."""
+    alone, as the 1-process reference): uneven blocks in a fixed order, global_prev balancing, an
+    overload loss with threshold 1.0 (active on any imbalance) and a z-loss strong enough that a
+    normalisation error shows in the routers."""
     return make_trainer(
         model_dir,
         out,
@@ -104,6 +105,8 @@ def distributed_trainer(model_dir, out, *, steps, batch, ga, **kw) -> RouterTrai
         use_cpu=False,
         aux_loss_reduce="global_prev",
         router_aux_loss_coef=0.1,
+        router_overload_loss_coef=0.5,
+        router_overload_threshold=1.0,
         router_z_loss_coef=0.01,
         **kw,
     )
@@ -216,6 +219,8 @@ def routers_after(mixtral_legacy, out, *, batch, ga, data, reduce, steps=3):
         data=data,
         aux_loss_reduce=reduce,
         router_aux_loss_coef=0.1,
+        router_overload_loss_coef=0.5,
+        router_overload_threshold=1.0,
         router_z_loss_coef=0.01,
         train_sampling_strategy="sequential",
     )
@@ -225,8 +230,8 @@ def routers_after(mixtral_legacy, out, *, batch, ga, data, reduce, steps=3):
 
 def test_gradient_accumulation_matches_big_batch(mixtral_legacy, tmp_path):
     """4 micro-batches x 2 blocks == 1 x 8 blocks, with every block holding its own number of
-    targets and real tokens: the LM, z and (global_prev) balancing terms are normalised by the
-    whole step, so the routers agree to float rounding."""
+    targets and real tokens: the LM, z and (global_prev) balancing and overload terms are
+    normalised by the whole step, so the routers agree to float rounding."""
     data = uneven_blocks(mixtral_legacy, 24)
     big = routers_after(mixtral_legacy, tmp_path / "1x8", batch=8, ga=1, data=data, reduce="global_prev")
     accumulated = routers_after(mixtral_legacy, tmp_path / "4x2", batch=2, ga=4, data=data, reduce="global_prev")
