@@ -37,6 +37,7 @@ _EXPORTS = {
     "build_train_dataset": "router_tune.data",
     "build_eval_blocks": "router_tune.data",
     "load_balancing_loss": "router_tune.losses.balancing",
+    "overload_loss": "router_tune.losses.balancing",
     "router_z_loss": "router_tune.losses.balancing",
     "RoutingStats": "router_tune.routing.stats",
     "RoutingSummary": "router_tune.routing.stats",
