@@ -156,22 +156,27 @@ def _switch_aux(logits_per_layer, top_k):
     return torch.stack(values).mean()
 
 
+def _loss_and_reference_parts(trainer, batch):
+    """The trainer's loss on `batch`, and the model's own CE, router logits and z-loss computed
+    apart from it (the stock forward with output_router_logits)."""
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], output_router_logits=True)
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    rl = out.router_logits
+    z = torch.stack([torch.logsumexp(layer.float(), -1).square().mean() for layer in rl]).mean()
+    return loss, ce, rl, z
+
+
 def test_loss_is_ce_plus_weighted_aux_and_z(mixtral_legacy, tmp_path):
     trainer = make_trainer(
         mixtral_legacy, tmp_path / "run", router_aux_loss_coef=0.1, router_z_loss_coef=0.01, aux_loss_reduce="micro"
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     batch["labels"][0, :5] = -100
-    model = trainer.model.train()
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
-
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], output_router_logits=True)
-    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-    rl = out.router_logits
-    aux = _switch_aux(rl, 2)
-    z = torch.stack([torch.logsumexp(layer.float(), -1).square().mean() for layer in rl]).mean()
-    assert torch.allclose(loss, ce + 0.1 * aux + 0.01 * z, rtol=1e-5, atol=1e-6)
+    loss, ce, rl, z = _loss_and_reference_parts(trainer, batch)
+    assert torch.allclose(loss, ce + 0.1 * _switch_aux(rl, 2) + 0.01 * z, rtol=1e-5, atol=1e-6)
 
 
 def test_overload_loss_is_added_with_its_coefficient_and_logged(mixtral_legacy, tmp_path):
@@ -181,13 +186,7 @@ def test_overload_loss_is_added_with_its_coefficient_and_logged(mixtral_legacy, 
         mixtral_legacy, tmp_path / "run", router_overload_loss_coef=0.5, router_overload_threshold=1.0, **kw
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
-    model = trainer.model.train()
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], output_router_logits=True)
-    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-    rl = out.router_logits
-    z = torch.stack([torch.logsumexp(layer.float(), -1).square().mean() for layer in rl]).mean()
+    loss, ce, rl, z = _loss_and_reference_parts(trainer, batch)
     overload = []
     for layer in rl:  # independent: loads from a loop over the top-k choices
         probs = layer.float().softmax(-1)

@@ -118,6 +118,28 @@ def _token_count(weight: Tensor, num_tokens: Tensor | float | None) -> Tensor:
     return torch.as_tensor(num_tokens, dtype=weight.dtype, device=weight.device)
 
 
+def _counts_and_prob_sums(
+    router_logits: Sequence[Tensor], top_k: int, mask: Tensor | None, counts: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What every balancing loss reads: the selection counts [L, E] (the micro-batch's own, or the
+    given ones checked and detached), the softmax probabilities summed over real tokens [L, E]
+    (carry the gradient) and the token weights [T]."""
+    logits, weight = stack_router_logits(router_logits, mask)
+    num_layers, _, num_experts = logits.shape
+    probs = torch.softmax(logits, dim=-1)
+    if counts is None:
+        with torch.no_grad():
+            counts = count_selections(top_k_experts(probs, top_k), num_experts, weight)[0]
+    else:
+        if tuple(counts.shape) != (num_layers, num_experts):
+            raise ValueError(
+                f"counts must have shape [layers, experts] = {[num_layers, num_experts]}, got {list(counts.shape)}"
+            )
+        counts = counts.detach().to(device=logits.device, dtype=logits.dtype)
+    # Padding rows carry weight 0, so they add nothing to P whatever their logits are.
+    return counts, torch.einsum("lte,t->le", probs, weight), weight
+
+
 def load_balancing_loss(
     router_logits: Sequence[Tensor],
     top_k: int,
@@ -158,23 +180,9 @@ def load_balancing_loss(
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    logits, weight = stack_router_logits(router_logits, mask)
-    num_layers, _, num_experts = logits.shape
-    probs = torch.softmax(logits, dim=-1)
-    if counts is None:
-        with torch.no_grad():
-            counts = count_selections(top_k_experts(probs, top_k), num_experts, weight)[0]
-    else:
-        if tuple(counts.shape) != (num_layers, num_experts):
-            raise ValueError(
-                f"counts must have shape [layers, experts] = {[num_layers, num_experts]}, got {list(counts.shape)}"
-            )
-        counts = counts.detach().to(device=logits.device, dtype=logits.dtype)
-    # Padding rows carry weight 0, so they add nothing to P whatever their logits are.
-    prob_sum = torch.einsum("lte,t->le", probs, weight)
-    tokens = (
-        weight.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logits.dtype, device=logits.device)
-    )
+    counts, prob_sum, weight = _counts_and_prob_sums(router_logits, top_k, mask, counts)
+    num_layers, num_experts = prob_sum.shape
+    tokens = _token_count(weight, num_tokens)
     # The mask is 0/1: clamping at 1 only changes the all-padding case (0 instead of 0/0).
     if scope == "layer":
         f = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
@@ -203,16 +211,10 @@ def overload_loss(
     overloaded expert in proportion to its excess, towards the experts each token already rates
     next. Specialised routing (one domain per pair of experts) is left alone while it is balanced.
     """
-    logits, weight = stack_router_logits(router_logits, mask)
-    num_layers, _, num_experts = logits.shape
-    probs = torch.softmax(logits, dim=-1)
-    if counts is None:
-        with torch.no_grad():
-            counts = count_selections(top_k_experts(probs, top_k), num_experts, weight)[0]
-    counts = counts.detach().to(device=logits.device, dtype=logits.dtype)
+    counts, prob_sum, weight = _counts_and_prob_sums(router_logits, top_k, mask, counts)
+    num_experts = prob_sum.shape[-1]
     load = num_experts * counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
     excess = (load - threshold).clamp_min(0.0)
-    prob_sum = torch.einsum("lte,t->le", probs, weight)
     p = prob_sum / _token_count(weight, num_tokens).clamp_min(1.0)
     return (excess * p).sum(dim=-1)
 
@@ -229,10 +231,7 @@ def router_z_loss(
     """
     logits, weight = stack_router_logits(router_logits, mask)
     lse_sq = torch.logsumexp(logits, dim=-1).square()
-    tokens = (
-        weight.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logits.dtype, device=logits.device)
-    )
-    per_layer = (lse_sq * weight).sum(dim=-1) / tokens.clamp_min(1.0)
+    per_layer = (lse_sq * weight).sum(dim=-1) / _token_count(weight, num_tokens).clamp_min(1.0)
     return per_layer.mean()
 
 
