@@ -7,7 +7,6 @@ routers as the uninterrupted run."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ from router_tune.model.routers import (
     routers_to_fp32,
 )
 from router_tune.training import sharding
+from tests.rank_reports import read_reports
 from tests.test_ddp import free_port
 from tests.test_trainer import make_trainer
 
@@ -40,10 +40,7 @@ ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_M
 def _run(cmd: list[str]) -> list[dict]:
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return sorted(
-        (json.loads(line[len("REPORT ") :]) for line in proc.stdout.splitlines() if line.startswith("REPORT ")),
-        key=lambda r: r["rank"],
-    )
+    return read_reports(proc.stdout)
 
 
 def _two_ranks(model_dir, out, steps, resume=None, mixed_precision="no") -> list[dict]:

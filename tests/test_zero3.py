@@ -8,7 +8,6 @@ resume from one to the same routers as the uninterrupted run."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 from router_tune.architectures import architecture_for
 from router_tune.errors import RouterTuneError
 from router_tune.training import sharding
+from tests.rank_reports import read_reports
 from tests.test_ddp import free_port
 
 pytest.importorskip("deepspeed")
@@ -37,10 +37,7 @@ ENV.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "DS_ACCELERATOR": "
 def _run(cmd: list[str]) -> list[dict]:
     proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return sorted(
-        (json.loads(line[len("REPORT ") :]) for line in proc.stdout.splitlines() if line.startswith("REPORT ")),
-        key=lambda r: r["rank"],
-    )
+    return read_reports(proc.stdout)
 
 
 def _two_ranks(model_dir, out, steps, resume=None) -> list[dict]:

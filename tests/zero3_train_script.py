@@ -5,13 +5,13 @@ recipes/accelerate/cpu-deepspeed-zero3.yaml` (2 gloo processes, DeepSpeed ZeRO-3
 python tests/zero3_train_script.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH GRAD_ACCUMULATION STEPS [RESUME]
 """
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from router_tune.training.sharding import shard_fraction  # noqa: E402
+from tests.rank_reports import print_report  # noqa: E402
 from tests.test_trainer import distributed_trainer  # noqa: E402
 
 model_dir, out, batch, ga, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -35,6 +35,6 @@ report = {
     "step": trainer.state.global_step,
     "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
 }
-print("REPORT " + json.dumps(report), flush=True)
+print_report(report)
 # Gloo's worker threads abort the interpreter's exit if the process group outlives it (PITFALLS.md).
 trainer.accelerator.end_training()

@@ -12,7 +12,6 @@ python -m torch.distributed.run --nproc_per_node 2 tests/zero3_views_script.py
 import ctypes
 import gc
 import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from router_tune.architectures import architecture_for  # noqa: E402
 from router_tune.model.routers import find_routers, freeze_all_but_routers, routers_to_fp32  # noqa: E402
 from router_tune.training.sharding import prepare_zero3  # noqa: E402
 from router_tune.training.zero3_saved_views import saved_views_by_reference  # noqa: E402
+from tests.rank_reports import print_report  # noqa: E402
 
 LAYERS, HIDDEN, INTER, EXPERTS = 3, 32, 32768, 8
 
@@ -105,6 +105,6 @@ for mode in ("warm-up", "plain", "by_reference"):  # warm-up: DeepSpeed's buffer
     report[f"{mode}_grads_norm"] = grads.norm().item()
     engine.optimizer.zero_grad()
     del loss
-print("REPORT " + json.dumps(report), flush=True)
+print_report(report)
 # Gloo's worker threads abort the interpreter's exit if the process group outlives it (PITFALLS.md).
 torch.distributed.destroy_process_group()
