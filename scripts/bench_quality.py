@@ -296,6 +296,14 @@ def main() -> None:
         metavar="COEF",
         help="also run, per model, sparse mode with router_overload_loss_coef COEF (the balance / quality trade-off)",
     )
+    parser.add_argument(
+        "--switch",
+        nargs="*",
+        type=float,
+        default=[],
+        metavar="COEF",
+        help="also run, per model, sparse mode with the Switch balancing loss at router_aux_loss_coef COEF",
+    )
     parser.add_argument("--no-cost", dest="cost", action="store_false")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()
@@ -321,26 +329,14 @@ def main() -> None:
                 )
                 print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
                 (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    if args.filed_path:
+    variants = [(FILED_PATH_LABEL, FILED_PATH)] if args.filed_path else []
+    variants += [(f"sparse+overload={c:g}", {"router_overload_loss_coef": c}) for c in args.overload]
+    variants += [(f"sparse+switch={c:g}", {"router_aux_loss_coef": c}) for c in args.switch]
+    for label, overrides in variants:  # sparse mode with some settings replaced, per model
         for name, (model_dir, oracle_map, twins) in models(args.models).items():
-            key = f"{name}/{FILED_PATH_LABEL}"
+            key = f"{name}/{label}"
             result["runs"][key] = run(
-                model_dir, oracle_map, "sparse", args.steps, args.eval_every, work / "runs", twins, **FILED_PATH
-            )
-            print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
-            (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    for coef in args.overload:
-        for name, (model_dir, oracle_map, twins) in models(args.models).items():
-            key = f"{name}/sparse+overload={coef:g}"
-            result["runs"][key] = run(
-                model_dir,
-                oracle_map,
-                "sparse",
-                args.steps,
-                args.eval_every,
-                work / "runs",
-                twins,
-                router_overload_loss_coef=coef,
+                model_dir, oracle_map, "sparse", args.steps, args.eval_every, work / "runs", twins, **overrides
             )
             print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
             (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
