@@ -31,11 +31,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out bench
 
-# Gap to oracle routing closed per model x gate kind x router gradient mode, and with the overload loss
-# (bench/quality.md, .json, .png); builds the second frankenMoE (scripts/make_second_moe.py) on first
-# use. CPU hours on 2 cores.
+# Gap to oracle routing closed per model x gate kind x router gradient mode, and sparse with the overload
+# loss at 1.0 and with the Switch loss at 0.3 (bench/quality.md, .json, .png); builds the second frankenMoE
+# (scripts/make_second_moe.py) on first use. CPU hours on 2 cores.
 bench-quality: $(STAMP)
-	$(PY) scripts/bench_quality.py --steps 500 --overload 1.0 --out bench
+	$(PY) scripts/bench_quality.py --steps 500 --overload 1.0 --switch 0.3 --out bench
 
 # quantize none / nf4 / int8: demo routing quality, memory and speed on the Raiden-shaped scale model
 # (builds build/scale-model first, ~6 GB); writes bench/quant.json and bench/quant.md

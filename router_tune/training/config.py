@@ -84,7 +84,12 @@ class RouterTuneConfig(TrainingArguments):
         metadata={"help": "Malformed data records that may be skipped (counted, reported) before it is an error."},
     )
     router_aux_loss_coef: float = field(
-        default=0.01, metadata={"help": "Weight of the load-balancing loss (Switch form; 1.0 = perfectly balanced)."}
+        default=0.01,
+        metadata={
+            "help": "Weight of the load-balancing loss (Switch form; 1.0 = perfectly balanced). 0.01 keeps the "
+            "perplexity; 0.3 over 500 steps held the demo's max-load / mean under 1.2 for 2 points of the gap to "
+            "oracle routing (README 'Balance against quality')."
+        },
     )
     aux_loss_scope: str = field(
         default="layer",
