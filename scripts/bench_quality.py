@@ -319,27 +319,26 @@ def main() -> None:
     }
     work = ROOT / "build" / "quality"
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, (model_dir, oracle_map, twins) in models(args.models).items():
-        for mode in args.modes:
-            for lr in args.learning_rates:
-                key = f"{name}/{mode}" + (f"/lr={lr:g}" if lr else "")
-                extra = {"learning_rate": lr} if lr else {}
-                result["runs"][key] = run(
-                    model_dir, oracle_map, mode, args.steps, args.eval_every, work / "runs", twins, **extra
-                )
-                print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
-                (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    merges = models(args.models)
+    # (key, model, router gradient mode, settings replaced): every mode per model, then each variant
+    # (sparse mode with some settings replaced) per model.
+    plan = [
+        (f"{name}/{mode}" + (f"/lr={lr:g}" if lr else ""), name, mode, {"learning_rate": lr} if lr else {})
+        for name in merges
+        for mode in args.modes
+        for lr in args.learning_rates
+    ]
     variants = [(FILED_PATH_LABEL, FILED_PATH)] if args.filed_path else []
     variants += [(f"sparse+overload={c:g}", {"router_overload_loss_coef": c}) for c in args.overload]
     variants += [(f"sparse+switch={c:g}", {"router_aux_loss_coef": c}) for c in args.switch]
-    for label, overrides in variants:  # sparse mode with some settings replaced, per model
-        for name, (model_dir, oracle_map, twins) in models(args.models).items():
-            key = f"{name}/{label}"
-            result["runs"][key] = run(
-                model_dir, oracle_map, "sparse", args.steps, args.eval_every, work / "runs", twins, **overrides
-            )
-            print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
-            (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    plan += [(f"{name}/{label}", name, "sparse", overrides) for label, overrides in variants for name in merges]
+    for key, name, mode, overrides in plan:
+        model_dir, oracle_map, twins = merges[name]
+        result["runs"][key] = run(
+            model_dir, oracle_map, mode, args.steps, args.eval_every, work / "runs", twins, **overrides
+        )
+        print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
+        (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.cost:
         result["cost"] = mode_cost(ROOT / "router_tune" / "assets" / "demo-moe", args.modes)
     (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
