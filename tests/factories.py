@@ -73,12 +73,13 @@ def mixtral(
     dtype=torch.float32,
     identical_experts: bool = False,
     gate_init: str = "normal",
+    max_position_embeddings: int = COMMON["max_position_embeddings"],
 ) -> Path:
     """A Mixtral MoE. gate_init: "normal" (std 0.02, sane), "random" (mergekit's torch.randn: saturated)
     or "copied" (one gate shared by every layer, as mergekit's cheap_embed mode makes)."""
     torch.manual_seed(seed)
     config = MixtralConfig(
-        **COMMON,
+        **{**COMMON, "max_position_embeddings": max_position_embeddings},
         intermediate_size=64,
         num_local_experts=experts,
         num_experts_per_tok=TOP_K,

@@ -204,3 +204,48 @@ def test_router_logits_capture_equals_output_router_logits(mixtral_legacy):
     with capture() as logits:
         model(input_ids=ids)
     assert logits == []
+
+
+def test_loads_keep_hub_kernels_off_unless_asked(mixtral_legacy, monkeypatch):
+    """transformers >= 5.25 kernelizes every load when `kernels` imports (hub code under the routers, and
+    `kernelize` refuses the meta device export verification loads on): ours stay off unless asked."""
+    from transformers import AutoModelForCausalLM
+
+    from router_tune.export.verify import check_loads
+
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    model, _ = load_moe(mixtral_legacy)
+    assert model.use_kernels is False
+    check_loads(mixtral_legacy)  # the meta-device load of export verification
+
+    asked = {}
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        asked.update(kwargs)
+        return real(cls, *args, **{**kwargs, "use_kernels": False})  # no hub here: record the request only
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    load_moe(mixtral_legacy, use_hub_kernels=True)
+    assert asked["use_kernels"] is True
+
+
+@pytest.mark.parametrize("slowdown, expected", [(12.0, torch.float32), (1.1, torch.bfloat16)])
+def test_auto_dtype_on_a_cpu_without_native_bf16_computes_in_fp32(mixtral_bf16, monkeypatch, slowdown, expected):
+    """`auto` keeps a bf16 checkpoint's dtype unless the CPU emulates bf16 matmuls (measured slowdown);
+    an explicit dtype is always obeyed, and a GPU keeps the stored dtype."""
+    from router_tune.model import loading
+
+    monkeypatch.setattr(loading, "cpu_matmul_slowdown", lambda dtype: slowdown)
+    model, info = load_moe(mixtral_bf16, compute_device="cpu")
+    frozen = model.model.layers[0].mlp.experts.gate_up_proj
+    assert (frozen.dtype, info.dtype, info.stored_dtype) == (expected, expected, torch.bfloat16)
+    assert (info.dtype_note is not None) == (expected == torch.float32)
+    if info.dtype_note:
+        assert "no native bfloat16 matmul" in info.dtype_note and "model_dtype: bfloat16" in info.dtype_note
+    model, info = load_moe(mixtral_bf16, dtype="bfloat16", compute_device="cpu")
+    assert info.dtype == torch.bfloat16 and info.dtype_note is None
+    assert loading.compute_dtype("auto", torch.bfloat16, "cuda") == ("auto", None)
+    model, info = load_moe(mixtral_bf16)  # no compute device (export verification): as stored
+    assert info.dtype == torch.bfloat16
+

@@ -169,3 +169,19 @@ def test_run_plots_start_from_the_untrained_routers(mixtral_legacy, tmp_path):
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert trainer.telemetry.first_step == 0 and trainer.telemetry.last_step == 2
     assert trainer.telemetry.first_summary.tokens == report["before"]["routing"]["tokens"]
+
+
+def test_inspect_and_dry_run_say_a_bf16_checkpoint_computes_in_fp32_on_this_cpu(
+    mixtral_bf16, tmp_path, capsys, monkeypatch
+):
+    from router_tune.model import loading
+
+    monkeypatch.setattr(loading, "cpu_matmul_slowdown", lambda dtype: 12.0)
+    assert main(["inspect", str(mixtral_bf16)]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16" in out and "Computed in" in out and "no native bfloat16 matmul (12x slower" in out
+    recipe = write_recipe(tmp_path, mixtral_bf16)
+    assert main(["train", str(recipe), "--dry-run"]) == 0
+    assert "weights      float32 (bfloat16 checkpoint computed in float32" in capsys.readouterr().out
+    assert main(["train", str(recipe), "--dry-run", "--model_dtype", "bfloat16"]) == 0
+    assert "weights      bfloat16\n" in capsys.readouterr().out

@@ -73,6 +73,7 @@ def render_text(report: dict) -> str:
     head = [
         ("Model", f"{m['source']}"),
         ("Architecture", f"{m['model_class']} ({m['architecture']}), {m['layout']} layout, {m['dtype']}"),
+        *([("Computed in", f"{m['computed_in']}: {m['dtype_note']}")] if m.get("dtype_note") else []),
         ("Layers", f"{m['num_layers']}, of which MoE: {len(m['moe_layers'])}"),
         ("Experts", f"{m['num_experts']} per MoE layer, top-{m['top_k']}, top-k weights {norm}"),
         ("Parameters", f"{p['total']:,} total, {p['trainable']:,} trainable with routers only ({p['percent']:.4f}%)"),

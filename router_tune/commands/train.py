@@ -47,6 +47,7 @@ def format_plan(p: dict) -> str:
     rows = [
         ("model", f"{p['model']} ({p['architecture']}, {p['layout']} layout)"),
         ("routing", f"{p['moe_layers']} MoE layers x {p['experts']} experts, top-{p['top_k']}"),
+        ("weights", p["weights_dtype"] + (f" ({p['dtype_note']})" if p["dtype_note"] else "")),
         (
             "trainable",
             f"{p['trainable_parameters']:,} of {p['total_parameters']:,} parameters ({p['trainable_percent']:.4f}%)",

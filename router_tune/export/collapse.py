@@ -25,7 +25,7 @@ from router_tune.export.verify import fixed_input
 from router_tune.io.checkpoint import resolve_checkpoint
 from router_tune.io.router_files import read_trained_routers
 from router_tune.model.fingerprints import expert_fingerprints
-from router_tune.model.loading import load_moe
+from router_tune.model.loading import hub_kernels, load_moe
 from router_tune.model.routers import find_routers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -113,7 +113,7 @@ def dense_state_dict(moe: nn.Module) -> dict[str, torch.Tensor]:
 def _check_logits(moe: nn.Module, out: Path, dense_class: type) -> float:
     ids = fixed_input(moe.config.vocab_size)
     expected = moe(ids).logits.float()
-    dense = dense_class.from_pretrained(out)
+    dense = dense_class.from_pretrained(out, **hub_kernels(False))
     actual = dense.eval()(ids).logits.float()
     diff = (actual - expected).abs().max().item()
     allowed = TOLERANCE.get(next(moe.parameters()).dtype, 1e-5)

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from router_tune.errors import RouterTuneError
 from router_tune.export.verify import Reference, check_logits, logits_of
+from router_tune.model.loading import hub_kernels
 from router_tune.model.routers import find_routers, router_param_names
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -76,7 +77,7 @@ def check_adapter(source_dir: Path, adapter_dir: Path, ref: Reference) -> float:
     """Load the adapter the way users will (plain transformers + peft) and compare logits."""
     from peft import PeftModel  # peft is imported only by --format peft: it is slow to import
 
-    base = AutoModelForCausalLM.from_pretrained(source_dir)
+    base = AutoModelForCausalLM.from_pretrained(source_dir, **hub_kernels(False))
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
         return check_logits(logits_of(model), ref, "the PEFT adapter on the source model")

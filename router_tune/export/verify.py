@@ -37,7 +37,7 @@ from router_tune.io.router_files import TrainedRouters, check_fingerprints
 from router_tune.io.shards import TORCH_DTYPES, StoredTensor, read_header, read_segment, same_bytes
 from router_tune.model.fingerprints import FORMAT as FINGERPRINT_FORMAT
 from router_tune.model.fingerprints import checkpoint_fingerprints
-from router_tune.model.loading import load_moe
+from router_tune.model.loading import hub_kernels, load_moe
 from router_tune.model.routers import load_router_state_dict, router_param_names
 
 # Max |logit difference| accepted. The export holds the same weights as the reference, so the
@@ -245,7 +245,10 @@ def check_loads(out_dir: Path) -> None:
     """transformers loads the export on the meta device (names, layout conversion, shapes; no weight data)
     with no missing, unexpected or mismatched keys."""
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(out_dir, device_map="meta", output_loading_info=True)
+        # hub kernels off: `kernelize` refuses the meta device, and what is checked here is the files
+        model, info = AutoModelForCausalLM.from_pretrained(
+            out_dir, device_map="meta", output_loading_info=True, **hub_kernels(False)
+        )
     except Exception as err:  # any failure of the loader means users cannot load the export
         raise RouterTuneError(
             f"transformers cannot load the export ({type(err).__name__}: {err}); nothing was written."

@@ -30,7 +30,9 @@ class _FrozenHeadCrossEntropySum(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
             y, keep = safe_targets[start : start + chunk], valid[start : start + chunk]
-            logits = (h @ weight.T).float()
+            # in the head's dtype: under mixed precision accelerate hands back fp32 hidden states
+            # (convert_outputs_to_fp32) beside a bf16 head, and the loss runs outside autocast
+            logits = (h.to(weight.dtype) @ weight.T).float()
             rows = torch.arange(y.shape[0], device=y.device)
             target_logit = logits[rows, y]
             # logsumexp by hand, in place: torch.logsumexp would allocate a second [chunk, vocab]

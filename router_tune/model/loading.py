@@ -6,6 +6,8 @@ counts = freeze_all_but_routers(model)       # only router tensors keep requires
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,73 @@ from router_tune.model.routers import RouterRef, find_routers, routers_to_fp32
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+# A CPU whose half-precision matmul is this many times slower than fp32 has no native kernel for it
+# (emulated: ~10-45x on AVX2 here; ~1x or faster with AVX512-BF16 / AMX).
+SLOW_HALF_MATMUL = 2.5
+
+
+@functools.cache
+def cpu_matmul_slowdown(dtype: torch.dtype) -> float:
+    """How many times slower a 256 x 256 matmul runs in `dtype` than in fp32 on this CPU (best of 3).
+
+    Measured rather than read from CPU flags: the flags differ per vendor and architecture (x86
+    AVX512-BF16 / AMX, Arm BF16 extensions) and the speed is what matters. About 30 ms, once."""
+
+    def best(dt: torch.dtype) -> float:
+        a, b = torch.ones(256, 256, dtype=dt), torch.ones(256, 256, dtype=dt)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(dtype) / max(best(torch.float32), 1e-9)
+
+
+def compute_dtype(requested: str, stored: torch.dtype | None, device) -> tuple[torch.dtype | str, str | None]:
+    """The dtype to load the frozen weights in for `model_dtype: requested`, and a note when it is not
+    the stored one.
+
+    An explicit dtype is obeyed. `auto` keeps the stored dtype, except for a bf16 / fp16 checkpoint on a
+    CPU without a native kernel for it, which computes in fp32: emulated half-precision matmuls made a
+    214M-parameter merge train 11x slower on an AVX2 CPU. The stored file is unchanged; exports splice
+    routers in the stored dtype.
+    """
+    if requested != "auto":
+        return TORCH_DTYPES[requested], None
+    if stored in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu":
+        slowdown = cpu_matmul_slowdown(stored)
+        if slowdown > SLOW_HALF_MATMUL:
+            name = str(stored).removeprefix("torch.")
+            return torch.float32, (
+                f"{name} checkpoint computed in float32 on this CPU: it has no native {name} matmul "
+                f"({slowdown:.0f}x slower than float32, measured). Set model_dtype: {name} to keep {name}."
+            )
+    return "auto", None
+
+
+def stored_dtype(model_config) -> torch.dtype | None:
+    """The weights dtype a checkpoint's config.json records (`dtype`, formerly `torch_dtype`)."""
+    dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = TORCH_DTYPES.get(dtype)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def hub_kernels(enabled: bool = False) -> dict:
+    """`from_pretrained` arguments that switch transformers' hub kernels on or off on purpose.
+
+    transformers >= 5.25 turns hub kernels on in every load when the `kernels` package imports:
+    they replace layers (the MoE experts' forward among them) with code downloaded from the hub,
+    under the routers we train, the ZeRO-3 saved-views hook and the quantized experts, and
+    `kernelize` refuses the meta device that export verification loads on. router_tune loads with
+    them off unless a recipe asks (`use_hub_kernels: true`). The environment's USE_HUB_KERNELS=0
+    still wins over a request (transformers' rule).
+    """
+    return {"use_kernels": bool(enabled)}
+
+
 @dataclass
 class MoeInfo:
     architecture: str  # model_type of a registered architecture: mixtral | qwen2_moe | ...
@@ -32,11 +101,13 @@ class MoeInfo:
     num_experts: int
     top_k: int
     normalizes_topk: bool  # top-k weights renormalised to sum to 1
-    dtype: torch.dtype  # dtype of the non-router weights
+    dtype: torch.dtype  # dtype of the non-router weights, as loaded
     hidden_size: int
     expert_intermediate_size: int
     routers: list[RouterRef] = field(repr=False)
     source: str | None = None
+    stored_dtype: torch.dtype | None = None  # what config.json records for the files
+    dtype_note: str | None = None  # why `dtype` differs from the stored one (see compute_dtype)
 
 
 def load_moe(
@@ -47,20 +118,37 @@ def load_moe(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     fp32_routers: bool = True,
+    use_hub_kernels: bool = False,
+    compute_device=None,
     **from_pretrained_kwargs,
 ) -> tuple[nn.Module, MoeInfo]:
     """Load a MoE causal LM after checking the checkpoint (see `resolve_checkpoint`).
 
     The architecture is checked from config.json before any weight is read, so a dense or
     unsupported model fails in a second. Nothing is frozen here: call `freeze_all_but_routers`.
-    `from_pretrained_kwargs` go to `from_pretrained` (e.g. `distributed_config` for FSDP2).
+    `dtype` is a torch dtype, a recipe name (bfloat16, float16, float32) or "auto"; with `compute_device`
+    (where the model will compute), "auto" follows `compute_dtype`, else it keeps the stored dtype.
+    `from_pretrained_kwargs` go to `from_pretrained` (e.g. `distributed_config` for FSDP2). Hub kernels
+    stay off unless `use_hub_kernels` (see `hub_kernels`).
     """
     path = resolve_checkpoint(path_or_hub_id, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    architecture_for(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    architecture_for(model_config)
+    stored, note = stored_dtype(model_config), None
+    if isinstance(dtype, str) and compute_device is not None:
+        dtype, note = compute_dtype(dtype, stored, compute_device)
+    elif isinstance(dtype, str) and dtype != "auto":
+        dtype = TORCH_DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
+        path,
+        dtype=dtype,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        **hub_kernels(use_hub_kernels),
+        **from_pretrained_kwargs,
     )
     info = describe_moe(model, layout=detect_layout(path), source=str(path_or_hub_id))
+    info.stored_dtype, info.dtype_note = stored, note
     if fp32_routers:
         routers_to_fp32(model)
     return model, info

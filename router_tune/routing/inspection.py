@@ -52,7 +52,11 @@ def inspect_model(
     hf_logging.disable_progress_bar()  # a report, not a download: keep the output clean
     try:
         model, info = load_moe(
-            path_or_hub_id, device_map="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+            path_or_hub_id,
+            device_map="cpu",
+            compute_device="cpu",
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
         )
     finally:
         if bars:
@@ -110,7 +114,10 @@ def routing_report(
             "architecture": info.architecture,
             "model_class": info.model_class,
             "layout": info.layout,
-            "dtype": str(info.dtype).removeprefix("torch."),
+            "dtype": str(info.stored_dtype or info.dtype).removeprefix("torch."),
+            # what this report computed in here: a bf16 checkpoint runs in fp32 on a CPU without bf16 matmuls
+            "computed_in": str(info.dtype).removeprefix("torch."),
+            "dtype_note": info.dtype_note,
             "num_layers": info.num_layers,
             "moe_layers": info.moe_layers,
             "num_experts": info.num_experts,
@@ -120,11 +127,19 @@ def routing_report(
             "vocab_size": config.vocab_size,
         },
         "parameters": {"total": total, "trainable": trainable, "percent": round(100.0 * trainable / total, 4)},
-        "memory": training_memory(info, total, trainable, config.vocab_size),
+        # training plans for the stored dtype, whatever this CPU computed the report in
+        "memory": training_memory(info, total, trainable, config.vocab_size, dtype=info.stored_dtype),
         # the same plan with the frozen weights quantized (recipe key `quantize`), activation checkpointing on
         "memory_quantized": {
             mode: training_memory(
-                info, total, trainable, config.vocab_size, quantize=mode, model=model, activation_checkpointing=True
+                info,
+                total,
+                trainable,
+                config.vocab_size,
+                dtype=info.stored_dtype,
+                quantize=mode,
+                model=model,
+                activation_checkpointing=True,
             )
             for mode in ("nf4", "int8")
         },

@@ -175,6 +175,14 @@ class RouterTuneConfig(TrainingArguments):
             "float32. Routers always compute in float32."
         },
     )
+    use_hub_kernels: bool = field(
+        default=False,
+        metadata={
+            "help": "Let transformers replace layers with hub kernels (downloaded code, e.g. the MoE experts' "
+            "forward) when the `kernels` package is installed. Off by default: they would run under the routers "
+            "being trained, the ZeRO-3 and quantized expert paths, and need the hub."
+        },
+    )
     quantize: str = field(
         default="none",
         metadata={

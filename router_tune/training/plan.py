@@ -16,7 +16,7 @@ from router_tune.data import (
 )
 from router_tune.errors import RouterTuneError
 from router_tune.io.checkpoint import resolve_checkpoint
-from router_tune.model.loading import TORCH_DTYPES, describe_moe
+from router_tune.model.loading import compute_dtype, describe_moe, stored_dtype
 from router_tune.model.memory import training_memory
 from router_tune.model.quantize import check_quantization
 from router_tune.model.routers import freeze_all_but_routers
@@ -59,13 +59,16 @@ def plan(config) -> dict:
     tokens_per_step = (
         config.per_device_train_batch_size * config.gradient_accumulation_steps * world * config.block_size
     )
+    stored = stored_dtype(model_config)
+    dtype, dtype_note = compute_dtype(config.model_dtype, stored, config.device)
+    weights_dtype = stored if dtype == "auto" else dtype
     memory = training_memory(
         info,
         counts.total,
         counts.trainable,
         model_config.vocab_size,
         seq_len=config.block_size * config.per_device_train_batch_size,
-        dtype=TORCH_DTYPES.get(config.model_dtype),
+        dtype=weights_dtype,
         quantize=config.quantize,
         quantize_head=config.quantize_head,
         model=model,
@@ -75,6 +78,8 @@ def plan(config) -> dict:
         "model": str(config.model_name_or_path),
         "architecture": info.architecture,
         "layout": info.layout,
+        "weights_dtype": str(weights_dtype or "as stored").removeprefix("torch."),
+        "dtype_note": dtype_note,
         "moe_layers": len(info.moe_layers),
         "experts": info.num_experts,
         "top_k": info.top_k,

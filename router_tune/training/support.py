@@ -27,9 +27,14 @@ class RouterTrainingCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
+        last_step = state.global_step >= state.max_steps
+        # the final step logs its loss like its routing, so short runs and curves end where training did
+        should_log = control.should_log or (last_step and args.logging_strategy != "no")
         every = args.routing_log_every
-        if every and (state.global_step % every == 0 or state.global_step >= state.max_steps):
+        if every and (state.global_step % every == 0 or last_step):
             trainer.log_routing()
+        # transformers' on_log (run by the routing log) clears should_log: the step's loss log would be lost
+        control.should_log = should_log
         interrupted, too_many_bad = any_rank([trainer._interrupted, trainer.bad_records.over_limit()], args.device)
         if too_many_bad:
             raise RouterTuneError(

@@ -42,7 +42,7 @@ from router_tune.losses import balancing as losses
 from router_tune.losses.lm_loss import next_token_loss_sum
 from router_tune.model.fingerprints import FORMAT as FINGERPRINT_FORMAT
 from router_tune.model.fingerprints import fingerprints_of
-from router_tune.model.loading import TORCH_DTYPES, describe_moe, load_moe
+from router_tune.model.loading import describe_moe, load_moe
 from router_tune.model.quantize import check_quantization, quantize_model
 from router_tune.model.routers import (
     RouterLogitsCapture,
@@ -149,11 +149,15 @@ class RouterTrainer(Trainer):
         if source is None:
             model, self.moe = load_moe(
                 path,
-                dtype=TORCH_DTYPES.get(args.model_dtype, "auto"),
+                dtype=args.model_dtype,
+                compute_device=args.device,
                 allow_pickle=args.allow_pickle,
                 trust_remote_code=args.trust_remote_code,
+                use_hub_kernels=args.use_hub_kernels,
                 **load_kwargs(args, self.backend),
             )
+            if self.moe.dtype_note:
+                logger.warning(self.moe.dtype_note)
         else:
             self.moe = describe_moe(model)
         check_sharded(model, self.backend)
@@ -437,6 +441,8 @@ class RouterTrainer(Trainer):
             "source_dir": self.moe.source,
             "architecture": self.moe.architecture,
             "layout": self.moe.layout,
+            # what the frozen weights computed in (model_dtype auto on a CPU may differ from the stored dtype)
+            "weights_dtype": str(self.moe.dtype).removeprefix("torch."),
             "num_experts": self.moe.num_experts,
             "top_k": self.moe.top_k,
             "moe_layers": self.moe.moe_layers,
