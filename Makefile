@@ -2,23 +2,36 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.router-tune-installed
+# Exact versions tested together (pip constraints), written by `make lock`; pyproject.toml keeps ranges.
+LOCK := requirements-lock.txt
+LATEST := .venv-latest
+TORCH := torch==2.13.0
 
-.PHONY: setup test test-slow lint demo bench bench-quality bench-quant bench-scale clean
+.PHONY: setup test test-slow test-latest lock latest-venv lint demo bench bench-quality bench-quant bench-scale clean
 
 setup: $(STAMP)
 
 # torch first, and only if missing: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# Then the package with the versions of the lock, so a release upstream cannot break `make demo` / `make test`.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# The drift watch: a fresh venv with the newest releases pyproject.toml allows, the suite run there, the
+# versions and result prepended to docs/compatibility.md. Run before every merge to main (~15 min on 2 cores).
+test-latest: latest-venv
+	$(LATEST)/bin/python scripts/test_latest.py --venv $(LATEST)
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+# test-latest, then the lock from its venv when the suite passed there
+lock: latest-venv
+	$(LATEST)/bin/python scripts/test_latest.py --venv $(LATEST) --lock $(LOCK)
+
+latest-venv:
+	rm -rf $(LATEST) && python3 -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install $(TORCH)
+	$(LATEST)/bin/python -m pip install --upgrade -e ".[dev]"
 
 # ruff: lint rules and formatting as configured in pyproject.toml ([tool.ruff])
 lint: $(STAMP)
@@ -55,4 +68,4 @@ bench-scale: $(STAMP)
 		--work runs/bench-scale-1layer --configs single fsdp2 zero3
 
 clean:
-	rm -rf runs build *.egg-info .pytest_cache
+	rm -rf runs build *.egg-info .pytest_cache $(LATEST)

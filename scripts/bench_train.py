@@ -41,8 +41,9 @@ def make_random_mixtral(
     vocab: int = 32000,
     top_k: int = 2,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> Path:
-    """A random fp32 Mixtral saved with `save_pretrained` (legacy layout, like hub frankenMoEs), plus a
+    """A random Mixtral saved with `save_pretrained` in `dtype` (legacy layout, like hub frankenMoEs), plus a
     small byte-level tokenizer (RouterTrainer reads one from the model directory; ids never decode)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -65,7 +66,7 @@ def make_random_mixtral(
         bos_token_id=1,
         eos_token_id=2,
     )
-    model = MixtralForCausalLM(config)
+    model = MixtralForCausalLM(config).to(getattr(torch, dtype))
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -218,7 +219,7 @@ def run(args) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     cuda = args.device == "cuda"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[args.dtype]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rss_after_imports = _maxrss_mb()
     data = load_from_disk(args.data)
@@ -323,6 +324,7 @@ def run(args) -> dict:
         "router_tune_sources": source_digest(),
         "device": args.device,
         "dtype": args.dtype,
+        "weights_dtype": str(trainer.model.get_input_embeddings().weight.dtype).removeprefix("torch."),
         "threads": args.threads,
         "batch": args.batch,
         "grad_accum": args.grad_accum,
@@ -406,7 +408,9 @@ def main() -> None:
     parser.add_argument("--logging-steps", type=int, default=5)
     parser.add_argument("--routing-log-every", type=int, default=10)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "auto"], help="model_dtype (auto: as stored)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(json.dumps(pipeline_run(args) if args.impl == "data_pipeline" else run(args)))
