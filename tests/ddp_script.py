@@ -17,5 +17,5 @@ trainer = distributed_trainer(
 trainer.train()
 trainer.save_model()
 print(f"world={trainer.accelerator.num_processes} step={trainer.state.global_step}")
-# Gloo's worker threads abort the interpreter's exit if the process group outlives it (PITFALLS.md).
-trainer.accelerator.end_training()
+# every rank together, before the interpreter exits (router_tune.training.sharding.end_process_group)
+trainer.end_training()

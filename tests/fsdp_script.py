@@ -42,5 +42,5 @@ trainer.save_model()
 report["step"] = trainer.state.global_step
 report["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 print_report(report)
-# Gloo's worker threads abort the interpreter's exit if the process group outlives it (PITFALLS.md).
-trainer.accelerator.end_training()
+# every rank together, before the interpreter exits (router_tune.training.sharding.end_process_group)
+trainer.end_training()

@@ -26,7 +26,7 @@ from router_tune.model.routers import (  # noqa: E402
     router_state_dict,
     routers_to_fp32,
 )
-from router_tune.training.sharding import prepare_zero3  # noqa: E402
+from router_tune.training.sharding import end_process_group, prepare_zero3  # noqa: E402
 
 bf16 = sys.argv[2:] == ["bf16"]
 deepspeed.init_distributed(dist_backend="gloo")
@@ -68,5 +68,5 @@ assert all(torch.equal(before[n] + 1.0, again[n]) for n in before)
 for ref, w in zip(find_routers(model), weights):  # the master, not only the module copy
     torch.testing.assert_close(safe_get_full_fp32_param(w).cpu(), before[f"{ref.module_name}.weight"] + 1.0)
 print(f"ZERO3 OK rank={torch.distributed.get_rank()}", flush=True)
-# Gloo's worker threads abort the interpreter's exit if the process group outlives it (PITFALLS.md).
-torch.distributed.destroy_process_group()
+# every rank together, before the interpreter exits (router_tune.training.sharding.end_process_group)
+end_process_group()

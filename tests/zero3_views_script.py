@@ -25,7 +25,7 @@ from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
 
 from router_tune.architectures import architecture_for  # noqa: E402
 from router_tune.model.routers import find_routers, freeze_all_but_routers, routers_to_fp32  # noqa: E402
-from router_tune.training.sharding import prepare_zero3  # noqa: E402
+from router_tune.training.sharding import end_process_group, prepare_zero3  # noqa: E402
 from router_tune.training.zero3_saved_views import saved_views_by_reference  # noqa: E402
 from tests.rank_reports import print_report  # noqa: E402
 
@@ -106,5 +106,5 @@ for mode in ("warm-up", "plain", "by_reference"):  # warm-up: DeepSpeed's buffer
     engine.optimizer.zero_grad()
     del loss
 print_report(report)
-# Gloo's worker threads abort the interpreter's exit if the process group outlives it (PITFALLS.md).
-torch.distributed.destroy_process_group()
+# every rank together, before the interpreter exits (router_tune.training.sharding.end_process_group)
+end_process_group()

@@ -101,8 +101,5 @@ def train(config) -> int:
         if trainer._interrupted:
             print(f"resume with: {resume_command(sys.argv[1:])}")
         print(json.dumps({"global_step": trainer.state.global_step, "nonfinite_steps": trainer.nonfinite_steps}))
-    # Destroys the process group (launched runs) while the interpreter is alive: left to exit, gloo's
-    # worker threads can still hold tensors and abort the process after a finished run (PITFALLS.md).
-    # Only on success: a rank that failed must not wait in a collective teardown for the others.
-    trainer.accelerator.end_training()
+    trainer.end_training()  # launched runs: the process group down, every rank together, before exit
     return 0

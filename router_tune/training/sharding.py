@@ -216,6 +216,24 @@ def finite_gradients(grads: list[torch.Tensor], partitioned: bool = False) -> bo
     return bool(torch.isfinite(norm).item())
 
 
+def end_process_group(accelerator=None) -> None:
+    """Take a launched run's process group down while the interpreter is alive, every rank together.
+
+    Left to interpreter exit, gloo's worker threads can still hold tensors and abort a finished run
+    ("terminate called without an active exception"); and a rank that tears down while another is still
+    inside a collective (DeepSpeed's teardown, the last checkpoint's gather) can abort that one, so the
+    ranks meet at a barrier first. With `accelerator`, its trackers are finished too (`end_training`).
+    Call it on success only: a rank that failed must not wait for the others in a collective.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        torch.distributed.barrier()
+    if accelerator is not None:
+        accelerator.end_training()
+    elif distributed:
+        torch.distributed.destroy_process_group()
+
+
 def on_main_process(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` computed on rank 0 alone and broadcast to the other ranks (e.g. the expert
     fingerprints: hashing every expert's bytes once, not once per rank). Plain call without a

@@ -3,7 +3,7 @@
     from router_tune import RouterTrainer, load_recipe
     trainer = RouterTrainer(args=load_recipe("recipes/demo.yaml"))
     trainer.train()
-    trainer.accelerator.end_training()  # under `accelerate launch`: process group down before exit
+    trainer.end_training()  # under `accelerate launch`: process group down, every rank together, before exit
 
 What it changes in the stock Trainer (everything else — accelerate launch, gradient
 accumulation, mixed precision, DeepSpeed/FSDP, progress bars, `report_to` — is inherited):
@@ -65,6 +65,7 @@ from router_tune.training.sharding import (
     check_request,
     check_sharded,
     check_wrapped,
+    end_process_group,
     finite_gradients,
     load_kwargs,
     on_main_process,
@@ -357,6 +358,11 @@ class RouterTrainer(Trainer):
             logs.update(self._window.flush())
             logs["nonfinite_steps"] = self.nonfinite_steps
         super().log(logs, start_time)
+
+    def end_training(self) -> None:
+        """Finish the trackers and take a launched run's process group down, every rank together
+        (`end_process_group`): call it after a successful `train()`, before the process exits."""
+        end_process_group(self.accelerator)
 
     def log_routing(self) -> None:
         """Reduce the routing statistics over ranks and log them (all ranks must call this)."""
