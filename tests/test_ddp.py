@@ -4,7 +4,6 @@ of target and real tokens, and each rank routes different text, so only a loss n
 whole step's tokens on all ranks, with expert counts reduced over ranks, can agree."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.cli_runs import free_port, write_recipe
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "ddp_script.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # dense: the estimator's term is a sum over tokens, so it splits over ranks like the CE (default_moe's
@@ -78,8 +73,6 @@ def test_launched_train_command_tears_down_its_process_group(mixtral_legacy, tmp
     """`accelerate launch -m router_tune train` on 2 ranks, as users run it. The command destroys its
     process group before returning: left to interpreter exit, gloo's worker threads can abort a
     finished run (CI saw SIGABRT, "terminate called without an active exception", ~1 run in 6)."""
-    from tests.test_train_cli import write_recipe
-
     recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=2, save_steps=100, routing_log_every=0)
     probe = tmp_path / "probe.py"  # router_tune's own entry point, with one line after it returns
     probe.write_text(PROBE)

@@ -248,4 +248,3 @@ def test_auto_dtype_on_a_cpu_without_native_bf16_computes_in_fp32(mixtral_bf16, 
     assert loading.compute_dtype("auto", torch.bfloat16, "cuda") == ("auto", None)
     model, info = load_moe(mixtral_bf16)  # no compute device (export verification): as stored
     assert info.dtype == torch.bfloat16
-

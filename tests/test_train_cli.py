@@ -9,40 +9,11 @@ import shlex
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
 from router_tune.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "router_tune" / "assets" / "samples"
-
-
-def write_recipe(tmp_path: Path, model_dir: Path, **overrides) -> Path:
-    recipe = {
-        "model_name_or_path": str(model_dir),
-        "datasets": [
-            {"source": "redpajama", "path": str(SAMPLES / "redpajama"), "weight": 0.75, "max_documents": 200},
-            {"source": "wizard_vicuna", "path": str(SAMPLES / "wizard_vicuna"), "weight": 0.25, "max_documents": 200},
-        ],
-        "block_size": 64,
-        "per_device_train_batch_size": 4,
-        "max_steps": 4,
-        "learning_rate": 0.3,
-        "save_steps": 2,
-        "logging_steps": 1,
-        "routing_log_every": 2,
-        "output_dir": str(tmp_path / "run"),
-        "use_cpu": True,
-        "eval_before_after": False,
-        "dataloader_num_workers": 0,
-    }
-    recipe.update(overrides)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from tests.cli_runs import ROOT, write_recipe
 
 
 def test_dry_run_reads_no_weights(mixtral_legacy, tmp_path, capsys, monkeypatch):
@@ -185,3 +156,27 @@ def test_inspect_and_dry_run_say_a_bf16_checkpoint_computes_in_fp32_on_this_cpu(
     assert "weights      float32 (bfloat16 checkpoint computed in float32" in capsys.readouterr().out
     assert main(["train", str(recipe), "--dry-run", "--model_dtype", "bfloat16"]) == 0
     assert "weights      bfloat16\n" in capsys.readouterr().out
+
+
+def test_every_logging_step_keeps_its_loss_when_routing_logs_on_it(mixtral_legacy, tmp_path):
+    """Routing logs on steps 2 and 4, loss logs on the same steps: both reach trainer_state.json and wandb."""
+    from tests.wandb_records import offline_history
+
+    recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=4, logging_steps=2, routing_log_every=2, save_steps=100)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-m", "router_tune", "train", str(recipe), "--report_to", "wandb"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (state,) = (tmp_path / "run").glob("checkpoint-*/trainer_state.json")
+    history = json.loads(state.read_text())["log_history"]
+    assert sorted(e["step"] for e in history if "lm_loss" in e) == [2, 4]
+    assert sorted(e["step"] for e in history if "routing/mean/max_load" in e) == [2, 4]
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    rows = offline_history(run_dir)
+    assert sorted(r["train/global_step"] for r in rows if "train/lm_loss" in r) == [2, 4]
