@@ -91,3 +91,24 @@ def test_launched_train_command_tears_down_its_process_group(mixtral_legacy, tmp
     assert "router-tune train: finished at step 2" in proc.stdout
     exits = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK_EXIT"))
     assert exits == ["RANK_EXIT rc=0 process_group_alive=False"] * 2, proc.stdout[-2000:]
+
+
+def test_a_ddp_launch_that_is_not_distributed_stops_with_the_fix(mixtral_legacy, tmp_path):
+    """The demo recipe's launch line on a CPU without ACCELERATE_USE_CPU: accelerate starts two processes
+    but no distributed run (no GPU for `multi_gpu`); each would train alone into one output_dir."""
+    recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=2, use_cpu=False)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", CUDA_VISIBLE_DEVICES="")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(ROOT / "recipes/accelerate/cpu-ddp.yaml"), "--main_process_port", str(free_port())]
+    proc = subprocess.run(
+        launch + ["-m", "router_tune", "train", str(recipe)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "launched as 2 processes" in proc.stderr and "ACCELERATE_USE_CPU=1" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()

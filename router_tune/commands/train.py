@@ -1,7 +1,8 @@
 """`router-tune train RECIPE [--dry-run] [--key value ...]`
 
     router-tune train recipes/demo.yaml --max_steps 50
-    accelerate launch --config_file recipes/accelerate/cpu-ddp.yaml -m router_tune train recipes/demo.yaml
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate/cpu-ddp.yaml \\
+        -m router_tune train recipes/demo.yaml   (two CPU processes)
 
 Every recipe key (docs/recipe-keys.md) can be overridden as `--key value`.
 `--dry-run` checks the recipe, the model (config only: no weights are read) and the data,
