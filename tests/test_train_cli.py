@@ -180,3 +180,31 @@ def test_every_logging_step_keeps_its_loss_when_routing_logs_on_it(mixtral_legac
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     rows = offline_history(run_dir)
     assert sorted(r["train/global_step"] for r in rows if "train/lm_loss" in r) == [2, 4]
+
+
+def test_train_refuses_to_replace_a_finished_run_unless_asked(mixtral_legacy, tmp_path, capsys, monkeypatch):
+    from router_tune.training import trainer as trainer_module
+
+    recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=4, save_steps=2, routing_log_every=0)
+    assert main(["train", str(recipe)]) == 0
+    run = tmp_path / "run"
+    routers = (run / "routers.safetensors").read_bytes()
+    capsys.readouterr()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded before the finished run was protected")
+
+    monkeypatch.setattr(trainer_module, "load_moe", refuse)
+    assert main(["train", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and "--resume_from_checkpoint true" in err
+    assert (run / "routers.safetensors").read_bytes() == routers
+    assert main(["train", str(recipe), "--dry-run"]) == 0
+    assert "warning: output_dir" in capsys.readouterr().err
+    monkeypatch.undo()
+    # resume stays one flag (a finished run resumes to a longer max_steps)
+    assert main(["train", str(recipe), "--resume_from_checkpoint", "true", "--max_steps", "5"]) == 0
+    assert json.loads((run / "router_tune.json").read_text())["global_step"] == 5
+    assert main(["train", str(recipe), "--overwrite", "--max_steps", "2"]) == 0
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]  # none left from the earlier run
+    assert json.loads((run / "router_tune.json").read_text())["global_step"] == 2

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
+from router_tune.errors import RouterTuneError
+from router_tune.training.checkpoints import check_fresh_output_dir, clear_previous_run
 from router_tune.training.config import load_recipe
 from router_tune.training.plan import plan
 from router_tune.training.recipe_keys import keys_text
@@ -30,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="validate recipe, model and data and print the plan; train nothing"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train from step 0 into an output_dir that holds an earlier run, removing its results and checkpoints",
+    )
     parser.epilog = (
         "Any recipe key can follow as --key value, e.g. --learning_rate 3e-4 --max_steps 100.\n\n" + keys_text()
     )
@@ -38,9 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_recipe(args.recipe, args.overrides)
+    replaces = check_fresh_output_dir(config.output_dir, config.resume_from_checkpoint, args.overwrite)
     if args.dry_run:
+        if replaces:
+            print(f"router-tune train: warning: {replaces}", file=sys.stderr)
         print(format_plan(plan(config)))
         return 0
+    if replaces:
+        raise RouterTuneError(replaces)
+    if args.overwrite and int(os.environ.get("RANK", "0")) == 0:
+        clear_previous_run(config.output_dir)  # before any rank's first step (a collective with this rank)
     return train(config)
 
 
