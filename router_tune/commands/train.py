@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from router_tune.errors import RouterTuneError
+from router_tune.io.router_files import ROUTERS_FILE
 from router_tune.training.checkpoints import check_fresh_output_dir, clear_previous_run
 from router_tune.training.config import load_recipe
 from router_tune.training.plan import plan
@@ -105,20 +106,32 @@ def resume_command(argv: list[str]) -> str:
 
 
 def train(config) -> int:
+    """Train, print where the results are and what to run next; 0, or 128 + the signal that stopped it."""
     trainer = RouterTrainer(args=config)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model()
     if trainer.is_world_process_zero():
-        out = Path(config.output_dir)
-        state = "stopped early (interrupted)" if trainer._interrupted else "finished"
-        print(
-            f"router-tune train: {state} at step {trainer.state.global_step}; routers in {out / 'routers.safetensors'}"
-        )
-        if trainer._interrupted:
-            print(f"resume with: {resume_command(sys.argv[1:])}")
+        print(results_summary(trainer, Path(config.output_dir)))
         print(json.dumps({"global_step": trainer.state.global_step, "nonfinite_steps": trainer.nonfinite_steps}))
     # Destroys the process group (launched runs) while the interpreter is alive: left to exit, gloo's
     # worker threads can still hold tensors and abort the process after a finished run (PITFALLS.md).
     # Only on success: a rank that failed must not wait in a collective teardown for the others.
     trainer.accelerator.end_training()
-    return 0
+    return 128 + int(trainer._interrupted) if trainer._interrupted else 0
+
+
+def results_summary(trainer, out: Path) -> str:
+    """The last lines of a run: where its routers, report and plots are, and the next command."""
+    state = "stopped early (interrupted)" if trainer._interrupted else "finished"
+    lines = [f"router-tune train: {state} at step {trainer.state.global_step}; routers in {out / ROUTERS_FILE}"]
+    if trainer.report is not None:
+        lines.append(f"report: {trainer.report.with_suffix('.md')} (held-out perplexity and routing, before/after)")
+    if trainer.plots:
+        lines.append(f"plots:  {out / 'plots'}/ ({', '.join(p.name for p in trainer.plots)})")
+    if trainer._interrupted:
+        lines.append(f"resume with: {resume_command(sys.argv[1:])}")
+    else:
+        run = shlex.quote(str(out))
+        lines.append(f"next:   router-tune eval {run}   (the run against its source model, on held-out text)")
+        lines.append(f"        router-tune export {run} --out {shlex.quote(str(out) + '-export')}   (a verified model)")
+    return "\n".join(lines)

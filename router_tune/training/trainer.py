@@ -229,7 +229,9 @@ class RouterTrainer(Trainer):
         )
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
-        self._interrupted = False
+        self._interrupted = False  # the signal (SIGINT / SIGTERM) that stopped the run, once one did
+        self.report: Path | None = None  # report.json of the before/after evaluation, once written
+        self.plots: list[Path] = []  # the run's PNGs, once training ended
 
     # ---- loss ----------------------------------------------------------------------------
 
@@ -529,7 +531,7 @@ class RouterTrainer(Trainer):
             after = self._evaluate(evaluation, f"step {self.state.global_step}")
             if self.is_world_process_zero():
                 results = {"before": before, "after": after}
-                write_report(
+                self.report = write_report(
                     Path(self.args.output_dir) / "eval",
                     results,
                     title=f"router_tune evaluation: {self.args.output_dir}",
@@ -539,7 +541,7 @@ class RouterTrainer(Trainer):
         if self.is_world_process_zero():
             if self.bad_records.seen:
                 logger.warning(self.bad_records.summary())
-            plots = self.telemetry.save_plots(self.state.log_history)
+            self.plots = plots = self.telemetry.save_plots(self.state.log_history)
             if self.telemetry.last_summary is not None:
                 print(format_routing_table(self.telemetry.last_summary))
             logger.info("plots: %s", ", ".join(str(p) for p in plots))
