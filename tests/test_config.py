@@ -9,7 +9,7 @@ import pytest
 from router_tune.data import parse_sources
 from router_tune.errors import RouterTuneError
 from router_tune.training.config import load_recipe
-from router_tune.training.recipe_keys import keys_markdown
+from router_tune.training.recipe_keys import keys_markdown, keys_text
 
 
 def test_unknown_recipe_key_names_closest(tmp_path):
@@ -53,6 +53,10 @@ def test_shipped_recipes_load(recipe):
 def test_recipe_key_docs_are_current():
     doc = Path(__file__).parent.parent / "docs" / "recipe-keys.md"
     assert doc.read_text() == keys_markdown(), "run: python -m router_tune.training.recipe_keys > docs/recipe-keys.md"
+    text = Path(__file__).parent.parent / "router_tune" / "training" / "recipe_keys.txt"  # `train --help` shows it
+    assert text.read_text() == keys_text() + "\n", (
+        "run: python -m router_tune.training.recipe_keys --text > router_tune/training/recipe_keys.txt"
+    )
 
 
 @pytest.mark.parametrize(

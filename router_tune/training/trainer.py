@@ -195,6 +195,8 @@ class RouterTrainer(Trainer):
         self.startup_seconds = timer.report()
 
         callbacks = [RouterTrainingCallback(self)] + list(callbacks or [])
+        if args.device.type == "cpu":
+            args.dataloader_pin_memory = False  # no accelerator to pin for: torch warns on every dataloader
         # The stock Trainer refuses checkpoints of a model sharded at load time because it cannot save
         # its optimizer state; ours gathers the (router-only) optimizer state itself, see
         # `_save_optimizer_and_scheduler`, so the refusal is passed for the construction only.
@@ -529,6 +531,14 @@ class RouterTrainer(Trainer):
             result = super().train(resume_from_checkpoint=resume, **kwargs)
         if evaluation:
             after = self._evaluate(evaluation, f"step {self.state.global_step}")
+            # to wandb / tensorboard beside the curves (Trainer.log: "eval_" keys go under eval/)
+            self.log(
+                {
+                    f"eval_perplexity/{name}/{source}": value
+                    for name, result in (("before", before), ("after", after))
+                    for source, value in result.perplexity.items()
+                }
+            )
             if self.is_world_process_zero():
                 results = {"before": before, "after": after}
                 self.report = write_report(
