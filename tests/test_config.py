@@ -9,7 +9,7 @@ import pytest
 from router_tune.data import parse_sources
 from router_tune.errors import RouterTuneError
 from router_tune.training.config import load_recipe
-from router_tune.training.recipe_keys import keys_markdown
+from router_tune.training.recipe_keys import keys_markdown, keys_text
 
 
 def test_unknown_recipe_key_names_closest(tmp_path):
@@ -53,6 +53,10 @@ def test_shipped_recipes_load(recipe):
 def test_recipe_key_docs_are_current():
     doc = Path(__file__).parent.parent / "docs" / "recipe-keys.md"
     assert doc.read_text() == keys_markdown(), "run: python -m router_tune.training.recipe_keys > docs/recipe-keys.md"
+    text = Path(__file__).parent.parent / "router_tune" / "training" / "recipe_keys.txt"  # `train --help` shows it
+    assert text.read_text() == keys_text() + "\n", (
+        "run: python -m router_tune.training.recipe_keys --text > router_tune/training/recipe_keys.txt"
+    )
 
 
 @pytest.mark.parametrize(
@@ -74,3 +78,26 @@ def test_shipped_accelerate_configs(config):
     assert "deepspeed_moe_layer_cls_names" not in ds and "transformer_moe_cls_names" not in ds
     if "deepspeed_config_file" in ds:
         assert json.loads((root / ds["deepspeed_config_file"]).read_text())["zero_optimization"]["stage"] == 3
+
+
+def test_recipe_paths_resolve_from_any_directory(tmp_path, monkeypatch):
+    """A shipped recipe from another directory finds its model and data under the project root; a recipe's
+    own relative paths resolve beside it; hub ids, and paths that exist from the current directory, stay."""
+    root = Path(__file__).resolve().parent.parent
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "router_tune" / "assets" / "demo-moe").mkdir(parents=True)  # exists from the cwd: kept
+    monkeypatch.chdir(elsewhere)
+    config = load_recipe(root / "recipes" / "demo.yaml")
+    assert config.model_name_or_path == "router_tune/assets/demo-moe"
+    assert [Path(d["path"]) for d in config.datasets][
+        0
+    ] == root / "router_tune/assets/samples/redpajama/github_sample.jsonl"
+    assert config.output_dir == "runs/demo"
+    (elsewhere / "router_tune" / "assets" / "demo-moe").rmdir()
+    assert load_recipe(root / "recipes" / "demo.yaml").model_name_or_path == str(root / "router_tune/assets/demo-moe")
+    own = tmp_path / "project" / "exp.yaml"
+    (own.parent / "data").mkdir(parents=True)
+    (own.parent / "data" / "a.jsonl").write_text('{"text": "x"}\n')
+    own.write_text("model_name_or_path: org/model\ndatasets: [{source: redpajama, path: data/a.jsonl}]\n")
+    config = load_recipe(own)
+    assert config.model_name_or_path == "org/model" and config.datasets[0]["path"] == str(own.parent / "data/a.jsonl")

@@ -4,7 +4,6 @@ of target and real tokens, and each rank routes different text, so only a loss n
 whole step's tokens on all ranks, with expert counts reduced over ranks, can agree."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.cli_runs import free_port, write_recipe
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "ddp_script.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # dense: the estimator's term is a sum over tokens, so it splits over ranks like the CE (default_moe's
@@ -78,8 +73,6 @@ def test_launched_train_command_tears_down_its_process_group(mixtral_legacy, tmp
     """`accelerate launch -m router_tune train` on 2 ranks, as users run it. The command destroys its
     process group before returning: left to interpreter exit, gloo's worker threads can abort a
     finished run (CI saw SIGABRT, "terminate called without an active exception", ~1 run in 6)."""
-    from tests.test_train_cli import write_recipe
-
     recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=2, save_steps=100, routing_log_every=0)
     probe = tmp_path / "probe.py"  # router_tune's own entry point, with one line after it returns
     probe.write_text(PROBE)
@@ -98,3 +91,24 @@ def test_launched_train_command_tears_down_its_process_group(mixtral_legacy, tmp
     assert "router-tune train: finished at step 2" in proc.stdout
     exits = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK_EXIT"))
     assert exits == ["RANK_EXIT rc=0 process_group_alive=False"] * 2, proc.stdout[-2000:]
+
+
+def test_a_ddp_launch_that_is_not_distributed_stops_with_the_fix(mixtral_legacy, tmp_path):
+    """The demo recipe's launch line on a CPU without ACCELERATE_USE_CPU: accelerate starts two processes
+    but no distributed run (no GPU for `multi_gpu`); each would train alone into one output_dir."""
+    recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=2, use_cpu=False)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", CUDA_VISIBLE_DEVICES="")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(ROOT / "recipes/accelerate/cpu-ddp.yaml"), "--main_process_port", str(free_port())]
+    proc = subprocess.run(
+        launch + ["-m", "router_tune", "train", str(recipe)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "launched as 2 processes" in proc.stderr and "ACCELERATE_USE_CPU=1" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()

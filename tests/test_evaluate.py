@@ -257,6 +257,35 @@ def test_cli_run_dir_compares_with_source(mixtral_legacy, data_files, tmp_path, 
     assert report["after"]["perplexity"] != report["before"]["perplexity"]  # the routers changed the model
 
 
+def test_cli_never_replaces_a_report_silently(mixtral_legacy, data_files, tmp_path, capsys, monkeypatch):
+    """The run's own report stays; a second eval writes eval-2; an --out holding a report is refused before
+    any weight loads, unless --force."""
+    from router_tune.commands import eval as eval_command
+
+    run, _ = make_run(mixtral_legacy, tmp_path)
+    (run / "eval").mkdir()
+    (run / "eval" / "report.json").write_text('{"from": "training"}')
+    data = ["--data", *map(str, data_files), "--eval-fraction", str(FRACTION), "--block-size", str(BLOCK)]
+    assert cli_main(["eval", str(run), *data, "--max-blocks", "2"]) == 0
+    assert (run / "eval" / "report.json").read_text() == '{"from": "training"}'
+    assert json.loads((run / "eval-2" / "report.json").read_text())["before"]["blocks"] == {
+        "book_sample": 2,
+        "chats": 2,
+    }
+    assert f"this one goes to {run / 'eval-2'}" in capsys.readouterr().out
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded before the existing report was refused")
+
+    monkeypatch.setattr(eval_command, "load_for_eval", refuse)
+    assert cli_main(["eval", str(run), *data, "--out", str(run / "eval")]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a report" in err and "--force" in err
+    monkeypatch.undo()
+    assert cli_main(["eval", str(run), *data, "--max-blocks", "2", "--out", str(run / "eval"), "--force"]) == 0
+    assert json.loads((run / "eval" / "report.json").read_text())["global_step"] == 5
+
+
 def test_cli_errors(mixtral_legacy, copy_of, tmp_path, capsys):
     assert cli_main(["eval", str(tmp_path / "nope")]) == 1
     assert "does not exist" in capsys.readouterr().err

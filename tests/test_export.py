@@ -413,10 +413,14 @@ def test_checkpoint_dir_cli_and_model_card(mixtral_legacy, tmp_path, capsys):
     }
     run, routers = make_run(mixtral_legacy, tmp_path, report=report)
     assert cli_main(["export", str(run / "checkpoint-3"), "--out", str(tmp_path / "ckpt"), "--no-verify"]) == 0
+    assert "not verified (--no-verify)" in capsys.readouterr().out
     expected = trained_logits(mixtral_legacy, {n: t * 0.5 for n, t in routers.items()})
     assert (load_clean(tmp_path / "ckpt")(IDS).logits - expected).abs().max() <= 1e-5
     assert "perplexity/overall" not in (tmp_path / "ckpt" / "README.md").read_text()  # report is for step 7
     assert cli_main(["export", str(run), "--out", str(tmp_path / "final"), "--layout", "legacy"]) == 0
+    out = capsys.readouterr()
+    assert "verified: every non-router tensor is byte-identical to the source's" in out.out
+    assert "Loading weights" not in out.err  # the meta-device load check is not a second loading of the weights
     card = (tmp_path / "final" / "README.md").read_text()
     assert "| perplexity/overall | 20 | 15 | -25.0% (better) |" in card and "| balance | 0.5 | 0.9 | +80.0% |" in card
     assert "re-arranged from the legacy layout" not in card  # legacy source, legacy export

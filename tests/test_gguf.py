@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from router_tune.export.exporter import export_run
-from tests.test_train_cli import write_recipe
+from tests.cli_runs import write_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "router_tune" / "assets" / "demo-moe"

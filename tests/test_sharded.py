@@ -28,8 +28,8 @@ from router_tune.model.routers import (
     routers_to_fp32,
 )
 from router_tune.training import sharding
+from tests.cli_runs import free_port
 from tests.rank_reports import read_reports
-from tests.test_ddp import free_port
 from tests.test_trainer import make_trainer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,40 +9,11 @@ import shlex
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
 from router_tune.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "router_tune" / "assets" / "samples"
-
-
-def write_recipe(tmp_path: Path, model_dir: Path, **overrides) -> Path:
-    recipe = {
-        "model_name_or_path": str(model_dir),
-        "datasets": [
-            {"source": "redpajama", "path": str(SAMPLES / "redpajama"), "weight": 0.75, "max_documents": 200},
-            {"source": "wizard_vicuna", "path": str(SAMPLES / "wizard_vicuna"), "weight": 0.25, "max_documents": 200},
-        ],
-        "block_size": 64,
-        "per_device_train_batch_size": 4,
-        "max_steps": 4,
-        "learning_rate": 0.3,
-        "save_steps": 2,
-        "logging_steps": 1,
-        "routing_log_every": 2,
-        "output_dir": str(tmp_path / "run"),
-        "use_cpu": True,
-        "eval_before_after": False,
-        "dataloader_num_workers": 0,
-    }
-    recipe.update(overrides)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from tests.cli_runs import ROOT, write_recipe
 
 
 def test_dry_run_reads_no_weights(mixtral_legacy, tmp_path, capsys, monkeypatch):
@@ -68,6 +39,10 @@ def test_train_writes_routers_checkpoints_plots_and_report(mixtral_legacy, tmp_p
     assert main(["train", str(recipe)]) == 0
     run = tmp_path / "run"
     assert (run / "routers.safetensors").is_file()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [*run.iterdir(), *run.glob("checkpoint-2/*")] if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes  # routers.safetensors like every other file
     assert {p.name for p in run.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
     info = json.loads((run / "router_tune.json").read_text())
     assert info["global_step"] == 4 and info["sources"] == ["redpajama", "wizard_vicuna"]
@@ -75,6 +50,10 @@ def test_train_writes_routers_checkpoints_plots_and_report(mixtral_legacy, tmp_p
     assert (run / "plots" / "usage_start_end.png").is_file()
     out = capsys.readouterr().out
     assert "finished at step 4" in out
+    # the last lines say where the results are and what to run next, whatever the log level
+    assert f"report: {run / 'eval' / 'report.md'} " in out
+    assert f"plots:  {run / 'plots'}/ (" in out and "loss_curves.png" in out
+    assert f"next:   router-tune eval {run} " in out and f"router-tune export {run} --out {run}-export " in out
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["global_step"] == 4
     for name in ("before", "after"):
@@ -107,7 +86,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(mixtral_legacy, tmp_path):
                 proc.send_signal(signal.SIGTERM)
                 break
         output = proc.stdout.read()
-        assert proc.wait(timeout=120) == 0, output
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, output  # scripts can tell it from success
     finally:
         proc.kill()
     checkpoints = list((tmp_path / "run").glob("checkpoint-*"))
@@ -185,3 +164,92 @@ def test_inspect_and_dry_run_say_a_bf16_checkpoint_computes_in_fp32_on_this_cpu(
     assert "weights      float32 (bfloat16 checkpoint computed in float32" in capsys.readouterr().out
     assert main(["train", str(recipe), "--dry-run", "--model_dtype", "bfloat16"]) == 0
     assert "weights      bfloat16\n" in capsys.readouterr().out
+
+
+def test_every_logging_step_keeps_its_loss_when_routing_logs_on_it(mixtral_legacy, tmp_path):
+    """Routing logs on steps 2 and 4, loss logs on the same steps: both reach trainer_state.json and wandb."""
+    from tests.wandb_records import offline_history
+
+    recipe = write_recipe(
+        tmp_path,
+        mixtral_legacy,
+        max_steps=4,
+        logging_steps=2,
+        routing_log_every=2,
+        save_steps=100,
+        eval_before_after=True,
+        eval_max_blocks=2,
+        eval_fraction=0.2,
+        block_size=128,
+        use_cpu=False,  # a CPU machine's default device, as users run it (use_cpu already turns pinning off)
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_DIR"}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    run = subprocess.run(
+        [sys.executable, "-m", "router_tune", "train", str(recipe), "--report_to", "wandb"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (state,) = (tmp_path / "run").glob("checkpoint-*/trainer_state.json")
+    history = json.loads(state.read_text())["log_history"]
+    assert sorted(e["step"] for e in history if "lm_loss" in e) == [2, 4]
+    assert sorted(e["step"] for e in history if "routing/mean/max_load" in e) == [2, 4]
+    (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")  # in the run, not in the current directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "run"]
+    rows = offline_history(run_dir)
+    assert sorted(r["train/global_step"] for r in rows if "train/lm_loss" in r) == [2, 4]
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    (logged,) = [r for r in rows if "eval/perplexity/after/overall" in r]  # the before/after evaluation too
+    for name in ("before", "after"):
+        assert logged[f"eval/perplexity/{name}/overall"] == pytest.approx(report[name]["perplexity"]["overall"])
+    assert "pin_memory" not in run.stderr  # nothing to pin on a CPU
+
+
+def test_train_refuses_to_replace_a_finished_run_unless_asked(mixtral_legacy, tmp_path, capsys, monkeypatch):
+    from router_tune.training import trainer as trainer_module
+
+    recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=4, save_steps=2, routing_log_every=0)
+    assert main(["train", str(recipe)]) == 0
+    run = tmp_path / "run"
+    routers = (run / "routers.safetensors").read_bytes()
+    capsys.readouterr()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded before the finished run was protected")
+
+    monkeypatch.setattr(trainer_module, "load_moe", refuse)
+    assert main(["train", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and "--resume_from_checkpoint true" in err
+    assert (run / "routers.safetensors").read_bytes() == routers
+    assert main(["train", str(recipe), "--dry-run"]) == 0
+    assert "warning: output_dir" in capsys.readouterr().err
+    monkeypatch.undo()
+    # resume stays one flag (a finished run resumes to a longer max_steps)
+    assert main(["train", str(recipe), "--resume_from_checkpoint", "true", "--max_steps", "5"]) == 0
+    assert json.loads((run / "router_tune.json").read_text())["global_step"] == 5
+    assert main(["train", str(recipe), "--overwrite", "--max_steps", "2"]) == 0
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]  # none left from the earlier run
+    assert json.loads((run / "router_tune.json").read_text())["global_step"] == 2
+
+
+def test_help_version_and_flag_hints_answer_without_torch(mixtral_legacy, tmp_path, capsys):
+    """`train --help` lists the recipe keys without importing torch (10 s before, ~0.1 s now)."""
+    probe = (
+        "import sys\nfrom router_tune.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n"
+        "    pass\nprint('torch imported:', 'torch' in sys.modules)\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "router_aux_loss_coef (default 0.01)" in shown.stdout and "--overwrite" in shown.stdout
+    assert shown.stdout.rstrip().endswith("torch imported: False")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.split() == ["router-tune", pyproject.split('version = "')[1].split('"')[0]]
+    recipe = write_recipe(tmp_path, mixtral_legacy)
+    assert main(["train", str(recipe), "--dry_run"]) == 1
+    assert "Did you mean --dry-run?" in capsys.readouterr().err

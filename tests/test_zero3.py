@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from router_tune.architectures import architecture_for
 from router_tune.errors import RouterTuneError
 from router_tune.training import sharding
+from tests.cli_runs import free_port
 from tests.rank_reports import read_reports
-from tests.test_ddp import free_port
 
 pytest.importorskip("deepspeed")
 

@@ -1,6 +1,7 @@
 """`router-tune eval MODEL`: held-out perplexity and routing report, optionally against another model.
 
     router-tune eval runs/demo                      # the run vs its source model, into runs/demo/eval
+                                                    # (eval-2, ... when a report is there: reports are never replaced)
     router-tune eval tuned-model --compare source-model --data recipes/demo.yaml --out report
     router-tune eval MODEL --data a.jsonl chats.json --max-blocks 16
 
@@ -28,7 +29,7 @@ from router_tune.evaluation.evaluate import (
     load_for_eval,
     tokenizer_of,
 )
-from router_tune.evaluation.report import format_comparison, write_report
+from router_tune.evaluation.report import REPORT_JSON, format_comparison, write_report
 from router_tune.io.router_files import read_trained_routers
 from router_tune.training.config import RouterTuneConfig, load_recipe
 
@@ -55,7 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compare", action="store_true", help="evaluate MODEL alone, even when it is a run")
     parser.add_argument("--data", nargs="+", metavar="RECIPE_OR_FILES", help="recipe YAML or data files / dirs")
     parser.add_argument(
-        "--out", metavar="DIR", help="report directory (default: MODEL/eval for a run, else ./eval-report)"
+        "--out",
+        metavar="DIR",
+        help="report directory, refused if it holds a report (default: MODEL/eval for a run, else "
+        "./eval-report; eval-2, eval-3, ... when taken)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the report in --out (or the default directory) instead of refusing / writing a new one",
     )
     parser.add_argument(
         "--block-size",
@@ -173,6 +182,7 @@ def eval_settings(args: argparse.Namespace, run_recipe: dict | None, max_positio
 def run(args: argparse.Namespace) -> int:
     device_map = eval_device_map(args.device)
     trained = read_trained_routers(args.model) if is_run_dir(args.model) else None
+    out = report_dir(args, trained is not None)
     compare = None if args.no_compare else args.compare or (str(trained.source_dir()) if trained else None)
     if compare is not None:  # fail on a missing model or a tokenizer mismatch before any long evaluation
         check_same_tokenizer(
@@ -221,7 +231,6 @@ def run(args: argparse.Namespace) -> int:
             "after": result,
         }
         del other
-    out = Path(args.out) if args.out else (Path(args.model) / "eval" if trained else Path("eval-report"))
     step = trained.meta.get("global_step") if trained else None
     meta = {"global_step": step} if step is not None else {}
     trained_on = (trained.meta.get("quantization") or {}).get("mode") if trained else None
@@ -243,6 +252,28 @@ def run(args: argparse.Namespace) -> int:
         + ", ".join(str(report.parent / f) for f in figures)
     )
     return 0
+
+
+def report_dir(args: argparse.Namespace, is_run: bool) -> Path:
+    """Where the report goes, never over an earlier one unless --force: an --out that holds a report is
+    refused (as export refuses an existing --out); the default directory (a run's eval/, ./eval-report)
+    becomes eval-2, eval-3, ... when taken."""
+    if args.out:
+        out = Path(args.out)
+        if (out / REPORT_JSON).exists() and not args.force:
+            raise RouterTuneError(
+                f"{out} already holds a report ({out / REPORT_JSON}); choose another --out or pass --force to "
+                "replace it."
+            )
+        return out
+    base = Path(args.model) / "eval" if is_run else Path("eval-report")
+    out, n = base, 1
+    while (out / REPORT_JSON).exists() and not args.force:
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    if out != base:
+        print(f"router-tune eval: {base} holds an earlier report (kept); this one goes to {out} (--force replaces it)")
+    return out
 
 
 def format_oracle(results: dict, oracle: dict) -> str:

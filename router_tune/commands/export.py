@@ -16,7 +16,7 @@ import argparse
 
 from router_tune.errors import RouterTuneError
 from router_tune.export.collapse import collapse_identical
-from router_tune.export.exporter import FORMATS, LAYOUTS, export_run
+from router_tune.export.exporter import FORMATS, LAYOUTS, VERIFIED, export_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    # the checks load the source and the export (configs, meta device): a "Loading weights" bar each would
+    # read as work done twice; the result line says what was verified
+    hf_logging.disable_progress_bar()
     if args.collapse_identical:
         if args.fmt != "full" or args.layout != "same" or args.source:
             raise RouterTuneError(
@@ -78,4 +83,5 @@ def run(args: argparse.Namespace) -> int:
         args.run, args.out, layout=args.layout, fmt=args.fmt, force=args.force, verify=args.verify, source=args.source
     )
     print(f"router-tune export: wrote {out}")
+    print(f"verified: {VERIFIED[args.fmt]}" if args.verify else "not verified (--no-verify)")
     return 0

@@ -28,6 +28,15 @@ FORMATS = ("full", "routers", "peft")
 LAYOUTS = ("same", *DISK_LAYOUTS)  # "same": the source checkpoint's layout
 
 
+# What a passed verification proved, per format (export_run raises on the first failed check).
+VERIFIED = {
+    "full": "every non-router tensor is byte-identical to the source's, every router equals the trained one, "
+    "the side files are the source's, and transformers loads it with no missing or unexpected key",
+    "routers": "the written routers read back identical to the trained ones, fingerprints included",
+    "peft": "the source with the adapter gives the trained model's logits",
+}
+
+
 def export_run(
     run_or_checkpoint: str | Path,
     out_dir: str | Path,

@@ -12,6 +12,7 @@ architecture, layout, expert fingerprints), so the file alone is a complete delt
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,8 +148,17 @@ def write_router_delta(out_dir: Path, trained: TrainedRouters, *, extra: dict | 
         str(out_dir / ROUTERS_FILE),
         metadata=file_meta,
     )
+    # safetensors writes through a private temporary file (mode 0600); give it the mode of every other file
+    (out_dir / ROUTERS_FILE).chmod(0o666 & ~current_umask())
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return [ROUTERS_FILE, META_FILE]
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_fingerprints(expected: list[list[str]] | None, actual: list[list[str]], source: str, routers: str) -> None:

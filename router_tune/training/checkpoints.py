@@ -89,3 +89,46 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path, *, main_pro
         return None
     logger.warning("resuming from %s", latest)
     return str(latest)
+
+
+# What a run leaves in its output_dir and a new run from step 0 would replace or mix with.
+RUN_RESULTS = ("routers.safetensors", "router_tune.json", "eval", "plots")
+
+
+def previous_run(output_dir: str | Path) -> str | None:
+    """What an earlier run left in `output_dir` (its routers, run file, report, plots, checkpoints), or None."""
+    root = Path(output_dir)
+    found = [name for name in RUN_RESULTS if (root / name).exists()]
+    if n := len(checkpoints(root)):
+        found.append(f"{n} checkpoint(s)")
+    return ", ".join(found) or None
+
+
+def check_fresh_output_dir(output_dir: str | Path, resume: str | bool | None, overwrite: bool) -> str | None:
+    """The message for an output_dir that holds an earlier run a new run would silently replace (None when
+    it holds none, or the run resumes it, or `overwrite` was asked for). Checked before any weight is loaded."""
+    resuming = not (resume is None or resume is False or str(resume).lower() in NO_RESUME)
+    if resuming and overwrite:
+        raise RouterTuneError("--overwrite starts from step 0 and --resume_from_checkpoint continues a run: pass one.")
+    found = previous_run(output_dir)
+    if found is None or resuming or overwrite:
+        return None
+    return (
+        f"output_dir {output_dir} already holds a run ({found}). Continue it with --resume_from_checkpoint true, "
+        "train into another directory with --output_dir DIR, or pass --overwrite to train from step 0 and "
+        "replace it."
+    )
+
+
+def clear_previous_run(output_dir: str | Path) -> None:
+    """Remove an earlier run's results and checkpoints (`--overwrite`), so that a later resume never mixes
+    them with the new run's; anything else in the directory (an export, notes) stays."""
+    root = Path(output_dir)
+    if previous_run(root) is None:
+        return
+    for path in [*(root / name for name in RUN_RESULTS), *checkpoints(root)]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    logger.warning("--overwrite: removed the earlier run's results and checkpoints from %s", root)

@@ -40,7 +40,13 @@ class RouterTuneConfig(TrainingArguments):
     `transformers.TrainingArguments` (https://huggingface.co/docs/transformers/main_classes/trainer)."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "The merged MoE checkpoint: a local directory or a hub id."}
+        default=None,
+        metadata={
+            "help": "The merged MoE checkpoint: a local directory or a hub id. A relative path (here, in "
+            "tokenizer_name_or_path and in datasets) is used as is when it exists from the current directory, "
+            "else from the recipe's directory or its project root (the one holding its `recipes/` folder), so "
+            "shipped recipes run from anywhere. output_dir is relative to the current directory."
+        },
     )
     tokenizer_name_or_path: str | None = field(
         default=None,
@@ -352,6 +358,29 @@ def _cli_keys(argv: list[str]) -> list[str]:
     return [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")]
 
 
+def resolve_recipe_paths(recipe: dict, recipe_path: Path) -> None:
+    """Make the recipe's model, tokenizer and data paths work from any directory. A relative path that
+    exists from the current directory is kept; else, if it exists relative to the recipe's directory or to
+    its project root (the directory holding the `recipes/` folder the recipe is in), that path is used.
+    Anything else (a hub id, a path that exists nowhere) is left for the checks that name it. output_dir
+    stays relative to the current directory."""
+    here = recipe_path.absolute().parent
+    bases = [here] + [d.parent for d in (here, *here.parents) if d.name == "recipes"][:1]
+
+    def resolve(value):
+        if not isinstance(value, str) or Path(value).is_absolute() or Path(value).exists():
+            return value
+        found = next((base / value for base in bases if (base / value).exists()), None)
+        return str(found) if found else value
+
+    for key in ("model_name_or_path", "tokenizer_name_or_path"):
+        if key in recipe:
+            recipe[key] = resolve(recipe[key])
+    for entry in recipe.get("datasets") or []:
+        if isinstance(entry, dict) and "path" in entry:
+            entry["path"] = resolve(entry["path"])
+
+
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] = (), **kwargs: Any) -> RouterTuneConfig:
     """Read a recipe YAML, apply `--key value` command-line overrides and keyword overrides.
 
@@ -373,6 +402,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = (), **kwa
         if not isinstance(recipe, dict):
             raise RouterTuneError(f"recipe {path} must be a mapping of keys to values, got {type(recipe).__name__}.")
         _check_keys(recipe, f"recipe {path}")
+        resolve_recipe_paths(recipe, path)
         recipe.setdefault("output_dir", str(Path("runs") / path.stem))
     _check_keys(_cli_keys(list(overrides)), "the command line")
     _check_keys(kwargs, "the arguments")

@@ -1,11 +1,16 @@
 """The recipe keys router_tune adds to `TrainingArguments`, as text for `--help` and the docs.
 
-python -m router_tune.training.recipe_keys > docs/recipe-keys.md
+    python -m router_tune.training.recipe_keys > docs/recipe-keys.md
+    python -m router_tune.training.recipe_keys --text > router_tune/training/recipe_keys.txt
+
+The text is generated ahead (a test keeps both files current) because `router-tune train --help` reads
+it: building it here imports TrainingArguments, hence torch, which costs seconds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 from transformers import TrainingArguments
 
@@ -51,4 +56,4 @@ def keys_markdown() -> str:
 
 
 if __name__ == "__main__":
-    print(keys_markdown(), end="")
+    print(keys_text() if sys.argv[1:] == ["--text"] else keys_markdown(), end="\n" if sys.argv[1:] else "")

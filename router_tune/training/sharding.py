@@ -62,6 +62,8 @@ def check_request(args) -> str | None:
             f"the run would be a plain one. Launch it with `accelerate launch --config_file "
             f"recipes/accelerate/{config}` and num_processes >= 2, or without the {name} config."
         )
+    if backend is None and world_size() > 1:
+        check_data_parallel(args)
     if backend == "deepspeed" and (args.use_cpu or _env_true("ACCELERATE_USE_CPU")):
         raise RouterTuneError(
             "this run asks for DeepSpeed on CPU with `use_cpu` (or ACCELERATE_USE_CPU=1, `use_cpu: true` in "
@@ -69,6 +71,22 @@ def check_request(args) -> str | None:
             "use_cpu (see recipes/accelerate/cpu-deepspeed-zero3.yaml)."
         )
     return backend
+
+
+def check_data_parallel(args) -> None:
+    """No silent downgrade for DDP: a launch of N processes that accelerate did not make one distributed run
+    (e.g. `multi_gpu` on a machine without a GPU and without ACCELERATE_USE_CPU) would train N separate runs
+    into one output_dir, each on the whole data."""
+    from transformers.training_args import ParallelMode
+
+    if args.parallel_mode == ParallelMode.DISTRIBUTED:
+        return
+    raise RouterTuneError(
+        f"this run was launched as {world_size()} processes (WORLD_SIZE), but accelerate set up no distributed "
+        f"training ({args.parallel_mode.value}): each process would train alone into the same output_dir. On a "
+        "machine without a GPU, launch with ACCELERATE_USE_CPU=1 (or `use_cpu: true` in the recipe); with GPUs, "
+        "check that torch sees one per process."
+    )
 
 
 def configure_process_group(args) -> None:

@@ -44,6 +44,7 @@ class RouterTrainingCallback(TrainerCallback):
                 + (f" {trainer.bad_records.summary()}." if trainer.bad_records.seen else "")
             )
         if interrupted:
+            trainer._interrupted = trainer._interrupted or signal.SIGINT  # the signal reached another rank
             logger.warning("interrupted: saving a checkpoint at step %d and stopping", state.global_step)
             control.should_save = True
             control.should_training_stop = True
@@ -97,13 +98,14 @@ def any_rank(flags: list[bool], device) -> list[bool]:
 
 @contextlib.contextmanager
 def stop_on_signals(trainer):
-    """SIGINT / SIGTERM set a flag; the callback saves a checkpoint at the end of the step and stops."""
+    """SIGINT / SIGTERM set `trainer._interrupted` to the signal; the callback saves a checkpoint at the end
+    of the step and stops."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        trainer._interrupted = True
+        trainer._interrupted = signum  # the exit status says which signal stopped the run (128 + signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -196,6 +196,8 @@ class RouterTrainer(Trainer):
         self.startup_seconds = timer.report()
 
         callbacks = [RouterTrainingCallback(self)] + list(callbacks or [])
+        if args.device.type == "cpu":
+            args.dataloader_pin_memory = False  # no accelerator to pin for: torch warns on every dataloader
         # The stock Trainer refuses checkpoints of a model sharded at load time because it cannot save
         # its optimizer state; ours gathers the (router-only) optimizer state itself, see
         # `_save_optimizer_and_scheduler`, so the refusal is passed for the construction only.
@@ -230,7 +232,9 @@ class RouterTrainer(Trainer):
         )
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
-        self._interrupted = False
+        self._interrupted = False  # the signal (SIGINT / SIGTERM) that stopped the run, once one did
+        self.report: Path | None = None  # report.json of the before/after evaluation, once written
+        self.plots: list[Path] = []  # the run's PNGs, once training ended
 
     # ---- loss ----------------------------------------------------------------------------
 
@@ -533,9 +537,17 @@ class RouterTrainer(Trainer):
             result = super().train(resume_from_checkpoint=resume, **kwargs)
         if evaluation:
             after = self._evaluate(evaluation, f"step {self.state.global_step}")
+            # to wandb / tensorboard beside the curves (Trainer.log: "eval_" keys go under eval/)
+            self.log(
+                {
+                    f"eval_perplexity/{name}/{source}": value
+                    for name, result in (("before", before), ("after", after))
+                    for source, value in result.perplexity.items()
+                }
+            )
             if self.is_world_process_zero():
                 results = {"before": before, "after": after}
-                write_report(
+                self.report = write_report(
                     Path(self.args.output_dir) / "eval",
                     results,
                     title=f"router_tune evaluation: {self.args.output_dir}",
@@ -545,7 +557,7 @@ class RouterTrainer(Trainer):
         if self.is_world_process_zero():
             if self.bad_records.seen:
                 logger.warning(self.bad_records.summary())
-            plots = self.telemetry.save_plots(self.state.log_history)
+            self.plots = plots = self.telemetry.save_plots(self.state.log_history)
             if self.telemetry.last_summary is not None:
                 print(format_routing_table(self.telemetry.last_summary))
             logger.info("plots: %s", ", ".join(str(p) for p in plots))
