@@ -37,16 +37,17 @@ def offline_history(run_dir, timeout: float = 30.0) -> list[dict]:
     """History rows of a finished offline run; nested values (histograms, images) as `key/field`.
 
     `run.finish()` returns before wandb's core process has written the file (for every run after
-    the first in a process the file was still empty; it filled ~0.1 s later), so wait for the
-    run's closing `exit` record before reading the rows.
+    the first in a process the file was still empty; it filled ~0.1 s later; under load, once, it did
+    not exist yet), so wait for the file and the run's closing `exit` record before reading the rows.
     """
-    (path,) = run_dir.glob("run-*.wandb")
     deadline = time.monotonic() + timeout
     while True:
-        records = list(_wandb_records(path.read_bytes()))
+        files = list(run_dir.glob("run-*.wandb"))
+        assert len(files) <= 1, files
+        records = list(_wandb_records(files[0].read_bytes())) if files else []
         if any(r.WhichOneof("record_type") == "exit" for r in records):
             break
-        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
+        assert time.monotonic() < deadline, f"{run_dir} has no run file with an exit record after {timeout} s"
         time.sleep(0.2)
     return [
         {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
