@@ -16,6 +16,8 @@ def _wandb_records(data: bytes):
     """
     from wandb.proto import wandb_internal_pb2
 
+    if len(data) < 7:  # created, header not written yet: no records so far
+        return
     assert data[:4] == b":W&B"
     block, pos, pending = 32768, 7, b""
     while pos + 7 <= len(data):
