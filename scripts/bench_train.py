@@ -1,7 +1,12 @@
 """One measured training run, router_tune or the plain transformers baseline, in this process.
 
     python scripts/bench_train.py --impl router_tune --model-dir DIR --data DIR --out-dir DIR \
-        --batch 4 --steps 8 --warmup 2 [--routing-log-every 10] [--device cpu] [--dtype float32]
+        --batch 4 --steps 8 --warmup 2 [--routing-log-every 10] [--device cpu] [--dtype float32] \
+        [--set activation_checkpointing=true --set ce_chunk_tokens=4096 ...] [--fsdp-one-rank]
+
+`--set KEY=VALUE`: recipe keys of the router_tune run (the bf16 recipe path, quantize: nf4, ...).
+`--fsdp-one-rank`: the model is sharded with FSDP2 (`fully_shard`, bf16 MixedPrecisionPolicy) in a world of
+one process before RouterTrainer gets it: the path of the FSDP2 routers' dtypes on one device.
 
 `scripts/bench.py` starts one fresh process per measured run (so peak RSS is the run's own) and
 reads the JSON printed on the last stdout line. Also holds what bench.py prepares once per
@@ -287,10 +292,11 @@ def run(args) -> dict:
             routing_log_every=args.routing_log_every,
             eval_before_after=False,
             router_lr_scale="none",  # the baseline's optimizer exactly: Adam at 1e-3 (speed, not quality)
-            **common,
+            **{**common, **dict(kv.split("=", 1) for kv in args.set)},
         )
         sources = [f"source{i}" for i in range(max(data["source_id"]) + 1)]
-        trainer = RouterTrainer(args=config, train_dataset=data, source_names=sources, callbacks=[clock])
+        model = fsdp_one_rank(args.model_dir, dtype, args.device) if args.fsdp_one_rank else None
+        trainer = RouterTrainer(model=model, args=config, train_dataset=data, source_names=sources, callbacks=[clock])
         trainer.model.to(args.device)
         trainable = trainer.param_counts.trainable
     setup_s = time.perf_counter() - start
@@ -314,6 +320,11 @@ def run(args) -> dict:
     sampler.running = False
     sampler.join()
 
+    details = router_tune_details(trainer, args, len(data[0]["input_ids"])) if args.impl == "router_tune" else {}
+    if args.fsdp_one_rank:
+        from router_tune.training.sharding import end_process_group
+
+        end_process_group()
     measured = clock.times[args.warmup - 1 :] if args.warmup else [start] + clock.times
     tokens_per_step = args.batch * args.grad_accum * len(data[0]["input_ids"])
     seconds = measured[-1] - measured[0]
@@ -349,6 +360,79 @@ def run(args) -> dict:
         "checkpoint_bytes": sum(files.values()),
         "checkpoint_files": files,
         "checkpoint_save_s": save_s[-1] if save_s else None,
+        "settings": list(args.set),
+        "fsdp_one_rank": args.fsdp_one_rank,
+        **details,
+    }
+
+
+def fsdp_one_rank(model_dir: str, dtype, device: str):
+    """The model sharded by FSDP2 in a one-process world (gloo on a CPU, NCCL on a GPU), under accelerate's
+    bf16 policy (bf16 all-gather, fp32 reduce)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    mesh = init_device_mesh(device, (1,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model  # RouterTrainer makes the routers fp32 after sharding, as under FSDP2 sharded at load time
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def router_tune_details(trainer, args, seq: int) -> dict:
+    """The dtypes a router_tune run trained with, its weights' bytes and the memory plan of
+    `router_tune.model.memory` for this run (what `inspect` and `train --dry-run` show)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from router_tune.model.memory import training_memory
+    from router_tune.model.quantize import stored_bytes
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    routers = [p for p in model.parameters() if p.requires_grad]
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    config = AutoConfig.from_pretrained(args.model_dir)
+    with torch.device("meta"):  # shapes only, for the plan of what quantization stores
+        shapes = AutoModelForCausalLM.from_config(config)
+    plan = training_memory(
+        trainer.moe,
+        trainer.param_counts.total,
+        trainer.param_counts.trainable,
+        config.vocab_size,
+        seq_len=seq * args.batch,
+        dtype=trainer.moe.dtype,
+        quantize=trainer.args.quantize,
+        quantize_head=trainer.args.quantize_head,
+        model=shapes,
+        activation_checkpointing=bool(trainer.args.activation_checkpointing),
+    )
+    return {
+        "router_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in routers}),
+        "router_state_dtypes": sorted(
+            {str(t.dtype).removeprefix("torch.") for p in routers for t in optimizer.state[p].values()}
+        ),
+        "frozen_dtypes": sorted(
+            {str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad}
+        ),
+        # FSDP2's DTensor shards have no plain storage to count (and the nf4 ratio compares unsharded runs)
+        "model_bytes": None if args.fsdp_one_rank else stored_bytes(model),
+        "plan_total_mb": plan["total_bytes"] / 2**20,
+        "plan": plan,
     }
 
 
@@ -411,6 +495,8 @@ def main() -> None:
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "auto"], help="model_dtype (auto: as stored)"
     )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="router_tune: a recipe key")
+    parser.add_argument("--fsdp-one-rank", action="store_true", help="router_tune: FSDP2-sharded in a world of one")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(json.dumps(pipeline_run(args) if args.impl == "data_pipeline" else run(args)))

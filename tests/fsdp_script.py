@@ -1,7 +1,9 @@
 """Run by tests/test_sharded.py under `accelerate launch --config_file recipes/accelerate/cpu-fsdp2.yaml`
 (2 gloo processes, FSDP2), or alone (1 process, no sharding) for the reference run.
 
-python tests/fsdp_script.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH GRAD_ACCUMULATION STEPS [RESUME]
+python tests/fsdp_script.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH GRAD_ACCUMULATION STEPS [RESUME] [KEY=VALUE ...]
+
+KEY=VALUE: recipe settings for the run, e.g. model_dtype=bfloat16.
 """
 
 import sys
@@ -14,14 +16,15 @@ from tests.rank_reports import print_report  # noqa: E402
 from tests.test_trainer import distributed_trainer  # noqa: E402
 
 model_dir, out, batch, ga, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-resume = sys.argv[6] if len(sys.argv) > 6 else None
+resume = next((a for a in sys.argv[6:] if "=" not in a), None)
+settings = dict(a.split("=", 1) for a in sys.argv[6:] if "=" in a)
 
 import router_tune.training.trainer as trainer_module  # noqa: E402
 
 hashed = []  # which ranks hash the experts' bytes (only the main process should)
 fingerprints_of = trainer_module.fingerprints_of
 trainer_module.fingerprints_of = lambda *a: hashed.append(1) or fingerprints_of(*a)
-trainer = distributed_trainer(model_dir, out, steps=steps, batch=batch, ga=ga, save_steps=2)
+trainer = distributed_trainer(model_dir, out, steps=steps, batch=batch, ga=ga, save_steps=2, **settings)
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 layers = trainer.model.get_decoder().layers
@@ -40,6 +43,10 @@ report = {
 trainer.train(resume_from_checkpoint=resume)
 trainer.save_model()
 report["step"] = trainer.state.global_step
+routers = [p for p in trainer.model.parameters() if p.requires_grad]
+report["router_dtypes"] = sorted({str(p.dtype) for p in routers})
+report["router_state_dtypes"] = sorted({str(t.dtype) for p in routers for t in trainer.optimizer.state[p].values()})
+report["frozen_dtypes"] = sorted({str(p.dtype) for p in frozen})
 report["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 print_report(report)
 # every rank together, before the interpreter exits (router_tune.training.sharding.end_process_group)

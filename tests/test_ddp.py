@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from router_tune.training.checkpoints import is_complete
 from tests.cli_runs import free_port, write_recipe
+from tests.rank_reports import read_reports
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "ddp_script.py"
@@ -112,3 +114,43 @@ def test_a_ddp_launch_that_is_not_distributed_stops_with_the_fix(mixtral_legacy,
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "launched as 2 processes" in proc.stderr and "ACCELERATE_USE_CPU=1" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # three runs, two of them launched: about 2 minutes
+def test_resume_with_the_checkpoint_on_rank_0s_disk_only(mixtral_legacy, tmp_path):
+    """Ranks on separate machines with node-local output directories: only rank 0 writes checkpoints, so
+    only rank 0's disk has one to resume from. Rank 0 chooses it, rank 1 gets its files, and the resumed
+    run ends with the routers of an uninterrupted one (each rank choosing on its own disk hung: rank 1
+    found no checkpoint and started at step 0)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    script = ROOT / "tests" / "node_local_script.py"
+
+    def run(out, steps: int, resume: str | None = None, ranks: int = 2) -> list[dict]:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        launch += [str(ROOT / "recipes/accelerate/cpu-ddp.yaml"), "--main_process_port", str(free_port())]
+        batch = ["2", "2"] if ranks == 2 else ["8", "1"]  # the same 8-block global batch
+        cmd = (launch if ranks == 2 else [sys.executable]) + [str(script), str(mixtral_legacy), str(out), *batch]
+        cmd += [str(steps)] + ([resume] if resume else [])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return read_reports(proc.stdout)
+
+    out = tmp_path / "split"
+    run(out, 2)
+    assert is_complete(out / "rank-0" / "checkpoint-2") and not is_complete(out / "rank-1" / "checkpoint-2")
+    resumed = run(out, 4, "last")
+    assert [r["step"] for r in resumed] == [4, 4]
+    assert resumed[0]["router_sums"] == resumed[1]["router_sums"]
+    copy = out / "rank-1" / "checkpoint-2"
+    assert is_complete(copy) and (copy / "rng_state_1.pth").is_file()  # rank 1 kept its own RNG state
+    for name in ("routers.safetensors", "optimizer.pt", "trainer_state.json"):
+        assert (copy / name).read_bytes() == (out / "rank-0" / "checkpoint-2" / name).read_bytes()
+
+    straight = run(tmp_path / "straight", 4, ranks=1)
+    assert straight[0]["step"] == 4
+    a = load_file(out / "rank-0" / "routers.safetensors")
+    b = load_file(tmp_path / "straight" / "rank-0" / "routers.safetensors")
+    moved = load_file(out / "rank-0" / "checkpoint-2" / "routers.safetensors")
+    for name in a:
+        assert not torch.equal(a[name], moved[name])  # steps 3-4 changed the routers
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)

@@ -17,7 +17,7 @@ from router_tune.evaluation.evaluate import load_for_eval
 from router_tune.export.exporter import export_run
 from router_tune.model.loading import describe_moe, load_moe
 from router_tune.model.memory import training_memory
-from router_tune.model.quantize import quantize_model, stored_bytes
+from router_tune.model.quantize import quantize_model, quantized_experts_forward, stored_bytes
 from router_tune.model.routers import freeze_all_but_routers, router_param_names, routers_to_fp32
 from tests.test_export import router_disk
 from tests.test_trainer import make_trainer, source_tensors
@@ -119,6 +119,83 @@ def test_quantized_forward_matches_dequantized_weights(mixtral_legacy):
     reference.config._experts_implementation = "eager"
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 300, 19]])
     torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_rescale_probe_runs_with_every_module_on_the_training_device(mixtral_saturated, tmp_path, monkeypatch):
+    """On one GPU the bitsandbytes layers are made on the GPU while the model loads on the host: the
+    rescale probe (a forward pass) fails with a device mismatch unless the embeddings, norms and
+    routers reach that device first. Without a second device here, every `.to(device)` marks the
+    modules it moves, and the probe checks that each module with weights was moved to the run's device."""
+    import router_tune.training.trainer as trainer_module
+
+    real_to, real_probe, seen = nn.Module.to, trainer_module.rescale_routers, {}
+
+    def marking_to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            for module in self.modules():
+                module.placed_on = device
+        return real_to(self, *args, **kwargs)
+
+    def checked_probe(model, *args):
+        holders = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+        seen["unplaced"] = sorted({type(m).__name__ for m in holders if not hasattr(m, "placed_on")})
+        seen["devices"] = {getattr(m, "placed_on", None) for m in holders}
+        return real_probe(model, *args)
+
+    monkeypatch.setattr(nn.Module, "to", marking_to)
+    monkeypatch.setattr(trainer_module, "rescale_routers", checked_probe)
+    trainer = make_trainer(mixtral_saturated, tmp_path / "run", steps=1, quantize="nf4", router_rescale="1.0")
+    assert seen["unplaced"] == [] and seen["devices"] == {trainer.args.device}, seen
+    assert trainer.router_rescaling  # the probe ran and rescaled
+
+
+# aten ops that wait for the device: a data-dependent output size, or a value read to the host
+HOST_SYNC_OPS = ("nonzero", "_local_scalar_dense", "_unique2", "unique_dim", "unique_consecutive", "masked_select")
+
+
+def test_quantized_experts_sync_once_per_layer_and_match_the_eager_forward(monkeypatch):
+    """One host sync per experts call, whatever the number of experts hit (a GPU waits on each), and
+    the same output and routing-weight gradient as transformers' own eager experts forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=16, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2)
+    experts = MixtralExperts(config).double()  # float64: only summation order may differ, far below 1e-12
+    nn.init.normal_(experts.gate_up_proj, std=0.3)
+    nn.init.normal_(experts.down_proj, std=0.3)
+    for name in ("gate_up_proj", "down_proj"):  # as quantize_model lays them out: one layer per expert
+        layers = [nn.Linear(w.shape[1], w.shape[0], bias=False).double() for w in getattr(experts, name)]
+        for layer, w in zip(layers, getattr(experts, name)):
+            layer.weight.data.copy_(w.detach())
+        setattr(experts, f"quantized_{name}", nn.ModuleList(layers))
+    hidden = torch.randn(40, 16, dtype=torch.float64)
+    # distinct experts per token, expert 7 never chosen: the unused expert must be skipped
+    top_k_index = torch.rand(40, 7).topk(2, dim=-1).indices
+    weights = torch.rand(40, 2, dtype=torch.float64).softmax(-1).requires_grad_()
+
+    syncs = []
+
+    class Syncs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in HOST_SYNC_OPS:
+                syncs.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    real_tolist = torch.Tensor.tolist  # on a CPU tensor it reads memory without an aten op
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: syncs.append("tolist") or real_tolist(t))
+    with Syncs():
+        out = quantized_experts_forward(experts, hidden, top_k_index, weights)
+    assert len(syncs) == 1, syncs
+    (grad,) = torch.autograd.grad(out.square().sum(), weights)
+
+    experts.config._experts_implementation = "eager"
+    reference = experts(hidden, top_k_index, weights)
+    (reference_grad,) = torch.autograd.grad(reference.square().sum(), weights)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-12, atol=1e-12)
 
 
 def test_resume_equals_an_uninterrupted_quantized_run(mixtral_legacy, tmp_path):

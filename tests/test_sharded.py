@@ -43,11 +43,12 @@ def _run(cmd: list[str]) -> list[dict]:
     return read_reports(proc.stdout)
 
 
-def _two_ranks(model_dir, out, steps, resume=None, mixed_precision="no") -> list[dict]:
+def _two_ranks(model_dir, out, steps, resume=None, mixed_precision="no", settings=()) -> list[dict]:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     launch += [str(ROOT / "recipes/accelerate/cpu-fsdp2.yaml"), "--main_process_port", str(free_port())]
     launch += ["--mixed_precision", mixed_precision]
-    return _run(launch + [str(SCRIPT), str(model_dir), str(out), "2", "2", str(steps)] + ([resume] if resume else []))
+    args = [str(SCRIPT), str(model_dir), str(out), "2", "2", str(steps)] + ([resume] if resume else [])
+    return _run(launch + args + list(settings))
 
 
 def test_fsdp2_two_ranks_equal_one_process_and_resume(mixtral_legacy, tmp_path):
@@ -109,9 +110,14 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume(mixtral_legacy, tmp_path):
 @pytest.mark.slow  # about 25 s more of 2-process start-up
 def test_fsdp2_bf16_mixed_precision_trains_fp32_routers(mixtral_legacy, tmp_path):
     """accelerate's bf16 gives transformers' FSDP2 a bf16 MixedPrecisionPolicy: every layer computes
-    in bf16 and the routers still train (their forward casts the weight to fp32)."""
-    two = _two_ranks(mixtral_legacy, tmp_path / "bf16", 3, mixed_precision="bf16")
+    in bf16 and the routers still train (their forward casts the weight to fp32). With the weights
+    loaded in bf16 (the shipped recipes' model_dtype), the routers' master weights and Adam state are
+    fp32 beside bf16 frozen weights (they stayed bf16 before)."""
+    two = _two_ranks(mixtral_legacy, tmp_path / "bf16", 3, mixed_precision="bf16", settings=["model_dtype=bfloat16"])
     assert all(r["step"] == 3 and r["layer_weights_dtensor"] for r in two)
+    for r in two:
+        assert r["router_dtypes"] == r["router_state_dtypes"] == ["torch.float32"], r
+        assert r["frozen_dtypes"] == ["torch.bfloat16"], r
     routers = load_file(tmp_path / "bf16" / "routers.safetensors")
     source = load_file(next(Path(mixtral_legacy).glob("*.safetensors")))
     for name, t in routers.items():

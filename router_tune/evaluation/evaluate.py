@@ -288,8 +288,7 @@ def load_for_eval(
     if routers is not None:
         label += f" + routers {routers}"
     if quantize != "none":
-        quantize_model(model, quantize, device=device)
-        model.to(device)
+        quantize_model(model, quantize, device=device)  # the whole model ends on `device`
         label += f" ({quantize}-quantized)"
     return model, tokenizer_of(model_or_run, trust_remote_code, tokenizer), info, label
 

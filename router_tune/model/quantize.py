@@ -172,8 +172,9 @@ def quantize_model(
 
     Call after `routers_to_fp32` and `freeze_all_but_routers` (parameter counts describe the real
     model). The original tensors are released as each one is converted, so the peak is the model
-    as loaded plus one quantized layer. Non-quantized parts stay where they are: move the model
-    to `device` afterwards (the Trainer does).
+    as loaded plus one quantized layer. The rest (embeddings, norms, routers, an unquantized head)
+    follows to `device` at the end: anything that runs the model next (the rescale probe, before the
+    Trainer would move it) must find every module on the device its bitsandbytes layers compute on.
     """
     version = check_quantization(mode, device)
     device = torch.device(device)
@@ -201,6 +202,7 @@ def quantize_model(
         tensors += 1
         elements += shape.numel()
     gc.collect()
+    model.to(device)  # bitsandbytes layers already there stay as they are
     # transformers dispatches every experts module of the model through this one config field
     model.config._experts_implementation = EXPERTS_IMPLEMENTATION
     model.quantization_mode = mode
@@ -237,11 +239,20 @@ def quantized_experts_forward(
 
     The same arithmetic as transformers' eager experts forward (gate and up from one matrix, the
     architecture's activation, down, scaled by the routing weight, summed per token), so the
-    gradient reaches the routing weights exactly as in the unquantized model.
+    gradient reaches the routing weights exactly as in the unquantized model. The (token, slot)
+    pairs are grouped by expert with one sort, and each expert's range in it is read to the host at
+    once: one host sync per layer, not one per expert (a GPU would wait on each).
     """
+    num_experts, top_k = len(self.quantized_gate_up_proj), top_k_index.shape[-1]
+    # stable: each expert's pairs stay in token order, so index_add_ sums in the same order as a per-expert scan
+    experts, pairs = torch.sort(top_k_index.reshape(-1), stable=True)
+    # an index of num_experts (one transformers' eager forward skips too) sorts past the last range, unused
+    bounds = torch.searchsorted(experts, torch.arange(num_experts + 1, device=experts.device)).tolist()
     out = torch.zeros_like(hidden_states)
-    for expert in torch.unique(top_k_index).tolist():
-        token_idx, slot = torch.where(top_k_index == expert)
+    for expert, (start, end) in enumerate(itertools.pairwise(bounds)):
+        if start == end:
+            continue
+        token_idx, slot = pairs[start:end] // top_k, pairs[start:end] % top_k
         h = self._apply_gate(self.quantized_gate_up_proj[expert](hidden_states[token_idx]))
         y = self.quantized_down_proj[expert](h) * top_k_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))

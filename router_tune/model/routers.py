@@ -153,11 +153,17 @@ def routers_to_fp32(model: nn.Module, jitter: float = 0.0) -> None:
             module = model.get_submodule(name.rpartition(".")[0])
             if not getattr(module, "fp32_router", False):
                 module.__class__ = _fp32_subclass(type(module))
-            if is_sharded(module.weight):
-                # FSDP2 / ZeRO-3 own the storage: the master weights keep the dtype they were loaded
-                # in (load in float32 for fp32 masters), the forward still computes in fp32.
+            if hasattr(module.weight, "ds_id"):
+                # ZeRO-3 owns the storage: the module's weight keeps the dtype it was loaded in (DeepSpeed's
+                # bf16 mode holds fp32 master partitions in its optimizer), the forward computes in fp32.
                 if module.weight.dtype != torch.float32:
-                    logger.warning("%s: sharded %s master weight kept (not fp32)", name, module.weight.dtype)
+                    logger.warning("%s: ZeRO-3 %s module weight kept (not fp32)", name, module.weight.dtype)
+                continue
+            if is_sharded(module.weight):
+                # FSDP2 (sharded at load): the module's cast swaps in an fp32 DTensor shard, so the master weight
+                # and its Adam state are fp32 beside bf16 frozen weights in the same fully_shard unit (torch 2.13
+                # accepts mixed dtypes there; a bf16 MixedPrecisionPolicy still all-gathers it in bf16)
+                module.float()
                 continue
             module.weight.data = module.weight.data.float()
         ref.module.router_jitter = float(jitter)

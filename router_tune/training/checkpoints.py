@@ -6,13 +6,19 @@ transformers writes a checkpoint file by file into `checkpoint-N/` with nothing 
 so a run killed while saving leaves a directory that looks like a checkpoint and is not one.
 RouterTrainer writes `COMPLETE` last, after every file of the checkpoint (routers, optimizer,
 scheduler, RNG, trainer state) is on disk; only checkpoints holding it are resumed from.
+
+Only rank 0 writes the checkpoint, so on node-local disks only rank 0 is sure to have it: rank 0
+chooses the checkpoint, and ranks without it receive rank 0's files (`shared_resume`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
+
+import torch
 
 from router_tune.errors import RouterTuneError
 
@@ -63,13 +69,12 @@ def check_resume_value(value: str | bool | None, output_dir: str | Path) -> None
         )
 
 
-def resolve_resume(value: str | bool | None, output_dir: str | Path, *, main_process: bool = True) -> str | None:
-    """The checkpoint directory to resume from, or None to start at step 0.
+def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | None:
+    """The checkpoint directory to resume from, or None to start at step 0 (on this process's disk).
 
     `true` / `last` take the latest complete checkpoint in `output_dir`; incomplete ones after it
-    (left by a kill while saving) are reported and, on the main process, removed, so that the
-    re-run never mixes their stale files with new ones. With no complete checkpoint the run
-    starts at step 0, and says so.
+    (left by a kill while saving) are reported and removed, so that the re-run never mixes their
+    stale files with new ones. With no complete checkpoint the run starts at step 0, and says so.
     """
     if value is None or value is False or str(value).lower() in NO_RESUME:
         return None
@@ -82,8 +87,7 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path, *, main_pro
     after_latest = [p for p in found if latest is None or checkpoint_step(p) > checkpoint_step(latest)]
     for partial in (p for p in after_latest if not is_complete(p)):
         logger.warning("%s is incomplete (the run stopped while writing it): skipped and removed", partial)
-        if main_process:
-            shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
     if latest is None:
         logger.warning("no complete checkpoint in %s: training starts at step 0", output_dir)
         return None
@@ -132,3 +136,59 @@ def clear_previous_run(output_dir: str | Path) -> None:
         elif path.exists():
             path.unlink()
     logger.warning("--overwrite: removed the earlier run's results and checkpoints from %s", root)
+
+
+def shared_resume(value: str | bool | None, output_dir: str | Path) -> str | None:
+    """`resolve_resume` decided once, by rank 0, for every rank of a launched run (a plain call without
+    a process group). All ranks must call it together.
+
+    Only rank 0 writes checkpoints: with an output directory on node-local disks, the other nodes
+    have no checkpoint, or an incomplete one (their own RNG files), and a rank that chose on its own
+    would start at another step than rank 0 and hang in the first collective. Rank 0 resolves `value`
+    and broadcasts its choice (or its error, raised on every rank); `true` / `last` name the chosen
+    checkpoint-N in each rank's own `output_dir`. A rank whose copy is not complete receives the
+    files of rank 0's (router-only checkpoints: routers, optimizer state, small trainer files), keeps
+    its own files that rank 0 does not have (its RNG state), and the marker is written last.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return resolve_resume(value, output_dir)
+    main = torch.distributed.get_rank() == 0
+    box: list = [None]
+    if main:
+        try:
+            box = [(resolve_resume(value, output_dir), None)]
+        except RouterTuneError as err:
+            box = [(None, str(err))]
+    torch.distributed.broadcast_object_list(box, src=0)
+    chosen, error = box[0]
+    if error is not None:
+        raise RouterTuneError(error)
+    if chosen is None:
+        return None
+    latest = value is True or str(value).lower() in LATEST
+    local = Path(output_dir) / Path(chosen).name if latest else Path(chosen)
+    missing: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(missing, not is_complete(local))
+    if any(missing):
+        files = [_read_files(Path(chosen)) if main else None]
+        torch.distributed.broadcast_object_list(files, src=0)
+        if not is_complete(local):
+            logger.warning("%s: not on this rank's disk, copied from rank 0", local)
+            _write_files(local, files[0])
+    return str(local)
+
+
+def _read_files(checkpoint: Path) -> dict[str, bytes]:
+    """Every file of a checkpoint by its path inside it (DeepSpeed's sit in a global_stepN folder)."""
+    return {str(p.relative_to(checkpoint)): p.read_bytes() for p in sorted(checkpoint.rglob("*")) if p.is_file()}
+
+
+def _write_files(checkpoint: Path, files: dict[str, bytes]) -> None:
+    """Each file through a name of this process and a rename (ranks sharing a disk may write the same
+    checkpoint at once), the completion marker last."""
+    for name in sorted(files, key=lambda n: n == COMPLETE):
+        path = checkpoint / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(files[name])
+        tmp.replace(path)

@@ -317,7 +317,9 @@ class RouterTuneConfig(TrainingArguments):
                 "`datasets` must be a non-empty list of sources, e.g. [{source: redpajama, path: DIR, weight: 0.7}]."
             )
         try:
-            check_resume_value(self.resume_from_checkpoint, self.output_dir)
+            # where checkpoints are written: other machines may lack it and get rank 0's (shared_resume)
+            if os.environ.get("RANK", "0") == "0":
+                check_resume_value(self.resume_from_checkpoint, self.output_dir)
         except RouterTuneError as err:
             problems.append(str(err))
         if problems:

@@ -132,7 +132,8 @@ def load_kwargs(args, backend: str | None) -> dict:
     - One process or DDP on an accelerator, unquantized: `device_map` to this rank's device, so the
       start-up (rescale probe included) runs there and the host never holds the whole model.
     - DeepSpeed partitions at load by itself (`zero.Init`); a quantized base loads on the host and
-      `quantize_model` moves each layer to the device as it quantizes it (the bf16 model may not fit).
+      `quantize_model` moves each layer to the device as it quantizes it (the bf16 model may not fit),
+      then the rest of the model.
     """
     if backend is None:
         device = torch.device(args.device)

@@ -54,7 +54,7 @@ from router_tune.model.routers import (
 )
 from router_tune.routing.stats import RoutingStats
 from router_tune.routing.telemetry import RoutingTelemetry, format_routing_table, tensorboard_writer
-from router_tune.training.checkpoints import mark_complete, resolve_resume
+from router_tune.training.checkpoints import mark_complete, shared_resume
 from router_tune.training.config import RouterTuneConfig
 from router_tune.training.global_batch import GlobalBatch
 from router_tune.training.rescale import rescale_routers
@@ -524,8 +524,8 @@ class RouterTrainer(Trainer):
         `resume_from_checkpoint`: a checkpoint-N directory, or True / "true" / "last" for the latest
         complete checkpoint in output_dir (incomplete ones, left by a kill while saving, are skipped).
         """
-        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir, main_process=self.is_world_process_zero())
-        self.accelerator.wait_for_everyone()  # incomplete checkpoints are removed before any rank reads
+        # chosen by rank 0, the only writer of checkpoints; copied to ranks whose disk lacks it
+        resume = shared_resume(resume_from_checkpoint, self.args.output_dir)
         evaluation = self._evaluation_blocks()
         # Before super().train(): on resume the checkpoint is loaded inside it, and "before"
         # must describe the source model's routers.

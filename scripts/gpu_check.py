@@ -1,0 +1,197 @@
+"""The GPU check of issue 26: one prepared run, at most 8 minutes on one GPU, of the paths a GPU user takes.
+
+    scripts/gpu_check.sh                      # on a GPU: writes bench/gpu/check.json and bench/gpu/check.md
+    scripts/gpu_check.sh --dry-run --out DIR  # every stage on this CPU with tiny sizes (under a minute idle)
+
+Builds a Raiden-width model with 4 layers (scripts/make_scale_model.py: hidden 3200, 16 experts of 8640,
+vocab 32000; ~11.6 GB bf16) and random 2048-token blocks (scripts/bench_train.py), then runs each stage as
+one fresh `scripts/bench_train.py` process (scripts/bench.py's `run_child`):
+  baseline     the plain transformers Trainer, bf16 weights, routers trainable by class
+  router_tune  RouterTrainer on the same weights, blocks, batch and steps
+  recipe       the shipped bf16 recipe path: bf16 autocast, activation checkpointing, chunked CE
+  fsdp2        FSDP2 on one rank (bf16 MixedPrecisionPolicy), routers fp32 beside bf16 frozen weights
+  nf4          frozen weights in nf4 (bitsandbytes), routers fp32
+and checks the targets: router_tune >= 1.0x the baseline's tokens/s, MFU (4N FLOPs per token) >= 35%,
+peak GPU memory within 15% of router_tune.model.memory's plan, routers and their Adam state fp32 on every
+router_tune stage, nf4 weights <= 0.35x the bf16 weights. The files carry the commit, whether the tree was
+clean, and the GPU's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from provenance import describe, provenance
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+
+import bench_train  # noqa: E402
+
+import bench  # noqa: E402  (scripts/ helpers, same folder)
+
+RECIPE = ["bf16=true", "activation_checkpointing=true", "ce_chunk_tokens=4096"]
+STAGES = {  # name: (impl, extra bench_train arguments)
+    "baseline": ("baseline", []),
+    "router_tune": ("router_tune", []),
+    "recipe": ("router_tune", [a for kv in RECIPE for a in ("--set", kv)]),
+    # the head of a model sharded outside transformers' loader is a DTensor: the plain CE reads it
+    "fsdp2": ("router_tune", ["--fsdp-one-rank", "--set", "bf16=true", "--set", "ce_chunk_tokens=0"]),
+    "nf4": ("router_tune", ["--set", "quantize=nf4", "--set", "bf16=true", "--set", "activation_checkpointing=true"]),
+}
+TARGETS = {  # check: (comparison, bound), from issue 26
+    "speed_ratio": (">=", 1.0),
+    "mfu": (">=", 0.35),
+    "plan_error": ("<=", 0.15),
+    "nf4_weights_ratio": ("<=", 0.35),
+}
+
+
+def sizes(dry_run: bool) -> dict:
+    if dry_run:
+        return {"seq": 32, "batch": 2, "steps": 3, "warmup": 1, "device": "cpu", "threads": 2}
+    return {"seq": 2048, "batch": 2, "steps": 6, "warmup": 2, "device": "cuda", "threads": 8}
+
+
+def build_model(work: Path, dry_run: bool) -> Path:
+    """The model every stage loads: Raiden's widths with 4 layers on a GPU, a tiny Mixtral in a dry run."""
+    if dry_run:
+        return bench_train.make_random_mixtral(
+            work / "tiny", experts=4, hidden=64, layers=2, intermediate=128, vocab=1000, dtype="bfloat16"
+        )
+    out = work / "raiden-4-layers"
+    if not (out / "config.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, str(ROOT / "scripts" / "make_scale_model.py"), "--out", str(out), "--layers", "4"]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    return out
+
+
+def run_stages(model: Path, data: Path, work: Path, size: dict) -> dict:
+    runs = {}
+    for name, (impl, extra) in STAGES.items():
+        out = work / "runs" / name
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = ["--impl", impl, "--model-dir", str(model), "--data", str(data), "--out-dir", str(out)]
+        cmd += ["--batch", str(size["batch"]), "--steps", str(size["steps"]), "--warmup", str(size["warmup"])]
+        cmd += ["--threads", str(size["threads"]), "--device", size["device"], "--dtype", "bfloat16"]
+        cmd += ["--routing-log-every", "0", "--logging-steps", str(size["steps"])]
+        started = time.perf_counter()
+        runs[name] = bench.run_child(cmd + extra, size["threads"], timeout=600)
+        runs[name]["wall_s"] = time.perf_counter() - started
+        bench.log(f"  {name:<12} {runs[name]['tokens_per_s']:10.1f} tok/s  ({runs[name]['wall_s']:.0f} s)")
+        shutil.rmtree(out, ignore_errors=True)
+    return runs
+
+
+def summarise(runs: dict, model: Path) -> dict:
+    """Per stage: tokens/s, MFU, peak memory against the plan, dtypes; and every target's verdict."""
+    fpt, _ = bench.flops_per_token(str(model))
+    gpu = next((r["gpu_name"] for r in runs.values() if r.get("gpu_name")), None)
+    peak = next((v for k, v in bench.PEAK_BF16_TFLOPS.items() if gpu and k in gpu), None)
+    stages = {}
+    for name, r in runs.items():
+        peak_mb = r["cuda_peak_allocated_mb"]
+        stages[name] = {
+            "tokens_per_s": r["tokens_per_s"],
+            "mfu": r["tokens_per_s"] * fpt / (peak * 1e12) if peak else None,
+            "peak_mb": peak_mb,
+            "plan_mb": r.get("plan_total_mb"),
+            "plan_error": peak_mb / r["plan_total_mb"] - 1 if peak_mb and r.get("plan_total_mb") else None,
+            "router_dtypes": r.get("router_dtypes"),
+            "router_state_dtypes": r.get("router_state_dtypes"),
+            "frozen_dtypes": r.get("frozen_dtypes"),
+            "model_bytes": r.get("model_bytes"),
+        }
+    tuned = [s for n, s in stages.items() if n != "baseline"]
+    checks = {
+        "speed_ratio": stages["router_tune"]["tokens_per_s"] / stages["baseline"]["tokens_per_s"],
+        "mfu": stages["router_tune"]["mfu"],
+        "plan_error": max((abs(s["plan_error"]) for s in tuned if s["plan_error"] is not None), default=None),
+        "nf4_weights_ratio": stages["nf4"]["model_bytes"] / stages["router_tune"]["model_bytes"],
+        "routers_fp32": all(s["router_dtypes"] == s["router_state_dtypes"] == ["float32"] for s in tuned),
+    }
+    verdicts = {name: verdict(name, checks[name]) for name in TARGETS}
+    verdicts["routers_fp32"] = "PASS" if checks["routers_fp32"] else "MISS"
+    return {"gpu_name": gpu, "flops_per_token_4N": fpt, "stages": stages, "checks": checks, "verdicts": verdicts}
+
+
+def verdict(name: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    op, bound = TARGETS[name]
+    return "PASS" if (value >= bound if op == ">=" else value <= bound) else "MISS"
+
+
+def markdown(result: dict) -> str:
+    def num(v, fmt="{:.1f}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    lines = [
+        f"# GPU check ({'dry run on a CPU' if result['dry_run'] else result['gpu_name']})",
+        "",
+        f"{describe(result['provenance'])}; `scripts/gpu_check.sh`; model {result['model']}, "
+        f"{result['sizes']['batch']} x {result['sizes']['seq']} tokens per step, {result['sizes']['steps']} steps "
+        f"({result['sizes']['warmup']} untimed); {result['seconds']:.0f} s.",
+        "",
+        "| stage | tokens/s | MFU (4N) | peak MB | plan MB | peak vs plan | routers / Adam | frozen | weights MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in result["stages"].items():
+        routers = "/".join(s["router_dtypes"] or ["-"]) + " / " + "/".join(s["router_state_dtypes"] or ["-"])
+        weights_mb = s["model_bytes"] / 2**20 if s["model_bytes"] else None
+        lines.append(
+            f"| {name} | {num(s['tokens_per_s'])} | {num(s['mfu'], '{:.1%}')} | {num(s['peak_mb'], '{:.0f}')} | "
+            f"{num(s['plan_mb'], '{:.0f}')} | {num(s['plan_error'], '{:+.1%}')} | {routers} | "
+            f"{'/'.join(s['frozen_dtypes'] or ['-'])} | {num(weights_mb, '{:.0f}')} |"
+        )
+    lines += ["", "| check | value | target | verdict |", "|---|---|---|---|"]
+    for name, (op, bound) in TARGETS.items():
+        lines.append(
+            f"| {name} | {num(result['checks'][name], '{:.3f}')} | {op} {bound} | {result['verdicts'][name]} |"
+        )
+    lines.append(
+        f"| routers_fp32 | {result['checks']['routers_fp32']} | every router_tune stage | "
+        f"{result['verdicts']['routers_fp32']} |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="every stage on this CPU with tiny sizes")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu", help="where check.json / check.md go")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "build" / "gpu-check", help="model, blocks, runs")
+    args = parser.parse_args(argv)
+    started, record = time.time(), provenance()  # before any file is written: the tree as measured
+    size = sizes(args.dry_run)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.work_dir, args.dry_run)
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    n_blocks = size["batch"] * size["steps"]
+    data = bench_train.make_random_blocks(
+        args.work_dir / f"blocks-s{size['seq']}-n{n_blocks}", vocab=vocab, seq=size["seq"], n_blocks=n_blocks
+    )
+    bench.log(f"model {model}, blocks {data}")
+    result = {
+        "dry_run": args.dry_run,
+        "provenance": record,
+        "model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model),
+        "sizes": size,
+        **summarise(run_stages(model, data, args.work_dir, size), model),
+    }
+    result["seconds"] = time.time() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "check.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "check.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
