@@ -68,8 +68,11 @@ def run_suite(venv: Path, pytest_args: list[str]) -> tuple[int, str, float]:
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
     )
+    log = venv / "test-latest.log"  # the whole output: the failures' tracebacks are above the tail
+    log.write_text(proc.stdout + proc.stderr)
     sys.stdout.write(proc.stdout[-4000:])
     sys.stderr.write(proc.stderr[-2000:])
+    print(f"\nfull pytest output: {log}")
     closing = [line for line in proc.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
     return proc.returncode, (closing[-1].strip("= ") if closing else "no result line"), time.monotonic() - start
 
