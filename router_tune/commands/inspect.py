@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from router_tune.routing.inspection import inspect_model
 
@@ -96,7 +97,7 @@ def render_text(report: dict) -> str:
     ]
     width = max(len(k) for k, _ in head)
     lines = [f"{k:<{width}}  {v}" for k, v in head] + [""]
-    cols = ["layer", "router norm mean/min/max", "top-1 prob", "entropy", "load per expert", "identical experts"]
+    cols = ["layer", "router norm mean/min/max", "top-1 prob", "H(tok)", "load per expert", "identical experts"]
     rows = []
     for ly in report["layers"]:
         n = ly["router_norm"]
@@ -117,7 +118,9 @@ def render_text(report: dict) -> str:
         )
     lines += [
         "",
-        "entropy: mean routing entropy / log(experts), 1 = uniform; load: share of top-k slots",
+        f"H(tok): mean entropy of each token's routing distribution in nats, as train and eval report it "
+        f"(ln {m['num_experts']} = {math.log(m['num_experts']):.3f} = uniform, 0 = saturated); "
+        "load: share of top-k slots",
         "",
         "Findings",
     ]

@@ -6,7 +6,6 @@ and `routing_report` return plain JSON-friendly dicts; `commands/inspect.py` pri
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -162,7 +161,8 @@ def _route(model, ids: torch.Tensor, info: MoeInfo) -> list[dict]:
         probs = torch.softmax(layer_logits, dim=-1)
         chosen = probs.topk(info.top_k, dim=-1).indices.flatten()
         load = torch.bincount(chosen, minlength=info.num_experts).float() / chosen.numel()
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() / math.log(info.num_experts)
+        # in nats, as train's and eval's H(tok): ln E = uniform, 0 = saturated
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         out.append(
             {"top1_prob": _r(probs.max(-1).values.mean()), "entropy": _r(entropy), "load": [_r(x) for x in load]}
         )
