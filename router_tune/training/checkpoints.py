@@ -18,8 +18,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from router_tune.errors import RouterTuneError
 
 COMPLETE = "router_tune_complete"
@@ -150,6 +148,8 @@ def shared_resume(value: str | bool | None, output_dir: str | Path) -> str | Non
     files of rank 0's (router-only checkpoints: routers, optimizer state, small trainer files), keeps
     its own files that rank 0 does not have (its RNG state), and the marker is written last.
     """
+    import torch  # here, not at the top: `train --help` imports this module and must not load torch
+
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return resolve_resume(value, output_dir)
     main = torch.distributed.get_rank() == 0

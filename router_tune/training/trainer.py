@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -365,7 +366,14 @@ class RouterTrainer(Trainer):
 
     def end_training(self) -> None:
         """Finish the trackers and take a launched run's process group down, every rank together
-        (`end_process_group`): call it after a successful `train()`, before the process exits."""
+        (`end_process_group`): call it after a successful `train()`, before the process exits.
+
+        The wandb run the Trainer's WandbCallback started (or joined) is finished here: left open, a
+        later `wandb.init` in the same process returned it instead of a new run, and at a loaded exit its
+        offline file was never written (both seen in the tests)."""
+        wandb = sys.modules.get("wandb")
+        if self.is_world_process_zero() and getattr(wandb, "run", None) is not None:
+            wandb.finish()
         end_process_group(self.accelerator)
 
     def log_routing(self) -> None:
