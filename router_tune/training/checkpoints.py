@@ -23,6 +23,13 @@ from router_tune.errors import RouterTuneError
 COMPLETE = "router_tune_complete"
 LATEST = ("true", "last")
 NO_RESUME = ("", "false", "none", "no")
+
+
+def asks_to_resume(value: str | bool | None) -> bool:
+    """Whether a `resume_from_checkpoint` value asks to resume at all (true, last or a path)."""
+    return not (value is None or value is False or str(value).lower() in NO_RESUME)
+
+
 logger = logging.getLogger(__name__)
 
 
@@ -74,7 +81,7 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | No
     (left by a kill while saving) are reported and removed, so that the re-run never mixes their
     stale files with new ones. With no complete checkpoint the run starts at step 0, and says so.
     """
-    if value is None or value is False or str(value).lower() in NO_RESUME:
+    if not asks_to_resume(value):
         return None
     if value is not True and str(value).lower() not in LATEST:
         check_resume_value(value, output_dir)
@@ -109,7 +116,7 @@ def previous_run(output_dir: str | Path) -> str | None:
 def check_fresh_output_dir(output_dir: str | Path, resume: str | bool | None, overwrite: bool) -> str | None:
     """The message for an output_dir that holds an earlier run a new run would silently replace (None when
     it holds none, or the run resumes it, or `overwrite` was asked for). Checked before any weight is loaded."""
-    resuming = not (resume is None or resume is False or str(resume).lower() in NO_RESUME)
+    resuming = asks_to_resume(resume)
     if resuming and overwrite:
         raise RouterTuneError("--overwrite starts from step 0 and --resume_from_checkpoint continues a run: pass one.")
     found = previous_run(output_dir)
