@@ -7,7 +7,7 @@ LOCK := requirements-lock.txt
 LATEST := .venv-latest
 TORCH := torch==2.13.0
 
-.PHONY: setup test test-slow test-latest lock latest-venv lint demo bench bench-quality bench-quant bench-scale clean
+.PHONY: setup test test-slow test-latest lock latest-venv lint demo demo-real bench bench-real bench-quality bench-quant bench-scale clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,7 @@ lock: latest-venv
 latest-venv:
 	rm -rf $(LATEST) && python3 -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install $(TORCH)
-	$(LATEST)/bin/python -m pip install --upgrade -e ".[dev]"
+	$(LATEST)/bin/python -m pip install --upgrade -e ".[dev,real]"
 
 # ruff: lint rules and formatting as configured in pyproject.toml ([tool.ruff])
 lint: $(STAMP)
@@ -40,6 +40,23 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	PATH=$(VENV)/bin:$$PATH bash scripts/demo.sh
+
+# A real pretrained model: four SmolLM2-135M-Instruct experts merged by mergekit-moe (built once into
+# build/real, ~25 min on 2 cores; needs the `real` extra: the gguf reader), then train / eval / export /
+# generations / GGUF (~20 min on 2 cores). See docs/real-weights.md.
+REAL_STAMP := $(VENV)/.router-tune-real-installed
+$(REAL_STAMP): $(STAMP)
+	$(PY) -m pip install -c $(LOCK) -e ".[dev,real]"
+	touch $(REAL_STAMP)
+
+demo-real: $(REAL_STAMP)
+	PATH=$(VENV)/bin:$$PATH bash scripts/demo_real.sh
+
+# The real merge measured (bench/real.md, .json): held-out perplexity per domain of each expert alone, the
+# merges with `hidden` and `random` gates, trained routers at the demo-real budget and 4x it, oracle routing;
+# router_tune vs the plain transformers Trainer (tokens/s, peak memory). CPU hours on 2 cores.
+bench-real: $(REAL_STAMP)
+	PATH=$(VENV)/bin:$$PATH $(PY) scripts/bench_real.py --out bench
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out bench

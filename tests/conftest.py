@@ -39,9 +39,21 @@ def mixtral_bf16(models_root):
 
 
 @pytest.fixture(scope="session")
+def mixtral_tied(models_root):
+    """bf16 with tied embeddings, as mergekit-moe writes a merge of SmolLM2-135M experts."""
+    return factories.mixtral(models_root / "mixtral-tied", dtype=torch.bfloat16, tied=True)
+
+
+@pytest.fixture(scope="session")
 def mixtral_identical(models_root):
     """Every expert of every layer is the same copy (what `--i-understand...` merges produce)."""
     return factories.mixtral(models_root / "mixtral-identical", identical_experts=True)
+
+
+@pytest.fixture(scope="session")
+def mixtral_identical_tied(models_root):
+    """Identical experts and tied embeddings: a merge of copies of SmolLM2-135M."""
+    return factories.mixtral(models_root / "mixtral-identical-tied", identical_experts=True, tied=True)
 
 
 @pytest.fixture(scope="session")

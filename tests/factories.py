@@ -37,6 +37,25 @@ COMMON = dict(
 )
 
 
+# ChatML as SmolLM2 and Qwen ship it (no {% generation %} markers), and the same template with the
+# markers around each answer and its end-of-turn token: transformers' own assistant mask for the second
+# is the independent reference for the turn-by-turn rendering the first needs.
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_MARKED = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
 def make_tokenizer(out: Path, vocab_size: int = 320) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (every string encodes) trained on the package's own code."""
     text = [p.read_text() for p in sorted(Path(__file__).parent.parent.glob("router_tune/**/*.py"))]
@@ -74,12 +93,14 @@ def mixtral(
     identical_experts: bool = False,
     gate_init: str = "normal",
     max_position_embeddings: int = COMMON["max_position_embeddings"],
+    tied: bool = False,
 ) -> Path:
     """A Mixtral MoE. gate_init: "normal" (std 0.02, sane), "random" (mergekit's torch.randn: saturated)
-    or "copied" (one gate shared by every layer, as mergekit's cheap_embed mode makes)."""
+    or "copied" (one gate shared by every layer, as mergekit's cheap_embed mode makes). tied: the output
+    head is the embedding matrix (no lm_head tensor on disk), as in merges of SmolLM2, Qwen2.5-0.5B, Gemma."""
     torch.manual_seed(seed)
     config = MixtralConfig(
-        **{**COMMON, "max_position_embeddings": max_position_embeddings},
+        **{**COMMON, "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": tied},
         intermediate_size=64,
         num_local_experts=experts,
         num_experts_per_tok=TOP_K,

@@ -33,7 +33,11 @@ def _renormalised(copy_of, qwen3_identical):
 
 @pytest.mark.parametrize(
     "fixture, dense_class",
-    [("mixtral_identical", "LlamaForCausalLM"), ("qwen3_renormalised", "Qwen3ForCausalLM")],
+    [
+        ("mixtral_identical", "LlamaForCausalLM"),
+        ("mixtral_identical_tied", "LlamaForCausalLM"),
+        ("qwen3_renormalised", "Qwen3ForCausalLM"),
+    ],
 )
 def test_collapse_writes_the_equal_dense_model(fixture, dense_class, request, copy_of, tmp_path, capsys):
     source = (

@@ -123,6 +123,56 @@ def test_assistant_only_labels(tmp_path, tok):
     assert sum(lab != IGNORE_INDEX for lab in block["labels"]) == sum(block["token_mask"]) - n_docs
 
 
+def test_assistant_only_loss_with_a_template_without_generation_markers(tmp_path, tok):
+    """`template: tokenizer` with ChatML: answers found by rendering turn by turn, the same labels as
+    transformers' mask from {% generation %} markers, and the chat trains (it was refused)."""
+    from router_tune.data import chat
+
+    chats = [
+        [
+            {"role": "user", "content": "What is 1 + 1?"},
+            {"role": "assistant", "content": "It is 2."},
+            {"role": "user", "content": "And 2 + 2?\nThink."},
+            {"role": "assistant", "content": "It is 4,\n  certainly."},
+        ],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ],
+    ]
+    ids, labels = chat.tokenize_chats(tok, chats, factories.CHATML, assistant_only=True)
+    ref_ids, ref_labels = chat.tokenize_chats(tok, chats, factories.CHATML_MARKED, assistant_only=True)
+    assert ids == ref_ids and labels == ref_labels
+    targets = tok.decode([t for t, lab in zip(ids[0], labels[0]) if lab != IGNORE_INDEX])
+    assert targets == "It is 2.<|im_end|>It is 4,\n  certainly.<|im_end|>"
+
+    tok.chat_template = factories.CHATML
+    records = [
+        {"id": str(i), "conversations": [{"from": "human", "value": f"Q{i}?"}, {"from": "gpt", "value": f"A{i}."}]}
+        for i in range(3)
+    ]
+    path = tmp_path / "chatml.json"
+    path.write_text(json.dumps(records))
+    (spec,) = specs_for({"source": "wizard_vicuna", "path": str(path), "template": "tokenizer"})
+    block = next(iter(source_blocks(spec, 0, tok, 4096, heldout=False, eval_fraction=0.0)))
+    predicted = tok.decode([t for t, lab in zip(block["input_ids"], block["labels"]) if lab != IGNORE_INDEX])
+    assert predicted == "A0.<|im_end|>A1.<|im_end|>A2.<|im_end|>"
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_for_assistant_only_loss(tok):
+    from router_tune.data import chat
+
+    # Shows only the last answer's text in full: earlier turns render differently once a later one exists.
+    rewriting = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '[...]' }}"
+        "{% else %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+    )
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    with pytest.raises(RouterTuneError, match="assistant_only_loss: false"):
+        chat.tokenize_chats(tok, [turns], rewriting, assistant_only=True)
+
+
 def test_schema_round_trips_each_source(tmp_path, tok):
     rp = redpajama_file(tmp_path, 4)
     text = write_jsonl(tmp_path / "plain.jsonl", [{"body": "alpha beta"}, {"body": "gamma"}])

@@ -132,7 +132,9 @@ def sharded_mixtral(tmp_path):
     return out
 
 
-@pytest.mark.parametrize("fixture", ["mixtral_legacy", "mixtral_fused", "qwen2_moe", "mixtral_bf16", "olmoe"])
+@pytest.mark.parametrize(
+    "fixture", ["mixtral_legacy", "mixtral_fused", "qwen2_moe", "mixtral_bf16", "mixtral_tied", "olmoe"]
+)
 def test_full_export_same_layout(fixture, request, tmp_path):
     source = request.getfixturevalue(fixture)
     before = file_hashes(source)
@@ -142,8 +144,10 @@ def test_full_export_same_layout(fixture, request, tmp_path):
     model = load_clean(out)
     tol = 1e-5 if model.dtype == torch.float32 else 1e-2
     assert (model(IDS).logits.float() - trained_logits(source, routers)).abs().max() <= tol
-    legacy_mixtral = fixture == "mixtral_legacy" or fixture == "mixtral_bf16"
+    legacy_mixtral = fixture in ("mixtral_legacy", "mixtral_bf16", "mixtral_tied")
     src, dst = tensors_bytes(source), tensors_bytes(out)
+    if fixture == "mixtral_tied":  # the head stays the embedding: no lm_head tensor written
+        assert "lm_head.weight" not in dst and model.lm_head.weight is model.model.embed_tokens.weight
     router_names = {router_disk(n, legacy_mixtral) for n in routers}
     assert set(src) == set(dst) and router_names <= set(src)
     for name in set(src) - router_names:  # dtype, shape, bytes and shard of every non-router tensor
@@ -388,7 +392,7 @@ def test_only_router_tensors_are_ever_spliced_in(mixtral_legacy, tmp_path):
         assert no_leftovers(tmp_path / "out")
 
 
-@pytest.mark.parametrize("fixture", ["mixtral_legacy", "qwen2_moe", "mixtral_bf16"])
+@pytest.mark.parametrize("fixture", ["mixtral_legacy", "qwen2_moe", "mixtral_bf16", "mixtral_tied"])
 def test_peft_adapter_reproduces_trained_logits(fixture, request, tmp_path):
     from peft import PeftModel
 

@@ -168,10 +168,10 @@ def evaluate_model(
         (s, eval_blocks[s][i : i + batch_size]) for s in sources for i in range(0, len(eval_blocks[s]), batch_size)
     ]
     with deployed_routers(model):
-        loss, tokens = _held_out_loss(model, batches, sources, device, stats, progress)
+        loss, tokens = held_out_loss(model, batches, sources, device, stats, progress)
     fp32_routers = None
     if info.dtype != torch.float32:
-        fp32_loss, _ = _held_out_loss(model, batches, sources, device, None, progress)
+        fp32_loss, _ = held_out_loss(model, batches, sources, device, None, progress)
         fp32_routers = {k: math.exp(v) for k, v in fp32_loss.items()}
     return EvalResult(
         perplexity={k: math.exp(v) for k, v in loss.items()},
@@ -184,7 +184,7 @@ def evaluate_model(
     )
 
 
-def _held_out_loss(model, batches, sources, device, stats: RoutingStats | None, progress: bool):
+def held_out_loss(model, batches, sources, device, stats: RoutingStats | None = None, progress: bool = False):
     """Mean next-token CE per source and overall over `batches`, routing statistics into `stats`."""
     ce = {s: torch.zeros((), dtype=torch.float64) for s in sources}
     targets = dict.fromkeys(sources, 0)

@@ -12,6 +12,12 @@ that reads a hidden state (rate ~ 1 / fan-in). So with `router_lr_scale: input` 
 the expected L1 norm of the router's input when x / rms(x) has unit-variance Gaussian-like entries.
 No forward pass is needed: g is in the checkpoint. A layer without a readable norm weight falls back
 to g = 1 (s = sqrt(2 / pi) * H). `router_lr_scale: none` keeps Adam's rate as given.
+
+Real pretrained models are not Gaussian inside: a few hidden dimensions are very large, so x / rms(x)
+concentrates its mass there and the measured L1 norm is below s (SmolLM2-135M: 0.46-0.77 of s, per
+layer). `measure_router_input_l1` measures it on the first training blocks; the trainer records it
+beside s and each layer's Adam rate (run_info.json `router_lr`, and the training log), so a model on
+which the rule is off shows by how much.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch import nn
 
 from router_tune.errors import RouterTuneError
 from router_tune.model.loading import MoeInfo
-from router_tune.model.routers import router_input_norm_weight
+from router_tune.model.routers import lm_head_as_identity, router_input_norm_weight
 
 LR_SCALES = ("input", "none")
 # E|x| for x ~ N(0, 1): the mean magnitude of one RMS-normalised input entry.
@@ -63,3 +69,42 @@ def router_param_groups(
         for ref, scale in zip(info.routers, scales)
         if groups[ref.layer]
     ]
+
+
+@torch.no_grad()
+def measure_router_input_l1(model: nn.Module, info: MoeInfo, batch: dict[str, torch.Tensor]) -> list[float]:
+    """Per MoE layer (in `info.routers` order): the mean L1 norm of the router's input over the real
+    tokens of `batch` (one eval-mode forward, the LM head skipped; the training flag is restored).
+    All ranks call it with the same batch when the model is sharded (the forward gathers parameters)."""
+    device = model.get_input_embeddings().weight.device
+    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
+    mask = batch.get("token_mask", batch.get("attention_mask"))
+    keep = mask.reshape(-1).bool().to(device) if mask is not None else None
+    sums: dict[int, torch.Tensor] = {}
+
+    def record(layer: int):
+        def hook(_module, args):
+            l1 = args[0].detach().float().abs().sum(-1).reshape(-1)
+            sums[layer] = (l1[keep] if keep is not None else l1).mean()
+
+        return hook
+
+    handles = [ref.module.register_forward_pre_hook(record(ref.layer)) for ref in info.routers]
+    was_training = model.training
+    model.eval()
+    try:
+        with lm_head_as_identity(model):
+            model(**inputs, use_cache=False)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return [float(sums[ref.layer]) for ref in info.routers]
+
+
+def describe_router_lrs(layers: list[int], rates: list[float], predicted: list[float], measured: list[float]) -> str:
+    """One line per MoE layer: its Adam rate beside the predicted and the measured router-input L1 norm."""
+    lines = ["layer  Adam rate  input L1 predicted  measured  measured/predicted"]
+    for layer, rate, p, m in zip(layers, rates, predicted, measured):
+        lines.append(f"{layer:>5}  {rate:9.3g}  {p:18.1f}  {m:8.1f}  {m / p:18.2f}")
+    return "\n".join(lines)

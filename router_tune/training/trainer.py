@@ -60,7 +60,12 @@ from router_tune.training.config import RouterTuneConfig
 from router_tune.training.global_batch import GlobalBatch
 from router_tune.training.rescale import rescale_routers
 from router_tune.training.router_gradient import RouterGradient
-from router_tune.training.router_lr import router_param_groups
+from router_tune.training.router_lr import (
+    describe_router_lrs,
+    measure_router_input_l1,
+    router_input_scales,
+    router_param_groups,
+)
 from router_tune.training.sharding import (
     StartupTimer,
     check_request,
@@ -194,6 +199,12 @@ class RouterTrainer(Trainer):
                     model, self.moe, data_collator(first_blocks), args.router_rescale
                 )
         timer.lap("rescale probe")
+        # The router-input L1 norms the logit-unit learning rate assumes, and what they measure on the
+        # first blocks (a ZeRO-3 model runs forward only inside its engine: not measured there).
+        self.router_input_l1 = {"predicted": router_input_scales(model, self.moe), "measured": None}
+        if first_blocks and self.backend != "deepspeed":
+            self.router_input_l1["measured"] = measure_router_input_l1(model, self.moe, data_collator(first_blocks))
+        timer.lap("router input probe")
         self.startup_seconds = timer.report()
 
         callbacks = [RouterTrainingCallback(self)] + list(callbacks or [])
@@ -321,6 +332,18 @@ class RouterTrainer(Trainer):
             self.optimizer_cls_and_kwargs = (cls, {**kwargs, "params": groups})
             # logs report the recipe's learning_rate (logit units), not the first layer's Adam rate
             self._lr_log_factor = self.args.learning_rate / groups[0]["lr"]
+            if self.router_input_l1["measured"] and self.is_world_process_zero():
+                logger.info(
+                    "router learning rates (learning_rate %g in logit units, router_lr_scale %s):\n%s",
+                    self.args.learning_rate,
+                    self.args.router_lr_scale,
+                    describe_router_lrs(
+                        self.moe.moe_layers,
+                        [g["lr"] for g in groups],
+                        self.router_input_l1["predicted"],
+                        self.router_input_l1["measured"],
+                    ),
+                )
         optimizer = super().create_optimizer(model)
         inner_step = optimizer.step
 
@@ -474,6 +497,9 @@ class RouterTrainer(Trainer):
                 group.get("layer", i): group.get("initial_lr", group["lr"])
                 for i, group in enumerate(_inner(self.optimizer).param_groups if self.optimizer else [])
             },
+            # the router-input L1 norms behind those rates: predicted from the norm weights, measured on
+            # the first training blocks (router_lr.py)
+            "router_input_l1": self.router_input_l1,
             # routers trained against a quantized base; the export is still the full-precision source
             "quantization": self.quantization.to_dict() if self.quantization else None,
             "startup_seconds": self.startup_seconds,

@@ -1,0 +1,261 @@
+"""python scripts/bench_real.py --out bench  [--steps 60 240] [--stages evals train speed]
+
+The real frankenMoE (scripts/make_real_moe.py: four SmolLM2-135M-Instruct experts, mergekit-moe with
+`hidden` and with `random` gates) measured, all on the same held-out blocks of recipes/demo-real.yaml:
+
+- held-out perplexity per domain: the base, each expert alone (every token forced to it), each
+  merge as mergekit wrote it, oracle routing (each domain forced to its own expert), and the routers
+  trained by `router-tune train recipes/demo-real.yaml` with the shipped defaults at each budget of
+  --steps (the recipe's 60, and 4x), as exported: weights in their stored dtype computed as router_tune
+  computes them here, routers rounded to the checkpoint's dtype (`evaluate_model`);
+- the gap closed: (merge - trained) / (merge - oracle) on the mixed perplexity, and the worst layer's
+  max-load / mean-load;
+- router_tune against the plain transformers Trainer on the `hidden` merge (fp32, CPU): tokens/s and
+  peak RSS during training, side by side in one invocation (scripts/bench_train.py, one fresh process
+  per run).
+
+Each finished stage is kept in WORK/state.json, so an interrupted benchmark continues where it
+stopped; bench/real.json and bench/real.md are rendered from it with the commit and tree state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from provenance import describe, provenance
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL = ROOT / "build" / "real"
+RECIPE = ROOT / "recipes" / "demo-real.yaml"
+DOMAINS = ("code", "python_docs", "book", "chat")
+MERGES = ("hidden", "random")
+EVAL_BLOCKS = 32  # per domain: about all of each domain's held-out documents at 256 tokens a block
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class State:
+    """Finished stages, kept on disk after each one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    def __getitem__(self, key: str):
+        return self.data[key]
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        self.path.write_text(json.dumps(self.data, indent=2) + "\n", encoding="utf-8")
+
+
+def eval_blocks(tokenizer) -> dict:
+    from router_tune.data import build_eval_blocks, parse_sources
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    for entry in recipe["datasets"]:
+        entry["path"] = str(ROOT / entry["path"])
+    return build_eval_blocks(
+        parse_sources(recipe["datasets"]), tokenizer, recipe["block_size"], eval_fraction=0.05, max_blocks=EVAL_BLOCKS
+    )
+
+
+def summary(result) -> dict:
+    return {
+        "perplexity": {k: round(v, 3) for k, v in result.perplexity.items()},
+        "blocks": result.blocks,
+        "worst_layer_max_over_mean": round(float(result.routing.max_load.max()), 3),
+        "dead_experts": int(sum(len(d) if hasattr(d, "__len__") else int(d) for d in result.routing.dead)),
+    }
+
+
+def base_perplexity(blocks: dict) -> dict:
+    """The dense base on the same blocks: the held-out loss that `evaluate_model` computes, without routers."""
+    from transformers import AutoModelForCausalLM
+
+    from router_tune.evaluation.evaluate import held_out_loss
+
+    model = AutoModelForCausalLM.from_pretrained(REAL / "base", dtype=torch.float32).eval()
+    batches = [(s, blocks[s][i : i + 8]) for s in blocks for i in range(0, len(blocks[s]), 8)]
+    loss, _ = held_out_loss(model, batches, list(blocks), torch.device("cpu"))
+    return {k: round(math.exp(v), 3) for k, v in loss.items()}
+
+
+def merge_evals(state: State, merge: str) -> None:
+    """The merge as written, oracle routing, and (once) each expert alone."""
+    from router_tune.evaluation.evaluate import evaluate_model, evaluate_oracle, load_for_eval
+
+    if f"merge-{merge}" in state and (merge != "hidden" or "experts_alone" in state):
+        return
+    model, tokenizer, info, _ = load_for_eval(str(REAL / f"moe-{merge}"))
+    blocks = eval_blocks(tokenizer)
+    log(f"merge {merge}: {sum(map(len, blocks.values()))} held-out blocks")
+    state.put(f"merge-{merge}", summary(evaluate_model(model, blocks, label=merge)))
+    own = {d: i for i, d in enumerate(DOMAINS)}
+    oracle = evaluate_oracle(model, blocks, own)
+    state.put(f"oracle-{merge}", {k: round(v, 3) for k, v in oracle.items()})
+    if merge == "hidden":
+        alone = {}
+        for i, d in enumerate(DOMAINS):
+            result = evaluate_oracle(model, blocks, dict.fromkeys(DOMAINS, i))
+            alone[d] = {k: round(v, 3) for k, v in result.items()}
+            log(f"expert {d} alone: {alone[d]}")
+        state.put("experts_alone", alone)
+        del model
+        state.put("base", base_perplexity(blocks))
+
+
+def train_and_eval(state: State, merge: str, steps: int, work: Path) -> None:
+    from router_tune.evaluation.evaluate import evaluate_model, load_for_eval
+
+    key = f"trained-{merge}-{steps}"
+    if key in state:
+        return
+    run = work / f"{merge}-{steps}"
+    cmd = ["router-tune", "train", str(RECIPE), "--model_name_or_path", str(REAL / f"moe-{merge}")]
+    cmd += ["--max_steps", str(steps), "--output_dir", str(run), "--eval_before_after", "false", "--overwrite"]
+    log("$ " + " ".join(cmd))
+    start = time.time()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    seconds = time.time() - start
+    model, tokenizer, _, _ = load_for_eval(str(run))
+    result = summary(evaluate_model(model, eval_blocks(tokenizer), label=key))
+    state.put(key, {**result, "train_seconds": round(seconds), "run": str(run.relative_to(ROOT))})
+
+
+def speed(state: State, work: Path, steps: int = 6) -> None:
+    """router_tune vs the plain transformers Trainer, fresh processes, same blocks, fp32."""
+    if "speed" in state:
+        return
+    import bench_train
+
+    data = bench_train.make_text_blocks(work / "speed-blocks", REAL / "moe-hidden", seq=256, n_blocks=4 * (steps + 2))
+    runs = {}
+    for impl in ("baseline", "router_tune"):
+        cmd = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--impl", impl]
+        cmd += ["--model-dir", str(REAL / "moe-hidden"), "--data", str(data), "--out-dir", str(work / f"speed-{impl}")]
+        cmd += ["--batch", "4", "--steps", str(steps), "--warmup", "2", "--dtype", "float32"]
+        log("$ " + " ".join(cmd[1:]))
+        env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"bench_train {impl} failed:\n{proc.stderr[-4000:]}")
+        runs[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+    state.put("speed", runs)
+
+
+def gap_closed(merge_ppl: float, trained_ppl: float, oracle_ppl: float) -> float:
+    return (merge_ppl - trained_ppl) / (merge_ppl - oracle_ppl)
+
+
+def render(state: State, out: Path, steps: list[int]) -> None:
+    prov = provenance()
+    rows = [("base (dense, not a MoE)", state["base"])] if "base" in state else []
+    for i, d in enumerate(DOMAINS):
+        if "experts_alone" in state:
+            rows.append((f"expert {i} ({d}) alone", state["experts_alone"][d]))
+    gaps = {}
+    for merge in MERGES:
+        if f"merge-{merge}" not in state:
+            continue
+        rows.append((f"merge, `{merge}` gates (mergekit)", state[f"merge-{merge}"]["perplexity"]))
+        for n in steps:
+            key = f"trained-{merge}-{n}"
+            if key in state:
+                rows.append((f"`{merge}` merge, routers trained {n} steps", state[key]["perplexity"]))
+                gaps[(merge, n)] = gap_closed(
+                    state[f"merge-{merge}"]["perplexity"]["overall"],
+                    state[key]["perplexity"]["overall"],
+                    state[f"oracle-{merge}"]["overall"],
+                )
+        rows.append((f"oracle routing (`{merge}` merge)", state[f"oracle-{merge}"]))
+    lines = [
+        "# The real frankenMoE: SmolLM2-135M-Instruct x 4 experts",
+        "",
+        f"`make bench-real` ({describe(prov)}). Held-out perplexity on the same blocks of recipes/demo-real.yaml "
+        f"(at most {EVAL_BLOCKS} blocks of 256 tokens per domain; `overall` pools every domain's tokens). Routers "
+        "trained with the shipped defaults (the recipe sets model, data, batch 4 x 256 tokens, steps).",
+        "",
+        "| model | " + " | ".join(DOMAINS) + " | overall |",
+        "|---|" + "---:|" * (len(DOMAINS) + 1),
+    ]
+    for name, ppl in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{ppl[k]:.2f}" for k in (*DOMAINS, "overall")) + " |")
+    if gaps:
+        lines += [
+            "",
+            "| merge | steps | gap to oracle closed | worst layer max/mean load | train time |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for (merge, n), g in gaps.items():
+            t = state[f"trained-{merge}-{n}"]
+            lines.append(
+                f"| `{merge}` | {n} | {100 * g:.0f}% | {t.get('worst_layer_max_over_mean', float('nan')):.2f} | "
+                f"{t['train_seconds'] / 60:.1f} min |"
+            )
+    if "speed" in state:
+        b, r = state["speed"]["baseline"], state["speed"]["router_tune"]
+        lines += [
+            "",
+            "router_tune vs the plain transformers Trainer on the `hidden` merge (fp32, CPU, 4 x 256 tokens a step, "
+            "fresh process each, measured one after the other in one invocation):",
+            "",
+            "| trainer | tokens/s | peak RSS in training (MB) |",
+            "|---|---:|---:|",
+            f"| transformers.Trainer | {b['tokens_per_s']:.1f} | {b['peak_rss_train_mb']:.0f} |",
+            f"| router_tune | {r['tokens_per_s']:.1f} | {r['peak_rss_train_mb']:.0f} |",
+            f"| ratio | {r['tokens_per_s'] / b['tokens_per_s']:.2f}x "
+            f"| {r['peak_rss_train_mb'] / b['peak_rss_train_mb']:.2f}x |",
+        ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "real.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    payload = {"provenance": prov, "eval_blocks_per_domain": EVAL_BLOCKS, **state.data}
+    payload["gap_closed"] = {f"{m}-{n}": round(g, 4) for (m, n), g in gaps.items()}
+    (out / "real.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    log(f"wrote {out / 'real.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-real")
+    parser.add_argument("--steps", type=int, nargs="+", default=[60, 240], help="router-training budgets")
+    parser.add_argument("--merges", nargs="+", default=list(MERGES), choices=MERGES)
+    parser.add_argument("--stages", nargs="+", default=["evals", "train", "speed"], choices=["evals", "train", "speed"])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if not (REAL / "moe-random" / "config.json").is_file():
+        sys.exit("build/real is not built: python scripts/make_real_moe.py (or make demo-real)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    state = State(args.work / "state.json")
+    if "evals" in args.stages:
+        for merge in args.merges:
+            merge_evals(state, merge)
+    if "train" in args.stages:
+        for n in args.steps:
+            for merge in args.merges:
+                train_and_eval(state, merge, n, args.work)
+                render(state, args.out, args.steps)
+    if "speed" in args.stages:
+        speed(state, args.work)
+    render(state, args.out, args.steps)
+
+
+if __name__ == "__main__":
+    main()

