@@ -29,17 +29,32 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32":
 SLOW_HALF_MATMUL = 2.5
 
 
+def native_half_matmul(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs `dtype` matmuls natively on this CPU (x86 AVX512-BF16 / AMX / AVX512-FP16,
+    Arm BF16 extensions). False means emulated: every half-precision GEMM, the MoE experts' grouped
+    matmuls included, falls back to a scalar kernel (a 4-expert SmolLM2 merge: over 5 minutes for
+    one training step that takes seconds in fp32)."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)()) if probe else True
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN: only the timing decides
+        return True
+
+
 @functools.cache
 def cpu_matmul_slowdown(dtype: torch.dtype) -> float:
-    """How many times slower a 256 x 256 matmul runs in `dtype` than in fp32 on this CPU (best of 3).
+    """How many times slower a 256 x 256 matmul runs in `dtype` than in fp32 on this CPU (best of 5,
+    each dtype warmed up first: a cold first call, e.g. the thread pool starting, made the ratio read
+    2x instead of 75x on an AVX2 CPU and kept a bf16 model in emulated bf16).
 
-    Measured rather than read from CPU flags: the flags differ per vendor and architecture (x86
-    AVX512-BF16 / AMX, Arm BF16 extensions) and the speed is what matters. About 30 ms, once."""
+    Measured as well as read from oneDNN's flags (`native_half_matmul`): a CPU with a native kernel
+    may still be slower in half precision. About 0.1 s, once."""
 
     def best(dt: torch.dtype) -> float:
         a, b = torch.ones(256, 256, dtype=dt), torch.ones(256, 256, dtype=dt)
+        a @ b  # warm-up
         times = []
-        for _ in range(3):
+        for _ in range(5):
             start = time.perf_counter()
             a @ b
             times.append(time.perf_counter() - start)
@@ -60,12 +75,18 @@ def compute_dtype(requested: str, stored: torch.dtype | None, device) -> tuple[t
     if requested != "auto":
         return TORCH_DTYPES[requested], None
     if stored in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu":
-        slowdown = cpu_matmul_slowdown(stored)
-        if slowdown > SLOW_HALF_MATMUL:
-            name = str(stored).removeprefix("torch.")
+        name = str(stored).removeprefix("torch.")
+        keep = f"Set model_dtype: {name} to keep {name}."
+        if not native_half_matmul(stored):
             return torch.float32, (
                 f"{name} checkpoint computed in float32 on this CPU: it has no native {name} matmul "
-                f"({slowdown:.0f}x slower than float32, measured). Set model_dtype: {name} to keep {name}."
+                f"(oneDNN emulates it). {keep}"
+            )
+        slowdown = cpu_matmul_slowdown(stored)
+        if slowdown > SLOW_HALF_MATMUL:
+            return torch.float32, (
+                f"{name} checkpoint computed in float32 on this CPU: its {name} matmul is {slowdown:.0f}x slower "
+                f"than float32 (measured). {keep}"
             )
     return "auto", None
 
