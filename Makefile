@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# the slow tests (benchmark smoke runs, the GPU check's dry run, ...): kept out of `make test`
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
 # The drift watch: a fresh venv with the newest releases pyproject.toml allows, the suite run there, the
 # versions and result prepended to docs/compatibility.md. Run before every merge to main (~15 min on 2 cores).
 test-latest: latest-venv

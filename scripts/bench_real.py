@@ -38,7 +38,7 @@ REAL = ROOT / "build" / "real"
 RECIPE = ROOT / "recipes" / "demo-real.yaml"
 DOMAINS = ("code", "python_docs", "book", "chat")
 MERGES = ("hidden", "random")
-EVAL_BLOCKS = 32  # per domain: about all of each domain's held-out documents at 256 tokens a block
+EVAL_BLOCKS = 16  # per domain, as `make demo-real` evaluates (EVAL_BLOCKS there)
 
 
 def log(msg: str) -> None:
@@ -119,7 +119,9 @@ def merge_evals(state: State, merge: str) -> None:
         state.put("base", base_perplexity(blocks))
 
 
-def train_and_eval(state: State, merge: str, steps: int, work: Path) -> None:
+def train_and_eval(state: State, merge: str, steps: int, work: Path, reuse: Path | None = None) -> None:
+    """`router-tune train` with the recipe's defaults at `steps`, then its routers evaluated; `reuse`: a
+    finished run of exactly this command (e.g. `make demo-real`'s runs/demo-real) evaluated instead."""
     from router_tune.evaluation.evaluate import evaluate_model, load_for_eval
 
     key = f"trained-{merge}-{steps}"
@@ -128,14 +130,24 @@ def train_and_eval(state: State, merge: str, steps: int, work: Path) -> None:
     run = work / f"{merge}-{steps}"
     cmd = ["router-tune", "train", str(RECIPE), "--model_name_or_path", str(REAL / f"moe-{merge}")]
     cmd += ["--max_steps", str(steps), "--output_dir", str(run), "--eval_before_after", "false", "--overwrite"]
-    log("$ " + " ".join(cmd))
-    start = time.time()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-    seconds = time.time() - start
+    if reuse is not None:
+        info = json.loads((reuse / "router_tune.json").read_text())
+        recipe = info["recipe"]
+        same = info["global_step"] == steps and Path(recipe["model_name_or_path"]).resolve() == REAL / f"moe-{merge}"
+        if not same or recipe.get("max_steps") != steps:
+            sys.exit(f"{reuse} is not a finished {steps}-step run of the {merge} merge")
+        run, seconds = reuse, info.get("train_seconds")
+        log(f"reusing {reuse} for {key}")
+    else:
+        log("$ " + " ".join(cmd))
+        start = time.time()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+        seconds = time.time() - start
     model, tokenizer, _, _ = load_for_eval(str(run))
     result = summary(evaluate_model(model, eval_blocks(tokenizer), label=key))
-    state.put(key, {**result, "train_seconds": round(seconds), "run": str(run.relative_to(ROOT))})
+    run_name = str(run.resolve().relative_to(ROOT))
+    state.put(key, {**result, "train_seconds": round(seconds) if seconds else None, "run": run_name})
 
 
 def speed(state: State, work: Path, steps: int = 6) -> None:
@@ -206,8 +218,8 @@ def render(state: State, out: Path, steps: list[int]) -> None:
         for (merge, n), g in gaps.items():
             t = state[f"trained-{merge}-{n}"]
             lines.append(
-                f"| `{merge}` | {n} | {100 * g:.0f}% | {t.get('worst_layer_max_over_mean', float('nan')):.2f} | "
-                f"{t['train_seconds'] / 60:.1f} min |"
+                f"| `{merge}` | {n} | {100 * g:.0f}% | {t['worst_layer_max_over_mean']:.2f} | "
+                + (f"{t['train_seconds'] / 60:.1f} min |" if t["train_seconds"] else "(reused run) |")
             )
     if "speed" in state:
         b, r = state["speed"]["baseline"], state["speed"]["router_tune"]
@@ -237,6 +249,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-real")
     parser.add_argument("--steps", type=int, nargs="+", default=[60, 240], help="router-training budgets")
     parser.add_argument("--merges", nargs="+", default=list(MERGES), choices=MERGES)
+    parser.add_argument(
+        "--reuse", nargs="*", default=[], metavar="MERGE-STEPS=RUN", help="e.g. hidden-60=runs/demo-real"
+    )
     parser.add_argument("--stages", nargs="+", default=["evals", "train", "speed"], choices=["evals", "train", "speed"])
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -244,13 +259,14 @@ def main() -> None:
         sys.exit("build/real is not built: python scripts/make_real_moe.py (or make demo-real)")
     args.work.mkdir(parents=True, exist_ok=True)
     state = State(args.work / "state.json")
+    reuse = {key: ROOT / run for key, run in (item.split("=", 1) for item in args.reuse)}
     if "evals" in args.stages:
         for merge in args.merges:
             merge_evals(state, merge)
     if "train" in args.stages:
         for n in args.steps:
             for merge in args.merges:
-                train_and_eval(state, merge, n, args.work)
+                train_and_eval(state, merge, n, args.work, reuse.get(f"{merge}-{n}"))
                 render(state, args.out, args.steps)
     if "speed" in args.stages:
         speed(state, args.work)
