@@ -818,14 +818,10 @@ def run(args) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    add_args(parser)
-    known, _ = parser.parse_known_args()
-    if known.worker:  # one rank of one configuration, in this fresh process
-        worker(known)
-    elif known.export_worker:
-        export_worker(known)
-    elif known.peak_worker:
-        peak_worker(known)
+    if {"--worker", "--export-worker", "--peak-worker"} & set(sys.argv):  # one part, in this fresh process
+        parser = argparse.ArgumentParser()
+        add_args(parser)
+        a = parser.parse_args()
+        (worker if a.worker else export_worker if a.export_worker else peak_worker)(a)
     else:
         harness.main("scale", __doc__, run, render, add_args)
