@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# the tests marked slow: multi-process FSDP2 / ZeRO-3 runs, a smoke run of every benchmark, the GPU check dry run
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
 # The drift watch: a fresh venv with the newest releases pyproject.toml allows, the suite run there, the
 # versions and result prepended to docs/compatibility.md. Run before every merge to main (~15 min on 2 cores).
 test-latest: latest-venv
