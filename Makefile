@@ -22,18 +22,18 @@ $(STAMP): pyproject.toml $(LOCK)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# the slow tests (benchmark smoke runs, the GPU check's dry run, ...): kept out of `make test`
+# the tests marked slow: multi-process FSDP2 / ZeRO-3 runs, a smoke run of every benchmark, the GPU check dry run
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # The drift watch: a fresh venv with the newest releases pyproject.toml allows, the suite run there, the
 # versions and result prepended to docs/compatibility.md. Run before every merge to main (~15 min on 2 cores).
 test-latest: latest-venv
-	$(LATEST)/bin/python scripts/test_latest.py --venv $(LATEST)
+	$(LATEST)/bin/python -m scripts.test_latest --venv $(LATEST)
 
 # test-latest, then the lock from its venv when the suite passed there
 lock: latest-venv
-	$(LATEST)/bin/python scripts/test_latest.py --venv $(LATEST) --lock $(LOCK)
+	$(LATEST)/bin/python -m scripts.test_latest --venv $(LATEST) --lock $(LOCK)
 
 latest-venv:
 	rm -rf $(LATEST) && python3 -m venv $(LATEST)
@@ -63,23 +63,23 @@ demo-real: $(REAL_STAMP)
 # merges with `hidden` and `random` gates, trained routers at the demo-real budget and 4x it, oracle routing;
 # router_tune vs the plain transformers Trainer (tokens/s, peak memory). CPU hours on 2 cores.
 bench-real: $(REAL_STAMP)
-	PATH=$(VENV)/bin:$$PATH $(PY) scripts/bench_real.py --out bench
+	PATH=$(VENV)/bin:$$PATH $(PY) -m scripts.bench_real --out bench
 
 bench: $(STAMP)
-	$(PY) scripts/bench.py --out bench
+	$(PY) -m scripts.bench --out bench
 
 # Gap to oracle routing closed per model x gate kind x router gradient mode, and sparse with the overload
 # loss at 1.0 and with the Switch loss at 0.3 (bench/quality.md, .json, .png); builds the second frankenMoE
-# (scripts/make_second_moe.py) on first use. CPU hours on 2 cores.
+# (scripts.make_second_moe) on first use. CPU hours on 2 cores.
 bench-quality: $(STAMP)
-	$(PY) scripts/bench_quality.py --steps 500 --overload 1.0 --switch 0.3 --out bench
+	$(PY) -m scripts.bench_quality --steps 500 --overload 1.0 --switch 0.3 --out bench
 
 # quantize none / nf4 / int8: demo routing quality, memory and speed on the Raiden-shaped scale model
 # (builds build/scale-model first, ~6 GB); writes bench/quant.json and bench/quant.md
 bench-quant: $(STAMP)
-	$(PY) scripts/bench_quant.py --out bench
+	$(PY) -m scripts.bench_quant --out bench
 
-# Seed-model scale (issue 12) on the Raiden-shaped scale model (builds it first if SCALE_MODEL is missing, ~6 GB):
+# Seed-model scale on the Raiden-shaped scale model (builds it first if SCALE_MODEL is missing, ~6 GB):
 # per-rank peak RSS of 1 process, 2-rank FSDP2 and 2-rank ZeRO-3, start-up phases, router-only checkpoint bytes,
 # verified export time and RSS, tokens/s vs transformers.Trainer, and the 26-layer projection. One configuration at
 # a time (~10 min on 2 cores, up to ~12 GB per rank); writes bench/scale.json and bench/scale.md. Then the same
@@ -87,8 +87,8 @@ bench-quant: $(STAMP)
 # (~6 min): bench/scale-1layer/
 SCALE_MODEL ?= build/scale-model
 bench-scale: $(STAMP)
-	$(PY) scripts/bench_scale.py --out bench --model $(SCALE_MODEL)
-	$(PY) scripts/bench_scale.py --out bench/scale-1layer --model $(SCALE_MODEL)-1layer --layers 1 \
+	$(PY) -m scripts.bench_scale --out bench --model $(SCALE_MODEL)
+	$(PY) -m scripts.bench_scale --out bench/scale-1layer --model $(SCALE_MODEL)-1layer --layers 1 \
 		--work runs/bench-scale-1layer --configs single fsdp2 zero3
 
 clean:

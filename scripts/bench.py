@@ -1,48 +1,28 @@
-"""router_tune against the plain transformers baseline, side by side, on this machine.
+"""router_tune against the plain transformers baseline, side by side, on this machine (docs/benchmarks.md).
 
-    make bench                                   # = python scripts/bench.py --out bench  (< 20 min, 2 cores)
-    python scripts/bench.py --quick              # ~3 min smoke run: main case, 1 repeat, no export
-    python scripts/bench.py --device cuda --dtype bfloat16 --cases train   # on a GPU: adds MFU
+    make bench                                  # = python -m scripts.bench --out bench  (< 20 min, 2 cores)
+    python -m scripts.bench --quick             # ~3 min: main case, 1 repeat, no export
+    python -m scripts.bench --device cuda --dtype bfloat16 --cases train   # on a GPU: adds MFU
 
-Every measured run is a fresh process (`scripts/bench_train.py`), so its peak RSS is its own;
-router_tune and the baseline run on the same model, blocks, batch, sequence length, steps and
-threads, interleaved (the order flips every repeat), >= 3 repeats, and the tables show medians
-with [min-max]. Warm-up steps are not timed; tokens/s counts every measured step, logging and
-routing statistics included, the final checkpoint excluded (it is timed on its own).
-
-Cases
-  train       tokens/s and peak RSS: random Mixtral (hidden 512, 8 experts, 4 layers,
-              intermediate 1024, vocab 32000, seq 512); experts 4/8/16 at top-2; seq 256/1024;
-              the demo frankenMoE (router_tune/assets/demo-moe) on real text when it exists.
-  checkpoint  bytes and save time of the final checkpoint of the main runs.
-  export      scripts/bench_export.py: default export and splice vs from_pretrained + save_pretrained (>= 1 GB).
-  data        router_tune.data.pipeline_throughput on the bundled samples vs training tokens/s.
-  telemetry   router_tune with routing statistics (routing_log_every 10) vs off (0).
-
-Writes OUT/results.json (every raw run, medians, machine) and OUT/results.md (the tables).
+Every measured run is a fresh `scripts.bench_train` process; the two trainers alternate (the order flips
+every repeat), >= 3 repeats, medians with [min-max]. Cases: train (random Mixtral h512, 4/8/16 experts,
+seq 256/512/1024, the demo on real text), checkpoint, export (scripts.bench_export), data, telemetry.
+Writes OUT/results.json and OUT/results.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from provenance import describe, provenance
+from scripts import bench_export, bench_train, harness
+from scripts.harness import DEMO, ROOT, log
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
-
-import bench_train  # noqa: E402  (scripts/ helper, same folder)
-
-DEMO = ROOT / "router_tune" / "assets" / "demo-moe"
 # Dense bf16 peak per GPU (TFLOP/s), for MFU; pass --peak-tflops for any other device.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0}
 TARGETS = {  # (ratio router_tune / baseline, comparison, bound)
@@ -54,127 +34,90 @@ TARGETS = {  # (ratio router_tune / baseline, comparison, bound)
     "telemetry_overhead": ("<=", 0.03),
     "expert_scaling": ("<=", 0.15),
 }
-
-
-# ---- set-up ---------------------------------------------------------------------------
+IMPLS = ("router_tune", "baseline")
 
 
 def plan(args) -> dict:
     """Models, blocks and the training variants (one variant = one child command per repeat)."""
-    work = args.work_dir
-    batch, seq = args.batch, args.seq
-    n_blocks = batch * args.steps
-    models = {e: work / f"mixtral-h512-e{e}" for e in ((8,) if args.quick else (4, 8, 16))}
+    work, seq, n_blocks = args.work_dir, args.seq, args.batch * args.steps
+    shape = dict(hidden=64, intermediate=128, layers=2, vocab=1000) if args.smoke else {}
+    models = {
+        e: harness.make_random_mixtral(work / f"mixtral-h{shape.get('hidden', 512)}-e{e}", experts=e, **shape)
+        for e in ((8,) if args.quick else (4, 8, 16))
+    }
     seqs = (seq,) if args.quick else (seq // 2, seq, seq * 2)
-    variants = []
-
-    def add(case, impl, model, data, **kw):
-        variants.append({"case": case, "impl": impl, "model": model, "data": data, **kw})
-
-    for e, model in models.items():
-        bench_train.make_random_mixtral(model, experts=e)
+    vocab = shape.get("vocab", 32000)
     blocks = {
-        s: bench_train.make_random_blocks(work / f"random-s{s}-n{n_blocks}", vocab=32000, seq=s, n_blocks=n_blocks)
+        s: harness.make_random_blocks(work / f"random-v{vocab}-s{s}-n{n_blocks}", vocab=vocab, seq=s, n_blocks=n_blocks)
         for s in seqs
     }
-    for impl in ("router_tune", "baseline"):
-        add("main", impl, models[8], blocks[seq])
-    add("telemetry_off", "router_tune", models[8], blocks[seq], routing_log_every=0)
+    variants = [{"case": "main", "impl": i, "model": models[8], "data": blocks[seq]} for i in IMPLS]
+    variants.append({"case": "telemetry_off", "impl": "router_tune", "model": models[8], "data": blocks[seq]})
+    variants[-1]["routing_log_every"] = 0
     if not args.quick:
         for e in (4, 16):
-            for impl in ("router_tune", "baseline"):
-                add(f"experts{e}", impl, models[e], blocks[seq])
+            variants += [{"case": f"experts{e}", "impl": i, "model": models[e], "data": blocks[seq]} for i in IMPLS]
         for s in (seq // 2, seq * 2):
-            for impl in ("router_tune", "baseline"):
-                add(f"seq{s}", impl, models[8], blocks[s])
+            variants += [{"case": f"seq{s}", "impl": i, "model": models[8], "data": blocks[s]} for i in IMPLS]
     notes = []
-    if DEMO.is_dir() and (DEMO / "config.json").is_file() and not args.quick:
-        demo_blocks = bench_train.make_text_blocks(
-            work / f"demo-text-s{args.demo_seq}-n{args.demo_batch * args.steps}",
-            DEMO,
-            seq=args.demo_seq,
-            n_blocks=args.demo_batch * args.steps,
-        )
-        for impl in ("router_tune", "baseline"):
-            add("demo", impl, DEMO, demo_blocks, batch=args.demo_batch)
+    if (DEMO / "config.json").is_file() and not args.quick:
+        n = args.demo_batch * args.steps
+        demo_blocks = make_text_blocks(work / f"demo-text-s{args.demo_seq}-n{n}", DEMO, seq=args.demo_seq, n_blocks=n)
+        variants += [
+            {"case": "demo", "impl": i, "model": DEMO, "data": demo_blocks, "batch": args.demo_batch} for i in IMPLS
+        ]
     elif not args.quick:
-        notes.append(f"demo: skipped, {DEMO.relative_to(ROOT)} does not exist (python scripts/make_demo_model.py).")
+        notes.append(f"demo: skipped, {DEMO.relative_to(ROOT)} does not exist (python -m scripts.make_demo_model).")
     return {"variants": variants, "notes": notes, "tokenizer": DEMO if (DEMO / "config.json").is_file() else models[8]}
 
 
-def child_env(threads: int) -> dict:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        PYTHONWARNINGS="ignore",
-    )
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
+def make_text_blocks(out: Path, model_dir: Path, *, seq: int, n_blocks: int, seed: int = 0) -> Path:
+    """Real text: the bundled samples through router_tune's own pipeline (packed, both sources), full blocks
+    only, so both trainers see the same number of real tokens per step."""
+    from transformers import AutoTokenizer
+
+    from router_tune.data import build_train_dataset
+
+    if out.is_dir():
+        return out
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows: dict[str, list] = {k: [] for k in ("input_ids", "labels", "position_ids", "token_mask", "source_id")}
+    for block in build_train_dataset(harness.sample_sources(), tok, seq, seed=seed, check=False):
+        if sum(block["token_mask"]) < seq:
+            continue
+        for k in rows:
+            rows[k].append(block[k])
+        if len(rows["input_ids"]) == n_blocks:
+            break
+    if len(rows["input_ids"]) < n_blocks:
+        raise RuntimeError(f"the samples give only {len(rows['input_ids'])} full blocks of {seq} tokens")
+    return harness.save_blocks(rows, out)
 
 
-def run_child(cmd: list[str], threads: int, timeout: int = 1800) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "bench_train.py"), *cmd],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=child_env(threads),
-        timeout=timeout,
-        check=False,
-    )
-    if proc.returncode:
-        raise RuntimeError(f"bench_train {' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def train_cmd(v: dict, args, out_dir: Path) -> list[str]:
-    return [
-        "--impl",
-        v["impl"],
-        "--model-dir",
-        str(v["model"]),
-        "--data",
-        str(v["data"]),
-        "--out-dir",
-        str(out_dir),
-        "--batch",
-        str(v.get("batch", args.batch)),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--threads",
-        str(args.threads),
-        "--routing-log-every",
-        str(v.get("routing_log_every", args.routing_log_every)),
-        "--logging-steps",
-        str(args.logging_steps),
-        "--device",
-        args.device,
-        "--dtype",
-        args.dtype,
-    ]
-
-
-# ---- measuring ------------------------------------------------------------------------
-
-
-def measure_training(variants: list[dict], args, after_round=lambda runs, r: None) -> list[dict]:
-    """Every variant `repeats` times, interleaved; the order flips each repeat. `after_round`
-    writes the results so far (a run cut short still leaves its completed rounds)."""
+def measure_training(variants: list[dict], args, after_round) -> list[dict]:
+    """Every variant `repeats` times, interleaved; the order flips each repeat. `after_round` writes the
+    results so far (a run cut short still leaves its completed rounds)."""
     runs = []
     for r in range(args.repeats):
-        order = variants if r % 2 == 0 else variants[::-1]
-        for v in order:
+        for v in variants if r % 2 == 0 else variants[::-1]:
             out = args.work_dir / "runs" / f"{v['case']}-{v['impl']}"
             shutil.rmtree(out, ignore_errors=True)
             t = time.perf_counter()
-            result = run_child(train_cmd(v, args, out), args.threads)
+            cmd = bench_train.cmd(
+                impl=v["impl"],
+                model_dir=v["model"],
+                data=v["data"],
+                out_dir=out,
+                batch=v.get("batch", args.batch),
+                steps=args.steps,
+                warmup=args.warmup,
+                threads=args.threads,
+                routing_log_every=v.get("routing_log_every", args.routing_log_every),
+                logging_steps=args.logging_steps,
+                device=args.device,
+                dtype=args.dtype,
+            )
+            result = harness.run_json(cmd, args.threads)
             result.update(case=v["case"], repeat=r, wall_s=time.perf_counter() - t, model=str(v["model"]))
             runs.append(result)
             log(
@@ -189,58 +132,31 @@ def measure_training(variants: list[dict], args, after_round=lambda runs, r: Non
 def measure_data(tokenizer: Path, args) -> list[dict]:
     runs = []
     for r in range(args.repeats):
-        result = run_child(
-            [
-                "--impl",
-                "data_pipeline",
-                "--model-dir",
-                str(tokenizer),
-                "--seq",
-                str(args.seq),
-                "--blocks",
-                str(args.data_blocks),
-            ],
-            args.threads,
-        )
-        log(f"  [{r + 1}/{args.repeats}] data pipeline {result['tokens_per_s']:10.0f} tok/s")
-        runs.append(result)
+        cmd = bench_train.cmd(impl="data_pipeline", model_dir=tokenizer, seq=args.seq, blocks=args.data_blocks)
+        runs.append(harness.run_json(cmd, args.threads))
+        log(f"  [{r + 1}/{args.repeats}] data pipeline {runs[-1]['tokens_per_s']:10.0f} tok/s")
     return runs
 
 
-def measure_export(args) -> dict:
-    try:
-        import bench_export
-    except ImportError:
-        return {"skipped": "scripts/bench_export.py is missing: run it by its CLI when it lands."}
-    return bench_export.run_benchmark(args.work_dir / "export", repeats=args.repeats)
-
-
-# ---- summarising ----------------------------------------------------------------------
-
-
-def spread(values: list[float]) -> dict:
+def spread(values: list[float]) -> dict | None:
     values = [v for v in values if v is not None]
-    return (
-        {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-        if values
-        else None
-    )
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summarise(runs: list[dict], metric: str) -> dict:
-    """{case: {impl: spread}} of one metric."""
+def summarise(runs: list[dict], metric) -> dict:
+    """{case: {impl: spread}} of one metric (a key of the runs, or a function of a run)."""
     out: dict[str, dict] = {}
     for run in runs:
-        out.setdefault(run["case"], {}).setdefault(run["impl"], []).append(run[metric])
+        out.setdefault(run["case"], {}).setdefault(run["impl"], []).append(
+            metric(run) if callable(metric) else run[metric]
+        )
     return {case: {impl: spread(v) for impl, v in impls.items()} for case, impls in out.items()}
 
 
 def verdict(name: str, value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    op, bound = TARGETS[name]
-    ok = value >= bound if op == ">=" else value <= bound
-    return "PASS" if ok else "MISS"
+    return harness.judge(value, TARGETS[name])
 
 
 def flops_per_token(model_dir: str) -> tuple[int, dict]:
@@ -251,33 +167,29 @@ def flops_per_token(model_dir: str) -> tuple[int, dict]:
 
 
 def build_results(runs, data_runs, export, notes, args, started) -> dict:
-    tps, rss = summarise(runs, "tokens_per_s"), summarise(runs, "peak_rss_train_mb")
-    tpc = summarise(runs, "tokens_per_cpu_s")
-    incr = summarise([dict(r, incr=r["peak_rss_train_mb"] - r["rss_before_train_mb"]) for r in runs], "incr")
-    ckpt_b, ckpt_s = summarise(runs, "checkpoint_bytes"), summarise(runs, "checkpoint_save_s")
-    gpu_mem = summarise(runs, "cuda_peak_allocated_mb")
+    metrics = {
+        "tokens_per_s": "tokens_per_s",
+        "tokens_per_cpu_s": "tokens_per_cpu_s",
+        "peak_rss_train_mb": "peak_rss_train_mb",
+        "train_rss_increment_mb": lambda r: r["peak_rss_train_mb"] - r["rss_before_train_mb"],
+        "checkpoint_bytes": "checkpoint_bytes",
+        "checkpoint_save_s": "checkpoint_save_s",
+        "cuda_peak_allocated_mb": "cuda_peak_allocated_mb",
+    }
+    summaries = {name: summarise(runs, m) for name, m in metrics.items()}
+    gpu_name = next((r["gpu_name"] for r in runs if r.get("gpu_name")), None)
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if gpu_name and k in gpu_name), None)
     cases = {}
-    for case in tps:
-        model = next(r["model"] for r in runs if r["case"] == case)
-        fpt, counts = flops_per_token(model)
-        cases[case] = {
-            "tokens_per_s": tps[case],
-            "tokens_per_cpu_s": tpc[case],
-            "peak_rss_train_mb": rss[case],
-            "train_rss_increment_mb": incr[case],
-            "checkpoint_bytes": ckpt_b[case],
-            "checkpoint_save_s": ckpt_s[case],
-            "cuda_peak_allocated_mb": gpu_mem[case],
-            "flops_per_token_4N": fpt,
-            "active_params": counts,
-            "seq": next(r["seq"] for r in runs if r["case"] == case),
-            "batch": next(r["batch"] for r in runs if r["case"] == case),
-        }
-        peak = args.peak_tflops or gpu_peak(runs)
-        for impl, s in tps[case].items():
-            cases[case].setdefault("achieved_tflops", {})[impl] = s["median"] * fpt / 1e12
+    for case in summaries["tokens_per_s"]:
+        first = next(r for r in runs if r["case"] == case)
+        fpt, counts = flops_per_token(first["model"])
+        c = cases[case] = {name: s[case] for name, s in summaries.items()}
+        c.update(flops_per_token_4N=fpt, active_params=counts, seq=first["seq"], batch=first["batch"])
+        for impl, s in c["tokens_per_s"].items():
+            c.setdefault("achieved_tflops", {})[impl] = s["median"] * fpt / 1e12
             if peak:
-                cases[case].setdefault("mfu", {})[impl] = s["median"] * fpt / (peak * 1e12)
+                c.setdefault("mfu", {})[impl] = s["median"] * fpt / (peak * 1e12)
+    data = {"runs": data_runs, "tokens_per_s": spread([r["tokens_per_s"] for r in data_runs])} if data_runs else None
     return {
         "machine": machine_info(args),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -285,37 +197,20 @@ def build_results(runs, data_runs, export, notes, args, started) -> dict:
         "seconds": time.time() - started,
         "notes": notes,
         "cases": cases,
-        "data_pipeline": {"runs": data_runs, "tokens_per_s": spread([r["tokens_per_s"] for r in data_runs])}
-        if data_runs
-        else None,
+        "data_pipeline": data,
         "export": export,
         "runs": runs,
     }
-
-
-def gpu_peak(runs) -> float | None:
-    name = next((r["gpu_name"] for r in runs if r.get("gpu_name")), None)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if name and k in name), None)
 
 
 def machine_info(args) -> dict:
     import torch
     import transformers
 
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor()
-    )
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
     info = {
-        "cpu": cpu,
+        "cpu": names[0] if cpuinfo.exists() and names else platform.processor(),
         "logical_cores": os.cpu_count(),
         "threads_used": args.threads,
         "load_average": os.getloadavg(),
@@ -331,11 +226,10 @@ def machine_info(args) -> dict:
             pass
     if args.device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-    info.update(args.provenance)  # recorded at the start: the results files written each round dirty the tree
-    return info
+    return {**info, **args.provenance}  # recorded at the start: the results written each round dirty the tree
 
 
-# ---- markdown -------------------------------------------------------------------------
+# ---- markdown ---------------------------------------------------------------------------------------
 
 
 def fmt(s: dict | None, scale: float = 1.0, digits: int = 0) -> str:
@@ -349,7 +243,10 @@ def ratio(a: dict | None, b: dict | None) -> float | None:
     return a["median"] / b["median"] if a and b and b["median"] else None
 
 
-def row(label, rt, bl, r, target_name=None, scale=1.0, digits=0, rdigits=2) -> str:
+def row(label, pair: dict, target_name=None, scale=1.0, digits=0, rdigits=2) -> str:
+    """A router_tune | baseline | ratio | target | verdict row of one metric's {impl: spread}."""
+    rt, bl = pair.get("router_tune"), pair.get("baseline")
+    r = ratio(rt, bl)
     target = "" if target_name is None else f"{TARGETS[target_name][0]} {TARGETS[target_name][1]:g}"
     return (
         f"| {label} | {fmt(rt, scale, digits)} | {fmt(bl, scale, digits)} | "
@@ -357,27 +254,23 @@ def row(label, rt, bl, r, target_name=None, scale=1.0, digits=0, rdigits=2) -> s
     )
 
 
-def markdown(res: dict) -> str:
-    m, cases = res["machine"], res["cases"]
-    head = "| | router_tune | baseline | ratio | target | |\n|---|---|---|---|---|---|"
-    s = res["settings"]
+def render(res: dict) -> str:
+    m, cases, s = res["machine"], res["cases"], res["settings"]
     out = [
         "# router_tune vs the transformers baseline",
         "",
         f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads_used']} torch threads"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")
         + f"; torch {m['torch']}, transformers {m['transformers']}; "
-        + (describe(m) if "commit" in m else "commit not recorded")
+        + (harness.describe(m) if "commit" in m else "commit not recorded")
         + "; "
         f"load average at start {m['load_average'][0]:.1f} (shared machine: ratios are side by side, interleaved).",
         f"Settings: device {s['device']}, dtype {s['dtype']}, {s['repeats']} repeats, {s['steps']} steps per run "
         f"({s['warmup']} warm-up, untimed), batch {s['batch']}, routing_log_every {s['routing_log_every']}. "
         f"Cells: median [min-max]. Regenerate: `make bench` ({res['seconds'] / 60:.0f} min).",
         "",
-    ]
-    out += [f"> {n}" for n in res["notes"]] + ([""] if res["notes"] else [])
-
-    out += [
+        *[f"> {n}" for n in res["notes"]],
+        *([""] if res["notes"] else []),
         "## Training",
         "",
         "Baseline: `transformers.Trainer`, only `MixtralTopKRouter` trainable, "
@@ -387,64 +280,29 @@ def markdown(res: dict) -> str:
         "increment: peak minus RSS just before `train()`.",
         "",
     ]
-    labels = {
-        "main": "random Mixtral h512 e8",
-        "experts4": "experts 4",
-        "experts16": "experts 16",
-        "demo": "demo frankenMoE (real text)",
-    }
+    labels = {"main": "random Mixtral h512 e8", "experts4": "experts 4", "experts16": "experts 16"}
+    labels["demo"] = "demo frankenMoE (real text)"
+    head = ["| | router_tune | baseline | ratio | target | |", "|---|---|---|---|---|---|"]
     for case, c in cases.items():
         if case == "telemetry_off":
             continue
-        rt, bl = c["tokens_per_s"].get("router_tune"), c["tokens_per_s"].get("baseline")
-        title = labels.get(case, case.replace("seq", "sequence "))
-        out += [
-            f"### {title}: batch {c['batch']} x seq {c['seq']}",
-            "",
-            head,
-            row("tokens/s", rt, bl, ratio(rt, bl), "tokens_per_s", digits=1),
-            row(
-                "tokens per CPU-second",
-                c["tokens_per_cpu_s"].get("router_tune"),
-                c["tokens_per_cpu_s"].get("baseline"),
-                ratio(c["tokens_per_cpu_s"].get("router_tune"), c["tokens_per_cpu_s"].get("baseline")),
-                digits=1,
-            ),
-            row(
-                "peak RSS, MB",
-                c["peak_rss_train_mb"].get("router_tune"),
-                c["peak_rss_train_mb"].get("baseline"),
-                ratio(c["peak_rss_train_mb"].get("router_tune"), c["peak_rss_train_mb"].get("baseline")),
-                "peak_rss",
-            ),
-            row(
-                "training RSS increment, MB",
-                c["train_rss_increment_mb"].get("router_tune"),
-                c["train_rss_increment_mb"].get("baseline"),
-                ratio(c["train_rss_increment_mb"].get("router_tune"), c["train_rss_increment_mb"].get("baseline")),
-            ),
+        out += [f"### {labels.get(case, case.replace('seq', 'sequence '))}: batch {c['batch']} x seq {c['seq']}", ""]
+        out += head + [
+            row("tokens/s", c["tokens_per_s"], "tokens_per_s", digits=1),
+            row("tokens per CPU-second", c["tokens_per_cpu_s"], digits=1),
+            row("peak RSS, MB", c["peak_rss_train_mb"], "peak_rss"),
+            row("training RSS increment, MB", c["train_rss_increment_mb"]),
         ]
         g = c.get("cuda_peak_allocated_mb") or {}
         if g.get("router_tune") and g.get("baseline"):
-            out.append(
-                row(
-                    "GPU peak allocated, MB",
-                    g["router_tune"],
-                    g["baseline"],
-                    ratio(g["router_tune"], g["baseline"]),
-                    "peak_rss",
-                )
-            )
+            out.append(row("GPU peak allocated, MB", g, "peak_rss"))
         if "mfu" in c:
             mfu, base = c["mfu"].get("router_tune", 0), c["mfu"].get("baseline", 0)
             out.append(f"| MFU at 4N, % | {100 * mfu:.1f} | {100 * base:.1f} | {mfu / max(base, 1e-12):.2f} | | |")
-        out.append(
-            f"| achieved TFLOP/s at 4N | {c['achieved_tflops'].get('router_tune', 0):.4f} | "
-            f"{c['achieved_tflops'].get('baseline', 0):.4f} | | | |"
-        )
-        out.append("")
-    out += scaling_tables(cases)
-    out += checkpoint_table(cases) + telemetry_table(cases) + data_table(res) + export_table(res["export"])
+        t = c["achieved_tflops"]
+        out += [f"| achieved TFLOP/s at 4N | {t.get('router_tune', 0):.4f} | {t.get('baseline', 0):.4f} | | | |", ""]
+    out += scaling_tables(cases) + checkpoint_table(cases) + telemetry_table(cases) + data_table(res)
+    out += export_table(res["export"])
     out += [
         "## Active parameters (N of 4N FLOPs per token)",
         "",
@@ -458,74 +316,54 @@ def markdown(res: dict) -> str:
     ]
     for case, c in cases.items():
         a = c["active_params"]
-        out.append(
-            f"| {case} | {a['attention']:,} | {a['router']:,} | {a['active_experts']:,} | {a['lm_head']:,} | "
-            f"{a['total_active']:,} | {c['flops_per_token_4N']:,} |"
-        )
+        parts = [a[k] for k in ("attention", "router", "active_experts", "lm_head", "total_active")]
+        out.append(f"| {case} | " + " | ".join(f"{x:,}" for x in parts) + f" | {c['flops_per_token_4N']:,} |")
     return "\n".join(out) + "\n"
 
 
 def scaling_tables(cases) -> list[str]:
-    out = []
-    if all(k in cases for k in ("experts4", "main", "experts16")):
-        out += [
-            "### Scaling with experts (top-2, seq 512)",
-            "",
-            "| experts | router_tune tokens/s | baseline tokens/s | ratio |",
-            "|---|---|---|---|",
-        ]
-        for label, case in (("4", "experts4"), ("8", "main"), ("16", "experts16")):
-            t = cases[case]["tokens_per_s"]
-            out.append(
-                f"| {label} | {fmt(t.get('router_tune'), digits=1)} | {fmt(t.get('baseline'), digits=1)} | "
-                f"{ratio(t.get('router_tune'), t.get('baseline')):.2f} |"
-            )
-        for impl in ("router_tune", "baseline"):
-            a, b = cases["experts4"]["tokens_per_s"][impl]["median"], cases["experts16"]["tokens_per_s"][impl]["median"]
-            drop = 1 - b / a
-            out.append(
-                f"\n{impl}: tokens/s from 4 to 16 experts changes by {-100 * drop:+.1f}% "
-                f"(target: within 15%): {verdict('expert_scaling', abs(drop))}"
-            )
-        out.append("")
-    return out
+    if not all(k in cases for k in ("experts4", "main", "experts16")):
+        return []
+    out = [
+        "### Scaling with experts (top-2, seq 512)",
+        "",
+        "| experts | router_tune tokens/s | baseline tokens/s | ratio |",
+    ]
+    out.append("|---|---|---|---|")
+    for label, case in (("4", "experts4"), ("8", "main"), ("16", "experts16")):
+        t = cases[case]["tokens_per_s"]
+        out.append(
+            f"| {label} | {fmt(t.get('router_tune'), digits=1)} | {fmt(t.get('baseline'), digits=1)} | "
+            f"{ratio(t.get('router_tune'), t.get('baseline')):.2f} |"
+        )
+    for impl in IMPLS:
+        a, b = cases["experts4"]["tokens_per_s"][impl]["median"], cases["experts16"]["tokens_per_s"][impl]["median"]
+        drop = 1 - b / a
+        out.append(
+            f"\n{impl}: tokens/s from 4 to 16 experts changes by {-100 * drop:+.1f}% "
+            f"(target: within 15%): {verdict('expert_scaling', abs(drop))}"
+        )
+    return out + [""]
 
 
 def checkpoint_table(cases) -> list[str]:
-    c = cases.get("main")
-    if not c:
+    if "main" not in cases:
         return []
-    b, s = c["checkpoint_bytes"], c["checkpoint_save_s"]
+    c = cases["main"]
     return [
         "## Checkpoints (the final checkpoint of the main runs: save_strategy steps)",
         "",
         "| | router_tune | baseline | ratio | target | |",
         "|---|---|---|---|---|---|",
-        row(
-            "bytes",
-            b.get("router_tune"),
-            b.get("baseline"),
-            ratio(b.get("router_tune"), b.get("baseline")),
-            "checkpoint_bytes",
-            rdigits=5,
-        ),
-        row(
-            "save time, ms",
-            s.get("router_tune"),
-            s.get("baseline"),
-            ratio(s.get("router_tune"), s.get("baseline")),
-            scale=1000,
-            rdigits=3,
-        ),
+        row("bytes", c["checkpoint_bytes"], "checkpoint_bytes", rdigits=5),
+        row("save time, ms", c["checkpoint_save_s"], scale=1000, rdigits=3),
         "",
     ]
 
 
 def telemetry_table(cases) -> list[str]:
-    on, off = (
-        cases.get("main", {}).get("tokens_per_s", {}).get("router_tune"),
-        cases.get("telemetry_off", {}).get("tokens_per_s", {}).get("router_tune"),
-    )
+    on = cases.get("main", {}).get("tokens_per_s", {}).get("router_tune")
+    off = cases.get("telemetry_off", {}).get("tokens_per_s", {}).get("router_tune")
     if not (on and off):
         return []
     overhead = 1 - on["median"] / off["median"]
@@ -545,19 +383,11 @@ def data_table(res) -> list[str]:
     d, main = res["data_pipeline"], res["cases"].get("main", {}).get("tokens_per_s", {})
     if not d:
         return []
-    out = [
-        "## Data pipeline (router_tune.data.pipeline_throughput, bundled samples, block 512)",
-        "",
-        "| | tokens/s | data / training |",
-        "|---|---|---|",
-        f"| data pipeline | {fmt(d['tokens_per_s'])} | |",
-    ]
-    for impl in ("router_tune", "baseline"):
-        if main.get(impl):
-            out.append(
-                f"| training, {impl} (main) | {fmt(main[impl], digits=1)} | "
-                f"{d['tokens_per_s']['median'] / main[impl]['median']:.0f}x |"
-            )
+    out = ["## Data pipeline (router_tune.data.pipeline_throughput, bundled samples, block 512)", ""]
+    out += ["| | tokens/s | data / training |", "|---|---|---|", f"| data pipeline | {fmt(d['tokens_per_s'])} | |"]
+    for impl in (i for i in IMPLS if main.get(i)):
+        x = d["tokens_per_s"]["median"] / main[impl]["median"]
+        out.append(f"| training, {impl} (main) | {fmt(main[impl], digits=1)} | {x:.0f}x |")
     return out + [""]
 
 
@@ -568,7 +398,7 @@ def export_table(e) -> list[str]:
         return ["## Export", "", f"> {e['skipped']}", ""]
     base = e["reload_save"]
 
-    def row(method: str, label: str) -> list[str]:
+    def rows(method: str, label: str) -> list[str]:
         m = e[method]
         t, r = m["seconds"] / base["seconds"], m["peak_rss_mb"] / base["peak_rss_mb"]
         return [
@@ -584,8 +414,8 @@ def export_table(e) -> list[str]:
         "",
         "| | router_tune | from_pretrained + save_pretrained | ratio | target | |",
         "|---|---|---|---|---|---|",
-        *row("export", "default export (verified)"),
-        *row("splice", "--no-verify (splice only)"),
+        *rows("export", "default export (verified)"),
+        *rows("splice", "--no-verify (splice only)"),
         "",
         *[
             f"{label}: peak RSS {e[m]['peak_rss_over_model']:.2f}x the model's bytes, "
@@ -598,24 +428,9 @@ def export_table(e) -> list[str]:
     ]
 
 
-# ---- main -----------------------------------------------------------------------------
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", type=Path, default=ROOT / "bench", help="writes results.json and results.md here")
+def add_args(p) -> None:
     p.add_argument("--work-dir", type=Path, default=ROOT / "bench" / "work", help="generated models, blocks, run dirs")
-    p.add_argument(
-        "--cases",
-        default="train,checkpoint,export,data,telemetry",
-        help="comma list of train, checkpoint, export, data, telemetry",
-    )
+    p.add_argument("--cases", default="train,checkpoint,export,data,telemetry", help="comma list of these cases")
     p.add_argument("--only", default=None, help="training cases to run, e.g. demo or main,experts4 (default all)")
     p.add_argument("--quick", action="store_true", help="smoke run: main case and telemetry, 1 repeat, no export")
     p.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
@@ -632,24 +447,20 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs are looked up)")
-    args = p.parse_args(argv)
+
+
+def run(args) -> dict:
+    if args.smoke:  # a tiny model, the quick cases, one repeat
+        args.quick, args.seq, args.data_blocks, args.steps = True, 32, 4, 3
     gpu = args.device == "cuda"
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.steps = args.steps or (30 if gpu else (3 if args.quick else 4))
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     args.batch = args.batch or (16 if gpu else 2)
-    args.cases = set(args.cases.split(","))
-    if args.quick:
-        args.cases.discard("export")
+    args.cases = set(args.cases.split(",")) - ({"export"} if args.quick else set())
     if args.steps - args.warmup < 2:
-        p.error("need at least 2 steps after warm-up")
-    return args
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    args.provenance = provenance()
-    started = time.time()
+        raise SystemExit("need at least 2 steps after warm-up")
+    args.provenance, started = harness.provenance(), time.time()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     log(f"bench: cases {sorted(args.cases)}, {args.repeats} repeats, work dir {args.work_dir}")
     p = plan(args)
@@ -662,29 +473,22 @@ def main(argv=None) -> None:
         variants = [v for v in variants if v["case"] in args.only.split(",")]
     # The short fixed-size cases first, then the training rounds, written after every round.
     data_runs = measure_data(p["tokenizer"], args) if "data" in args.cases else []
-    export = (
-        measure_export(args)
-        if "export" in args.cases
-        else ({"skipped": "export: not run with --quick (run without --quick)"} if args.quick else None)
-    )
+    export = bench_export.measure(args.work_dir / "export", repeats=args.repeats) if "export" in args.cases else None
+    if args.quick:
+        export = {"skipped": "export: not run with --quick (run without --quick)"}
     args.out.mkdir(parents=True, exist_ok=True)
 
     def write(runs, rounds):
-        notes = p["notes"] + (
-            [f"PARTIAL: {rounds} of {args.repeats} repeats done when this was written."]
-            if rounds < args.repeats
-            else []
+        partial = [f"PARTIAL: {rounds} of {args.repeats} repeats done when this was written."]
+        res = build_results(
+            runs, data_runs, export, p["notes"] + (partial if rounds < args.repeats else []), args, started
         )
-        res = build_results(runs, data_runs, export, notes, args, started)
         (args.out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-        (args.out / "results.md").write_text(markdown(res))
+        (args.out / "results.md").write_text(render(res))
         return res
 
-    runs = measure_training(variants, args, after_round=write)
-    res = write(runs, args.repeats)
-    log(f"bench: wrote {args.out / 'results.md'} and results.json in {(time.time() - started) / 60:.1f} min")
-    print(markdown(res))
+    return write(measure_training(variants, args, after_round=write), args.repeats)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main("results", __doc__, run, render, add_args)

@@ -1,20 +1,19 @@
-"""make bench-quality   (python scripts/bench_quality.py [--steps 150] [--models ...] [--modes ...])
+"""make bench-quality   (python -m scripts.bench_quality [--steps 150] [--models ...] [--modes ...])
 
 How fast router training closes the gap to oracle routing, per model x gate kind x router gradient
 mode, with the shipped defaults (the recipe gives only the model and the data: the demo's four
 bundled sources, block 256, batch 8). Models: the embedded demo (`hidden` gates, and the same
 experts with mergekit `random` gates, scripts/saturated_demo.py) and the second frankenMoE of
-scripts/make_second_moe.py (built on demand). For each run, every --eval-every steps: mixed held-out
+scripts.make_second_moe (built on demand). For each run, every --eval-every steps: mixed held-out
 perplexity, the share of the gap (untrained -> oracle) closed, per-layer max-load / mean and dead
 experts; tokens and training seconds (evaluation excluded) to 75% and 90% of the gap. Then the
 cost of each mode: forward and backward seconds per step on the demo, measured apart.
 
-Writes bench/quality.json and bench/quality.md with the commit and whether the tree was clean.
+Writes OUT/quality.json, .md and .png with the commit and whether the tree was clean.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -24,18 +23,13 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from router_tune import data
+from router_tune.evaluation.evaluate import evaluate_model, evaluate_oracle
+from router_tune.training.config import load_recipe
+from router_tune.training.trainer import RouterTrainer
+from scripts import harness, make_second_moe, saturated_demo
+from scripts.harness import DEMO_ORACLE, DEMO_RECIPE, ROOT, describe
 
-from provenance import describe, provenance  # noqa: E402
-
-from router_tune import data  # noqa: E402
-from router_tune.evaluation.evaluate import evaluate_model, evaluate_oracle  # noqa: E402
-from router_tune.training.config import load_recipe  # noqa: E402
-from router_tune.training.trainer import RouterTrainer  # noqa: E402
-
-RECIPE = ROOT / "recipes" / "demo.yaml"
-DEMO_ORACLE = {"code": 0, "python_docs": 1, "book": 2, "chat": 3}  # experts in mergekit_moe.yml order
 SECOND = ROOT / "build" / "second-moe"
 EVAL_BLOCKS = 16  # per source: 4 x 16 x 256 tokens, a few seconds per evaluation on 2 cores
 MARKS = (0.75, 0.90)
@@ -43,13 +37,10 @@ MARKS = (0.75, 0.90)
 
 def models(names: list[str]) -> dict[str, tuple[Path, dict, dict | None]]:
     """{name: (model dir, oracle expert per source, each expert's near-twin or None)}, building what is missing."""
-    import make_second_moe
-    import saturated_demo
-
     out = {}
     for name in names:
         if name == "demo-hidden":
-            out[name] = (ROOT / "router_tune" / "assets" / "demo-moe", DEMO_ORACLE, None)
+            out[name] = (harness.DEMO, DEMO_ORACLE, None)
         elif name == "demo-random":
             path = ROOT / "build" / "quality" / "demo-random"
             if not path.exists():
@@ -57,7 +48,7 @@ def models(names: list[str]) -> dict[str, tuple[Path, dict, dict | None]]:
             out[name] = (path, DEMO_ORACLE, None)
         else:  # second-hidden / second-random
             if not (SECOND / "figures.json").exists():
-                subprocess.run([sys.executable, str(ROOT / "scripts" / "make_second_moe.py")], check=True)
+                subprocess.run(harness.module_cmd("make_second_moe"), check=True, cwd=ROOT)
             figures = json.loads((SECOND / "figures.json").read_text())
             out[name] = (SECOND / name.split("-")[1], figures["oracle_experts"], make_second_moe.twins())
     return out
@@ -93,12 +84,12 @@ class Probe(TrainerCallback):
         }
 
 
-def run(
+def run_one(
     model_dir: Path, oracle_map: dict, mode: str, steps: int, every: int, out: Path, twins=None, **overrides
 ) -> dict:
     """One training run evaluated every `every` steps; `twins` ({expert: its near-twin}) adds the
     balanced oracle (each domain shared evenly by its expert and that expert's twin)."""
-    recipe = load_recipe(RECIPE)
+    recipe = load_recipe(DEMO_RECIPE)
     settings = dict(
         model_name_or_path=str(model_dir),
         datasets=recipe.datasets,
@@ -107,16 +98,11 @@ def run(
         max_steps=steps,
         router_gradient=mode,
         output_dir=str(out),
-        eval_before_after=False,
-        save_strategy="no",
-        report_to="none",
         routing_log_every=0,
         logging_steps=max(steps // 10, 1),
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         seed=42,
     )
-    args = load_recipe(None, **{**settings, **overrides})  # an override may replace any of these
+    args = harness.recipe(None, **{**settings, **overrides})  # an override may replace any of these
     trainer = RouterTrainer(args=args)
     specs = data.parse_sources(args.datasets)
     blocks = data.build_eval_blocks(specs, trainer.processing_class, args.block_size, max_blocks=EVAL_BLOCKS)
@@ -137,7 +123,7 @@ def run(
 def summarise(points: list[dict], oracle: float, args) -> dict:
     untrained = points[0]["perplexity"]
     for p in points:
-        p["gap_closed"] = round((untrained - p["perplexity"]) / (untrained - oracle), 3)
+        p["gap_closed"] = round(harness.gap_closed(untrained, p["perplexity"], oracle), 3)
     reach = {}
     for mark in MARKS:
         hit = next((p for p in points if p["gap_closed"] >= mark), None)
@@ -162,7 +148,7 @@ def mode_cost(model_dir: Path, modes: list[str], micro_batches: int = 6) -> dict
     the modes interleaved batch by batch so that a busy machine slows them alike."""
     trainers = {
         mode: RouterTrainer(
-            args=load_recipe(RECIPE, model_name_or_path=str(model_dir), router_gradient=mode, report_to="none")
+            args=load_recipe(DEMO_RECIPE, model_name_or_path=str(model_dir), router_gradient=mode, report_to="none")
         )
         for mode in modes
     }
@@ -191,7 +177,7 @@ FILED_PATH = {"router_lr_scale": "none", "learning_rate": 2e-2, "shuffle_buffer"
 FILED_PATH_LABEL = "sparse-as-filed"
 
 
-def write_markdown(result: dict, path: Path) -> None:
+def render(result: dict) -> str:
     lines = [
         "# Router training quality (`make bench-quality`)",
         "",
@@ -243,7 +229,7 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += ["", "Seconds per micro-batch on the demo (8 x 256 tokens), forward and backward measured apart:", ""]
         lines += ["| mode | forward | backward |", "|---|---|---|"]
         lines += [f"| {m} | {c['forward_s']} | {c['backward_s']} |" for m, c in result["cost"].items()]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def write_plot(result: dict, path: Path) -> None:
@@ -275,8 +261,7 @@ def write_plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(parser) -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--models", nargs="+", default=["demo-hidden", "demo-random", "second-hidden", "second-random"])
@@ -289,28 +274,23 @@ def main() -> None:
         "today's other defaults), the reference of its wall-clock target",
     )
     parser.add_argument(
-        "--overload",
-        nargs="*",
-        type=float,
-        default=[],
-        metavar="COEF",
+        "--overload", nargs="*", type=float, default=[], metavar="COEF",
         help="also run, per model, sparse mode with router_overload_loss_coef COEF (the balance / quality trade-off)",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--switch",
-        nargs="*",
-        type=float,
-        default=[],
-        metavar="COEF",
+        "--switch", nargs="*", type=float, default=[], metavar="COEF",
         help="also run, per model, sparse mode with the Switch balancing loss at router_aux_loss_coef COEF",
-    )
+    )  # fmt: skip
     parser.add_argument("--no-cost", dest="cost", action="store_false")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench")
-    args = parser.parse_args()
+
+
+def run(args) -> dict:
+    if args.smoke:
+        args.steps, args.eval_every, args.models, args.modes, args.cost = 2, 1, ["demo-hidden"], ["sparse"], False
     torch.set_num_threads(2)
     result = {
-        "git": provenance(),
-        "command": "python scripts/bench_quality.py " + " ".join(sys.argv[1:]),
+        "git": harness.provenance(),
+        "command": "python -m scripts.bench_quality " + " ".join(sys.argv[1:]),
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "eval_every": args.eval_every,
@@ -334,18 +314,16 @@ def main() -> None:
     plan += [(f"{name}/{label}", name, "sparse", overrides) for label, overrides in variants for name in merges]
     for key, name, mode, overrides in plan:
         model_dir, oracle_map, twins = merges[name]
-        result["runs"][key] = run(
+        result["runs"][key] = run_one(
             model_dir, oracle_map, mode, args.steps, args.eval_every, work / "runs", twins, **overrides
         )
         print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
         (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.cost:
-        result["cost"] = mode_cost(ROOT / "router_tune" / "assets" / "demo-moe", args.modes)
-    (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, args.out / "quality.md")
+        result["cost"] = mode_cost(harness.DEMO, args.modes)
     write_plot(result, args.out / "quality.png")
-    print((args.out / "quality.md").read_text())
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    harness.main("quality", __doc__, run, render, add_args)

@@ -1,8 +1,8 @@
 """Quantized router training (quantize: none | nf4 | int8) measured on this machine.
 
     make bench-quant                                  # both parts (~45 min on 2 CPU cores)
-    python scripts/bench_quant.py --part demo         # routing quality on the demo frankenMoE
-    python scripts/bench_quant.py --part scale        # memory and speed on the Raiden-shaped scale model
+    python -m scripts.bench_quant --part demo         # routing quality on the demo frankenMoE
+    python -m scripts.bench_quant --part scale        # memory and speed on the Raiden-shaped scale model
 
 demo   Train the demo recipe (recipes/demo.yaml, CPU) with each mode, export (the export splices the
        trained routers into the original full-precision shards), and evaluate the exported model
@@ -10,7 +10,7 @@ demo   Train the demo recipe (recipes/demo.yaml, CPU) with each mode, export (th
        mixed held-out perplexity and the share of the gap to oracle routing closed. Target: each
        quantized mode closes >= 90% of the gap the unquantized run closes. Tokens/s per mode from the
        trainer's own runtime.
-scale  scripts/make_scale_model.py (Raiden's widths, 2 layers, bf16) trained for a few steps per mode,
+scale  scripts.make_scale_model (Raiden's widths, 2 layers, bf16) trained for a few steps per mode,
        each in a fresh process: bytes the frozen weights really hold (tensor storages counted once,
        bitsandbytes' scales included), process RSS after loading, peak RSS during the training steps
        (sampled every 20 ms), tokens/s; the memory plan (router_tune.model.memory) for the same settings
@@ -30,28 +30,22 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from measure import PeakRss, release_free_memory, rss  # noqa: E402  (scripts/measure.py)
+from scripts import harness
+from scripts.harness import DEMO, DEMO_RECIPE, ROOT, PeakRss, release_free_memory, rss
 
 MODES = ("none", "nf4", "int8")
-DEMO_RECIPE = ROOT / "recipes" / "demo.yaml"
-DEMO_MODEL = ROOT / "router_tune" / "assets" / "demo-moe"
-ORACLE = "code=0,python_docs=1,book=2,chat=3"
+ORACLE = ",".join(f"{source}={expert}" for source, expert in harness.DEMO_ORACLE.items())
 ONE_GPU_RECIPE = ROOT / "recipes" / "raiden-16x3b-1gpu.yaml"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+OUTPUTS = ("bench/quant.json", "bench/quant.md")  # the bench's own outputs: no change to the code measured
 
 
-def cli(*args: str, log: Path) -> float:
-    """Run `router-tune ARGS` in a fresh process (output to `log`); returns wall seconds."""
-    start = time.perf_counter()
+def cli(*args: str, log: Path) -> None:
+    """Run `router-tune ARGS` in a fresh process (output to `log`)."""
     with log.open("w") as f:
-        subprocess.run([sys.executable, "-m", "router_tune", *args], cwd=ROOT, env=ENV, stdout=f, stderr=f, check=True)
-    return time.perf_counter() - start
+        cmd = [sys.executable, "-m", "router_tune", *args]
+        subprocess.run(cmd, cwd=ROOT, env=harness.child_env(), stdout=f, stderr=f, check=True)
 
 
 # ---- demo routing quality -----------------------------------------------------------------
@@ -72,10 +66,10 @@ def demo(work: Path, steps: int | None, reuse: bool, modes: list[str]) -> dict:
             )  # fmt: skip
             cli("export", str(run), "--out", str(export), "--force", log=work / f"demo-{mode}-export.log")
             cli(
-                "eval", str(export), "--compare", str(DEMO_MODEL), "--data", str(DEMO_RECIPE), "--oracle", ORACLE,
+                "eval", str(export), "--compare", str(DEMO), "--data", str(DEMO_RECIPE), "--oracle", ORACLE,
                 "--out", str(report), log=work / f"demo-{mode}-eval.log",
             )  # fmt: skip
-            stamp.write_text(json.dumps(git_state()))
+            stamp.write_text(json.dumps(harness.provenance(OUTPUTS)))
         r = json.loads((report / "report.json").read_text())
         before, after = r["before"]["perplexity"]["overall"], r["after"]["perplexity"]["overall"]
         oracle = r["oracle"]["perplexity"]["overall"]
@@ -89,7 +83,7 @@ def demo(work: Path, steps: int | None, reuse: bool, modes: list[str]) -> dict:
             "perplexity_before": before,
             "perplexity_after": after,
             "perplexity_oracle": oracle,
-            "gap_closed": (before - after) / (before - oracle),
+            "gap_closed": harness.gap_closed(before, after, oracle),
             "per_source_after": r["after"]["perplexity"],
             "train_runtime_s": runtime,
             "git": json.loads(stamp.read_text()),
@@ -110,11 +104,9 @@ def demo(work: Path, steps: int | None, reuse: bool, modes: list[str]) -> dict:
 def measure_scale(mode: str, model_dir: Path, seq: int, steps: int, out_dir: Path) -> dict:
     """One mode in this process: load (+ quantize) through RouterTrainer, then `steps` training steps."""
     import torch
-    from transformers import TrainerCallback
 
     from router_tune.model.quantize import stored_bytes
     from router_tune.model.routers import router_state_dict
-    from router_tune.training.config import load_recipe
     from router_tune.training.trainer import RouterTrainer
 
     torch.manual_seed(0)
@@ -122,7 +114,7 @@ def measure_scale(mode: str, model_dir: Path, seq: int, steps: int, out_dir: Pat
         {"input_ids": ids.tolist(), "labels": ids.tolist(), "position_ids": list(range(seq))}
         for ids in torch.randint(3, 3000, (steps, seq))
     ]
-    config = load_recipe(
+    config = harness.recipe(
         None,
         model_name_or_path=str(model_dir),
         model_dtype="bfloat16",
@@ -134,16 +126,11 @@ def measure_scale(mode: str, model_dir: Path, seq: int, steps: int, out_dir: Pat
         gradient_checkpointing=True,
         warmup_steps=0,
         router_rescale="off",
-        eval_before_after=False,
         routing_log_every=0,
-        save_strategy="no",
         logging_steps=1,
-        report_to="none",
-        dataloader_num_workers=0,
     )
     base_rss = rss()
-    load_peak = PeakRss()
-    load_peak.start()
+    load_peak = PeakRss().start()
     trainer = RouterTrainer(model=str(model_dir), args=config, train_dataset=blocks)
     load_peak_rss = load_peak.stop()
     release_free_memory()
@@ -151,19 +138,12 @@ def measure_scale(mode: str, model_dir: Path, seq: int, steps: int, out_dir: Pat
     routers = sum(t.numel() * 4 for t in router_state_dict(model).values())
     after_load = rss()
 
-    step_ends: list[float] = []
-
-    class Times(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            step_ends.append(time.perf_counter())
-
-    trainer.add_callback(Times())
-    peak = PeakRss()
-    peak.start()
+    clock = harness.step_clock()
+    trainer.add_callback(clock)
+    peak = PeakRss().start()
     trainer.train()
     train_peak = peak.stop()
-    timed = step_ends[1:]  # the first step warms up (allocator, kernels)
-    tokens_per_s = (len(timed) - 1) * seq / (timed[-1] - timed[0]) if len(timed) > 1 else None
+    tokens_per_s = clock.tokens_per_s(seq, warmup=2)
     return {
         "mode": mode,
         "frozen_weight_bytes": stored_bytes(model) - routers,
@@ -211,9 +191,7 @@ def plan_memory(model_dir: Path, mode: str, layers: int | None, seq: int, checkp
 
 def scale(work: Path, model_dir: Path, seq: int, steps: int, reuse: bool, modes: list[str]) -> dict:
     if not model_dir.is_dir():
-        subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "make_scale_model.py"), "--out", str(model_dir)], check=True
-        )
+        subprocess.run(harness.module_cmd("make_scale_model", "--out", model_dir), check=True, cwd=ROOT)
     import yaml
 
     recipe = yaml.safe_load(ONE_GPU_RECIPE.read_text())
@@ -234,7 +212,7 @@ def scale(work: Path, model_dir: Path, seq: int, steps: int, reuse: bool, modes:
         if rows[mode]["tokens_per_s"] and base["tokens_per_s"]:
             rows[mode]["speed_vs_none"] = rows[mode]["tokens_per_s"] / base["tokens_per_s"]
     return {
-        "model": "scripts/make_scale_model.py (Raiden widths, 2 layers, bf16)",
+        "model": "scripts/make_scale_model.py (Raiden widths, 2 layers, bf16)",  # as the bench files say
         "recipe_for_projection": str(ONE_GPU_RECIPE.relative_to(ROOT)),
         "recipe_tokens_per_micro_batch": recipe_tokens,
         "modes": rows,
@@ -245,31 +223,19 @@ def scale(work: Path, model_dir: Path, seq: int, steps: int, reuse: bool, modes:
 
 def measure_in_child(mode: str, model_dir: Path, seq: int, steps: int, work: Path, out: Path) -> dict:
     """One mode in a fresh process, so its RSS figures are its own."""
-    subprocess.run(
-        [sys.executable, __file__, "--measure-scale", mode, "--model", str(model_dir), "--seq", str(seq),
-         "--steps", str(steps), "--json", str(out), "--work", str(work)],
-        env=ENV, check=True, cwd=ROOT,
-    )  # fmt: skip
-    return {**json.loads(out.read_text()), "git": git_state()}
+    cmd = harness.module_cmd("bench_quant", *harness.flags(measure_scale=mode, model=model_dir, seq=seq, steps=steps))
+    subprocess.run([*cmd, "--json", out, "--work", work], env=harness.child_env(), check=True, cwd=ROOT)
+    return {**json.loads(out.read_text()), "git": harness.provenance(OUTPUTS)}
 
 
 # ---- report -------------------------------------------------------------------------------
-
-
-def git_state() -> dict:
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    # the bench's own outputs do not count as changes to the code measured
-    changes = git("status", "--porcelain", "--", ".", ":!bench/quant.json", ":!bench/quant.md")
-    return {"commit": git("rev-parse", "HEAD"), "clean": changes == ""}
 
 
 def gib(b) -> str:
     return f"{b / 2**30:.2f}"
 
 
-def markdown(data: dict) -> str:
+def render(data: dict) -> str:
     lines = [
         "# Quantized router training (`quantize: none | nf4 | int8`)\n",
         f"{data.get('machine', '')}. Regenerate: `make bench-quant` (scripts/bench_quant.py). Each part names "
@@ -339,10 +305,8 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(parser) -> None:
     parser.add_argument("--part", choices=("demo", "scale", "all"), default="all")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quant")
     parser.add_argument("--demo-steps", type=int, help="override the demo recipe's max_steps")
     parser.add_argument("--scale-modes", nargs="+", choices=MODES, default=list(MODES), help="none is required")
@@ -355,14 +319,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="training steps per mode on the scale model")
     parser.add_argument("--measure-scale", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+
+
+def run(args) -> dict:
+    if args.smoke:  # the demo for one step, a tiny bf16 Mixtral for the scale part; unquantized and nf4
+        args.demo_steps, args.seq, args.steps = 1, 16, 3
+        args.demo_modes = args.scale_modes = ["none", "nf4"]
+        tiny = dict(hidden=64, intermediate=128, layers=2, vocab=1000, dtype="bfloat16")
+        args.model = harness.make_random_mixtral(args.work / "tiny-bf16", **tiny)
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.measure_scale:  # child process: one mode
-        result = measure_scale(args.measure_scale, args.model, args.seq, args.steps, args.work / "scale-run")
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        return
     path = args.out / "quant.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = json.loads(path.read_text()) if path.exists() and not args.smoke else {}
     if args.part in ("demo", "all"):
         data["demo"] = demo(args.work, args.demo_steps, args.reuse, args.demo_modes)
     if args.part in ("scale", "all"):
@@ -370,11 +337,17 @@ def main() -> None:
     import torch
 
     data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    (args.out / "quant.md").write_text(markdown(data))
-    print((args.out / "quant.md").read_text())
+    return data
 
 
 if __name__ == "__main__":
-    main()
+    if "--measure-scale" in sys.argv:  # child process: one mode
+        parser = argparse.ArgumentParser()
+        add_args(parser)
+        a = parser.parse_args(sys.argv[1:])
+        a.work.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(
+            json.dumps(measure_scale(a.measure_scale, a.model, a.seq, a.steps, a.work / "scale-run")) + "\n"
+        )
+    else:
+        harness.main("quant", __doc__, run, render, add_args)

@@ -1,4 +1,4 @@
-"""python scripts/bench_real.py --out bench  [--steps 60 240] [--stages evals train speed]
+"""python -m scripts.bench_real --out bench  [--steps 60 240] [--stages evals train speed] [--render]
 
 The real frankenMoE (scripts/make_real_moe.py: four SmolLM2-135M-Instruct experts, mergekit-moe with
 `hidden` and with `random` gates) measured, all on the same held-out blocks of recipes/demo-real.yaml:
@@ -15,7 +15,8 @@ The real frankenMoE (scripts/make_real_moe.py: four SmolLM2-135M-Instruct expert
   per run).
 
 Each finished stage is kept in WORK/state.json, so an interrupted benchmark continues where it
-stopped; bench/real.json and bench/real.md are rendered from it with the commit and tree state.
+stopped; bench/real.json and bench/real.md are rendered from it with the commit and tree state. No
+--smoke run: every part needs the real build (scripts/make_real_moe.py, ~30 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -31,9 +31,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from provenance import describe, provenance
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts import harness
+from scripts.bench import make_text_blocks
+from scripts.harness import ROOT, describe, gap_closed, provenance
+
 REAL = ROOT / "build" / "real"
 RECIPE = ROOT / "recipes" / "demo-real.yaml"
 DOMAINS = ("code", "python_docs", "book", "chat")
@@ -42,7 +44,7 @@ EVAL_BLOCKS = 16  # per domain, as `make demo-real` evaluates (EVAL_BLOCKS there
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    harness.log(f"[{time.strftime('%H:%M:%S')}] {msg}")
 
 
 class State:
@@ -141,8 +143,7 @@ def train_and_eval(state: State, merge: str, steps: int, work: Path, reuse: Path
     else:
         log("$ " + " ".join(cmd))
         start = time.time()
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+        subprocess.run(cmd, cwd=ROOT, env=harness.child_env(), check=True)
         seconds = time.time() - start
     model, tokenizer, _, _ = load_for_eval(str(run))
     result = summary(evaluate_model(model, eval_blocks(tokenizer), label=key))
@@ -154,30 +155,20 @@ def speed(state: State, work: Path, steps: int = 6) -> None:
     """router_tune vs the plain transformers Trainer, fresh processes, same blocks, fp32."""
     if "speed" in state:
         return
-    import bench_train
-
-    data = bench_train.make_text_blocks(work / "speed-blocks", REAL / "moe-hidden", seq=256, n_blocks=4 * (steps + 2))
+    data = make_text_blocks(work / "speed-blocks", REAL / "moe-hidden", seq=256, n_blocks=4 * (steps + 2))
     runs = {}
     for impl in ("baseline", "router_tune"):
-        cmd = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--impl", impl]
-        cmd += ["--model-dir", str(REAL / "moe-hidden"), "--data", str(data), "--out-dir", str(work / f"speed-{impl}")]
-        cmd += ["--batch", "4", "--steps", str(steps), "--warmup", "2", "--dtype", "float32"]
+        cmd = harness.module_cmd("bench_train", "--impl", impl, "--model-dir", REAL / "moe-hidden", "--data", data)
+        cmd += harness.flags(out_dir=work / f"speed-{impl}", batch=4, steps=steps, warmup=2, dtype="float32")
         log("$ " + " ".join(cmd[1:]))
-        env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            raise RuntimeError(f"bench_train {impl} failed:\n{proc.stderr[-4000:]}")
-        runs[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs[impl] = harness.run_json(cmd, threads=2)
     state.put("speed", runs)
 
 
-def gap_closed(merge_ppl: float, trained_ppl: float, oracle_ppl: float) -> float:
-    return (merge_ppl - trained_ppl) / (merge_ppl - oracle_ppl)
-
-
-def render(state: State, out: Path, steps: list[int]) -> None:
-    prov = provenance()
+def render(data: dict) -> str:
+    """bench/real.md from bench/real.json alone."""
+    state, prov = data["stages"], data["provenance"]
+    steps = data["steps"]
     rows = [("base (dense, not a MoE)", state["base"])] if "base" in state else []
     for i, d in enumerate(DOMAINS):
         if "experts_alone" in state:
@@ -191,11 +182,7 @@ def render(state: State, out: Path, steps: list[int]) -> None:
             key = f"trained-{merge}-{n}"
             if key in state:
                 rows.append((f"`{merge}` merge, routers trained {n} steps", state[key]["perplexity"]))
-                gaps[(merge, n)] = gap_closed(
-                    state[f"merge-{merge}"]["perplexity"]["overall"],
-                    state[key]["perplexity"]["overall"],
-                    state[f"oracle-{merge}"]["overall"],
-                )
+                gaps[(merge, n)] = data["gap_closed"][f"{merge}-{n}"]
         rows.append((f"oracle routing (`{merge}` merge)", state[f"oracle-{merge}"]))
     lines = [
         "# The real frankenMoE: SmolLM2-135M-Instruct x 4 experts",
@@ -235,31 +222,47 @@ def render(state: State, out: Path, steps: list[int]) -> None:
             f"| ratio | {r['tokens_per_s'] / b['tokens_per_s']:.2f}x "
             f"| {r['peak_rss_train_mb'] / b['peak_rss_train_mb']:.2f}x |",
         ]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "real.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    payload = {"provenance": prov, "eval_blocks_per_domain": EVAL_BLOCKS, **state.data}
-    payload["gap_closed"] = {f"{m}-{n}": round(g, 4) for (m, n), g in gaps.items()}
-    (out / "real.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    log(f"wrote {out / 'real.md'}")
+    return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-real")
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-real", help="runs and state.json")
     parser.add_argument("--steps", type=int, nargs="+", default=[60, 240], help="router-training budgets")
     parser.add_argument("--merges", nargs="+", default=list(MERGES), choices=MERGES)
     parser.add_argument(
         "--reuse", nargs="*", default=[], metavar="MERGE-STEPS=RUN", help="e.g. hidden-60=runs/demo-real"
     )
     parser.add_argument("--stages", nargs="+", default=["evals", "train", "speed"], choices=["evals", "train", "speed"])
-    args = parser.parse_args()
+
+
+def data_of(state: State, steps: list[int]) -> dict:
+    stages = dict(state.data)
+    gaps = {
+        f"{m}-{n}": round(
+            gap_closed(
+                stages[f"merge-{m}"]["perplexity"]["overall"],
+                stages[f"trained-{m}-{n}"]["perplexity"]["overall"],
+                stages[f"oracle-{m}"]["overall"],
+            ),
+            4,
+        )
+        for m in MERGES
+        for n in steps
+        if f"trained-{m}-{n}" in stages and f"oracle-{m}" in stages
+    }
+    return {"provenance": provenance(), "eval_blocks_per_domain": EVAL_BLOCKS, "steps": steps, "gap_closed": gaps,
+            "stages": stages}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.smoke:
+        sys.exit("bench_real has no --smoke run: every part needs the real build (python -m scripts.make_real_moe)")
     torch.set_num_threads(2)
     if not (REAL / "moe-random" / "config.json").is_file():
-        sys.exit("build/real is not built: python scripts/make_real_moe.py (or make demo-real)")
+        sys.exit("build/real is not built: python -m scripts.make_real_moe (or make demo-real)")
     args.work.mkdir(parents=True, exist_ok=True)
     state = State(args.work / "state.json")
-    reuse = {key: ROOT / run for key, run in (item.split("=", 1) for item in args.reuse)}
+    reuse = {key: ROOT / path for key, path in (item.split("=", 1) for item in args.reuse)}
     if "evals" in args.stages:
         for merge in args.merges:
             merge_evals(state, merge)
@@ -267,10 +270,13 @@ def main() -> None:
         for n in args.steps:
             for merge in args.merges:
                 train_and_eval(state, merge, n, args.work, reuse.get(f"{merge}-{n}"))
-                render(state, args.out, args.steps)
     if "speed" in args.stages:
         speed(state, args.work)
-    render(state, args.out, args.steps)
+    return data_of(state, args.steps)
+
+
+def main() -> None:
+    harness.main("real", __doc__, run, render, add_args)
 
 
 if __name__ == "__main__":

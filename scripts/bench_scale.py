@@ -1,9 +1,9 @@
 """Seed-model scale on this machine: memory per rank, start-up, checkpoints, export and speed on the
-Raiden-shaped scale model (scripts/make_scale_model.py: Raiden's widths, 2 layers, bf16, ~5.9 GB),
+Raiden-shaped scale model (scripts.make_scale_model: Raiden's widths, 2 layers, bf16, ~5.9 GB),
 and their projection to the real 26-layer model (issue 12, `make bench-scale`).
 
     make bench-scale                                # ~20 min on 2 CPU cores; writes bench/scale.json, bench/scale.md
-    python scripts/bench_scale.py --steps 2 --seq 128 --out bench
+    python -m scripts.bench_scale --steps 2 --seq 128 --out bench
 
 Every configuration runs in fresh processes, one configuration at a time, all with the same global
 batch (2 sequences of `--seq` random tokens per optimizer step) and `--steps` steps:
@@ -12,14 +12,14 @@ batch (2 sequences of `--seq` random tokens per optimizer step) and `--steps` st
            (transformers' load-time FSDP2 sharding), micro-batch 1 x seq per rank
   zero3    RouterTrainer, 2 gloo ranks (1 thread each), recipes/accelerate/cpu-deepspeed-zero3.yaml
            (DS_ACCELERATOR=cpu), micro-batch 1 x seq per rank
-  baseline transformers.Trainer on the same model and batch (scripts/bench_train.py --impl baseline)
+  baseline transformers.Trainer on the same model and batch (scripts.bench_train --impl baseline)
   export   `router-tune export` of the single run's last checkpoint, verification on (in-process CLI)
   peak     this machine's dense matmul FLOP/s, fp32 and bf16, at 2 threads (the denominator of MFU)
 Each rank records its RSS after imports, the peak while loading (RouterTrainer construction), the RSS
 after loading, the peak while training (20 ms sampler), the kernel's peak (VmHWM) for the whole
 process, RouterTrainer.startup_seconds (load, fingerprints, rescale probe), the time `train()` takes
 to reach its first step (accelerator.prepare: DDP-free for FSDP2, deepspeed.initialize for ZeRO-3) and
-the step times. scripts/measure.py holds the measurement helpers, scripts/provenance.py the commit.
+the step times (scripts.harness: the measurement helpers and the commit).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -37,20 +36,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ROOT / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+from scripts import bench_train, harness
+from scripts.harness import ROOT, PeakRss, checkpoint_bytes, describe, release_free_memory, rss, rss_parts, vm_hwm
 
-from measure import PeakRss, checkpoint_bytes, release_free_memory, rss, rss_parts, vm_hwm  # noqa: E402
-from provenance import describe, provenance  # noqa: E402
-
-BASE_ENV = {
-    **{k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "OMP_NUM_THREADS")},
-    "HF_HUB_OFFLINE": "1",
-    "WANDB_MODE": "offline",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONPATH": str(ROOT),
-}
 CONFIGS = ("single", "fsdp2", "zero3", "zero3-lean")
 SHARDED = CONFIGS[1:]
 # zero3-lean: the shipped CPU ZeRO-3 config with DeepSpeed's look-ahead off, so that one MoE block is live at a
@@ -118,13 +106,11 @@ def model_anatomy(model_dir: Path) -> dict:
 def worker(args) -> None:
     import torch
 
-    from router_tune.training.config import load_recipe
     from router_tune.training.trainer import RouterTrainer
 
     release_free_memory()
     after_imports, parts_after_imports = rss(), rss_parts()
     from datasets import load_from_disk
-    from transformers import TrainerCallback
 
     sharded = args.worker != "single"
     zero3 = args.worker.startswith("zero3")
@@ -137,7 +123,7 @@ def worker(args) -> None:
         import transformers.training_args as training_args
 
         training_args.is_torch_bf16_gpu_available = lambda: True
-    config = load_recipe(
+    config = harness.recipe(
         None,
         model_name_or_path=str(args.model),
         model_dtype="bfloat16",
@@ -148,35 +134,21 @@ def worker(args) -> None:
         learning_rate=0.5,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        eval_before_after=False,
         routing_log_every=1,
         logging_steps=1,
         save_strategy="steps",
         save_steps=args.steps,
-        report_to="none",
-        disable_tqdm=True,
         seed=0,
         data_seed=0,
-        dataloader_num_workers=0,
         use_cpu=args.worker == "single",  # fsdp2: ACCELERATE_USE_CPU=1; zero3: none (see its yaml)
         bf16=zero3,
     )
     data = load_from_disk(str(args.data))
-    marks: dict[str, float] = {}
-    step_ends: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            marks["train_begin"] = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            step_ends.append(time.perf_counter())
-
-    anon_peak = PeakRss(lambda: rss_parts().get("anon", 0))  # private memory: tensors, heap (no file pages)
-    anon_peak.start()
-    load_peak = PeakRss()
-    load_peak.start()
-    trainer = RouterTrainer(args=config, train_dataset=data, source_names=["random"], callbacks=[Clock()])
+    clock = harness.step_clock()
+    step_ends = clock.times
+    anon_peak = PeakRss(lambda: rss_parts().get("anon", 0)).start()  # private memory: tensors, heap (no file pages)
+    load_peak = PeakRss().start()
+    trainer = RouterTrainer(args=config, train_dataset=data, source_names=["random"], callbacks=[clock])
     peak_load = load_peak.stop()
     release_free_memory()
     after_load, parts_after_load = rss(), rss_parts()
@@ -193,8 +165,7 @@ def worker(args) -> None:
         "startup_seconds": dict(trainer.startup_seconds),
     }
     Path(f"{args.json}.loaded{rank}.json").write_text(json.dumps(loaded, indent=2) + "\n")
-    train_peak = PeakRss()
-    train_peak.start()
+    train_peak = PeakRss().start()
     done = threading.Event()
 
     def progress() -> None:  # the training peak so far, each second: a rank stopped for memory still reports it
@@ -203,7 +174,7 @@ def worker(args) -> None:
             Path(f"{args.json}.training{rank}.json").write_text(json.dumps(so_far) + "\n")
 
     threading.Thread(target=progress, daemon=True).start()
-    marks["train_call"] = time.perf_counter()
+    train_call = time.perf_counter()
     trainer.train()
     done.set()
     peak_train = train_peak.stop()
@@ -217,7 +188,6 @@ def worker(args) -> None:
             continue
         local += (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
         full += p.numel() * p.element_size()
-    timed = step_ends  # intervals from the first step's end: the first step (warm-up) is not timed
     tokens_per_step = 2 * args.seq  # global
     result = {
         "config": args.worker,
@@ -236,15 +206,15 @@ def worker(args) -> None:
         "peak_rss_anon": peak_anon,
         "param_bytes_held": local,
         "param_bytes_full": full,
-        "startup_seconds": {**trainer.startup_seconds, "prepare": marks["train_begin"] - marks["train_call"]},
-        "step_seconds": [b - a for a, b in zip([marks["train_begin"]] + step_ends, step_ends)],
-        "tokens_per_s": (len(timed) - 1) * tokens_per_step / (timed[-1] - timed[0]) if len(timed) > 1 else None,
-        "tokens_per_s_incl_first": len(step_ends) * tokens_per_step / (step_ends[-1] - marks["train_begin"]),
+        "startup_seconds": {**trainer.startup_seconds, "prepare": clock.begin - train_call},
+        "step_seconds": [b - a for a, b in zip([clock.begin] + step_ends, step_ends)],
+        "tokens_per_s": clock.tokens_per_s(tokens_per_step),  # the first step (warm-up) is not timed
+        "tokens_per_s_incl_first": clock.tokens_per_s(tokens_per_step, warmup=0),
         "steps": trainer.state.global_step,
     }
     out = Path(f"{args.json}.rank{result['rank']}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
-    trainer.accelerator.end_training()  # process group down before exit (PITFALLS.md: gloo teardown)
+    trainer.accelerator.end_training()  # process group down before exit: gloo aborts at teardown otherwise
 
 
 def export_worker(args) -> None:
@@ -265,23 +235,16 @@ def export_worker(args) -> None:
 
 def peak_worker(args) -> None:
     import torch
-    from measure import matmul_peak_flops
 
     torch.set_num_threads(2)
-    result = {d: matmul_peak_flops(d) for d in ("float32", "bfloat16")}
+    result = {d: harness.matmul_peak_flops(d) for d in ("float32", "bfloat16")}
     Path(args.json).write_text(json.dumps({"threads": 2, "size": 2048, "flops": result}, indent=2) + "\n")
 
 
 # ---- the parent: one configuration at a time ----------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(cmd: list[str], env: dict, log: Path, timeout: float, min_available: float = 0) -> dict:
+def watch(cmd: list[str], env: dict, log: Path, timeout: float, min_available: float = 0) -> dict:
     """`cmd` in fresh processes, output to `log`; samples every process it starts (each rank) for its
     peak RSS, so a configuration stopped for memory still says how far each rank got. Stops it when the
     machine's available memory falls under `min_available` bytes (the machine is shared: the OOM killer
@@ -332,17 +295,15 @@ def measure_config(name: str, args, work: Path) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     for old in work.glob(f"{name}.json.*.json"):
         old.unlink()
-    me = [str(Path(__file__)), "--model", str(args.model), "--data", str(work / "blocks")]
-    me += ["--steps", str(args.steps), "--seq", str(args.seq), "--run-dir", str(run_dir), "--json", f"{stem}.json"]
-    me += ["--worker", name]
+    me = harness.flags(model=args.model, data=work / "blocks", steps=args.steps, seq=args.seq, run_dir=run_dir)
+    me += ["--json", f"{stem}.json", "--worker", name]
     if name == "single":
-        cmd, env = [sys.executable, *me], {**BASE_ENV, "OMP_NUM_THREADS": "2"}
+        cmd, env = [*harness.module_cmd("bench_scale"), *me], harness.child_env(2)
     else:
         yaml = "cpu-fsdp2.yaml" if name == "fsdp2" else "cpu-deepspeed-zero3.yaml"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{yaml}"]
-        cmd += ["--main_process_port", str(free_port()), *me]
-        env = {**BASE_ENV, "OMP_NUM_THREADS": "1"}
-        env.update({"ACCELERATE_USE_CPU": "1"} if name == "fsdp2" else {"DS_ACCELERATOR": "cpu"})
+        cmd += ["--main_process_port", str(harness.free_port()), "-m", "scripts.bench_scale", *me]
+        env = harness.child_env(1, **({"ACCELERATE_USE_CPU": "1"} if name == "fsdp2" else {"DS_ACCELERATOR": "cpu"}))
         if name.startswith("zero3"):  # bf16 partitions, as on a GPU (see worker)
             extra = ["--mixed_precision", "bf16"]
             if name == "zero3-lean":
@@ -351,7 +312,7 @@ def measure_config(name: str, args, work: Path) -> dict:
                 (work / "zero3-lean.json").write_text(json.dumps(ds, indent=2))
                 extra += ["--deepspeed_config_file", str(work / "zero3-lean.json")]
             cmd[cmd.index("--main_process_port") : cmd.index("--main_process_port")] = extra
-    result = run(cmd, env, work / f"{name}.log", args.timeout, args.min_available_gb * GB)
+    result = watch(cmd, env, work / f"{name}.log", args.timeout, args.min_available_gb * GB)
     ranks = [json.loads(p.read_text()) for p in sorted(work.glob(f"{name}.json.rank*.json"))]
     ckpt = run_dir / f"checkpoint-{args.steps}"
     files = {str(f.relative_to(ckpt)): f.stat().st_size for f in ckpt.rglob("*") if f.is_file()}
@@ -379,12 +340,12 @@ def check(result: dict, log: Path) -> None:
 def measure_baseline(args, work: Path) -> dict:
     out = work / "run-baseline"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(SCRIPTS / "bench_train.py"), "--impl", "baseline", "--model-dir", str(args.model)]
-    cmd += ["--data", str(work / "blocks"), "--out-dir", str(out), "--batch", "1", "--grad-accum", "2"]
-    cmd += ["--steps", str(args.steps), "--warmup", "1", "--threads", "2", "--dtype", "bfloat16"]
-    cmd += ["--logging-steps", "1"]
+    cmd = bench_train.cmd(
+        impl="baseline", model_dir=args.model, data=work / "blocks", out_dir=out, batch=1, grad_accum=2,
+        steps=args.steps, warmup=1, threads=2, dtype="bfloat16", logging_steps=1,
+    )  # fmt: skip
     log = work / "baseline.log"
-    check(run(cmd, {**BASE_ENV, "OMP_NUM_THREADS": "2"}, log, args.timeout), log)
+    check(watch(cmd, harness.child_env(2), log, args.timeout), log)
     result = json.loads(log.read_text().strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)  # its checkpoint holds the whole model
     return result
@@ -393,9 +354,9 @@ def measure_baseline(args, work: Path) -> dict:
 def measure_export(args, work: Path) -> dict:
     export_dir = work / "export"
     checkpoint = work / "run-single" / f"checkpoint-{args.steps}"
-    me = [sys.executable, str(Path(__file__)), "--export-worker", "--run-dir", str(checkpoint)]
-    me += ["--export-dir", str(export_dir), "--json", str(work / "export.json")]
-    check(run(me, {**BASE_ENV, "OMP_NUM_THREADS": "2"}, work / "export.log", args.timeout), work / "export.log")
+    me = harness.module_cmd("bench_scale", "--export-worker", "--run-dir", checkpoint, "--export-dir", export_dir)
+    me += ["--json", str(work / "export.json")]
+    check(watch(me, harness.child_env(2), work / "export.log", args.timeout), work / "export.log")
     result = json.loads((work / "export.json").read_text())
     result["export_bytes"] = checkpoint_bytes(export_dir)
     shutil.rmtree(export_dir, ignore_errors=True)
@@ -403,8 +364,8 @@ def measure_export(args, work: Path) -> dict:
 
 
 def measure_peak(args, work: Path) -> dict:
-    me = [sys.executable, str(Path(__file__)), "--peak-worker", "--json", str(work / "peak.json")]
-    check(run(me, {**BASE_ENV, "OMP_NUM_THREADS": "2"}, work / "peak.log", args.timeout), work / "peak.log")
+    me = harness.module_cmd("bench_scale", "--peak-worker", "--json", work / "peak.json")
+    check(watch(me, harness.child_env(2), work / "peak.log", args.timeout), work / "peak.log")
     return json.loads((work / "peak.json").read_text())
 
 
@@ -503,9 +464,7 @@ def analyse(data: dict) -> dict:
             "ratio_above_imports": (e["peak_rss_process"] - e["rss_after_imports"]) / model_bytes,
             "pass": e["peak_rss_process"] / model_bytes <= TARGETS["export_rss"],
         }
-    from bench_train import active_params
-
-    n = active_params(argparse.Namespace(**data["model_config"]))
+    n = bench_train.active_params(argparse.Namespace(**data["model_config"]))
     speed = {"active_params": n, "flops_per_token": 4 * n["total_active"]}
     rt, base = single.get("tokens_per_s"), data.get("baseline", {}).get("tokens_per_s")
     speed["router_tune_tokens_per_s"], speed["baseline_tokens_per_s"] = rt, base
@@ -577,7 +536,7 @@ def gb(b) -> str:
     return f"{b / GB:.2f}"
 
 
-def markdown(data: dict) -> str:
+def render(data: dict) -> str:
     a, f = data["model"], data["figures"]
     cfg = {n: c for n, c in data["configs"].items() if not c.get("failed")}
     p = data["provenance"]
@@ -779,9 +738,7 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+def add_args(parser) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-scale")
     parser.add_argument("--model", type=Path, default=ROOT / "build" / "scale-model")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
@@ -809,29 +766,29 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--export-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        return worker(args)
-    if args.export_worker:
-        return export_worker(args)
-    if args.peak_worker:
-        return peak_worker(args)
 
+
+def run(args) -> dict:
     if args.reanalyse:  # the analysis changed, the measurements stand: both commits are recorded
         data = json.loads((args.out / "scale.json").read_text())
-        data["figures"], data["reanalysed"] = analyse(data), provenance()
-        return write(data, args.out)
+        data["figures"], data["reanalysed"] = analyse(data), harness.provenance()
+        return data
     start = time.perf_counter()
-    prov = provenance()  # before anything is written
-    if not args.model.is_dir():
-        make = [sys.executable, str(SCRIPTS / "make_scale_model.py"), "--out", str(args.model)]
-        subprocess.run(make + ["--layers", str(args.layers)], check=True)
-    args.work.mkdir(parents=True, exist_ok=True)
-    from bench_train import make_random_blocks
+    prov = harness.provenance()  # before anything is written
+    if args.smoke:  # Raiden's layout at toy widths, one step after the warm-up of every configuration
+        args.seq, args.steps, args.model = 16, 2, args.work / "tiny-scale-model"
+        shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+        if not args.model.is_dir():
+            from scripts.make_scale_model import RAIDEN, write_checkpoint
 
+            write_checkpoint(args.model, {**RAIDEN, **shape, "num_hidden_layers": 2}, shards=2)
+    if not args.model.is_dir():
+        make = harness.module_cmd("make_scale_model", "--out", args.model, "--layers", args.layers)
+        subprocess.run(make, check=True, cwd=ROOT)
+    args.work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.work / "blocks", ignore_errors=True)
     config = json.loads((args.model / "config.json").read_text())
-    make_random_blocks(args.work / "blocks", vocab=config["vocab_size"], seq=args.seq, n_blocks=4 * args.steps)
+    harness.make_random_blocks(args.work / "blocks", vocab=config["vocab_size"], seq=args.seq, n_blocks=4 * args.steps)
     data = {
         "provenance": prov,
         "steps": args.steps,
@@ -857,15 +814,14 @@ def main() -> None:
     data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " + (
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
     )
-    write(data, args.out)
-
-
-def write(data: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "scale.md").write_text(markdown(data))
-    print((out / "scale.md").read_text())
+    return data
 
 
 if __name__ == "__main__":
-    main()
+    if {"--worker", "--export-worker", "--peak-worker"} & set(sys.argv):  # one part, in this fresh process
+        parser = argparse.ArgumentParser()
+        add_args(parser)
+        a = parser.parse_args()
+        (worker if a.worker else export_worker if a.export_worker else peak_worker)(a)
+    else:
+        harness.main("scale", __doc__, run, render, add_args)

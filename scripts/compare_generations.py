@@ -1,4 +1,4 @@
-"""python scripts/compare_generations.py BEFORE AFTER --out generations.md [--max-new-tokens 40]
+"""python -m scripts.compare_generations BEFORE AFTER --out generations.md [--max-new-tokens 40]
 
 Greedy generations of two checkpoints of one model (e.g. the merge as mergekit-moe wrote it and the
 model `router-tune export` wrote after router training) for one fixed prompt per domain of the real

@@ -13,7 +13,7 @@ BLOCKS=${EVAL_BLOCKS:-16}  # held-out blocks of 256 tokens per domain, for each 
 step() { printf '\n\033[1m== %s ==\033[0m\n' "$*"; }
 
 step "0/6 build: the real frankenMoE, once (cached in build/real)"
-python scripts/make_real_moe.py
+python -m scripts.make_real_moe
 
 step "1/6 inspect: the merge as mergekit-moe wrote it"
 router-tune inspect "$MODEL"
@@ -29,10 +29,10 @@ step "4/6 export: a full model in the legacy layout (transformers, mergekit, lla
 router-tune export "$RUN" --out "$RUN/export" --layout legacy --force
 
 step "5/6 generate: greedy text from the merge before and from the exported model after"
-python scripts/compare_generations.py "$MODEL" "$RUN/export" --out "$RUN/generations.md"
+python -m scripts.compare_generations "$MODEL" "$RUN/export" --out "$RUN/generations.md"
 
 step "6/6 GGUF: llama.cpp's converter reads the export and holds the trained routers"
-python scripts/check_gguf.py "$RUN/export" --routers "$RUN/routers.safetensors"
+python -m scripts.check_gguf "$RUN/export" --routers "$RUN/routers.safetensors"
 
 printf '\nreport: %s/eval/report.md   generations: %s/generations.md   plots: %s/plots/   exported model: %s/export\n' \
     "$RUN" "$RUN" "$RUN" "$RUN"

@@ -4,8 +4,8 @@
     scripts/gpu_check.sh --dry-run --out DIR  # every stage on this CPU with tiny sizes (under a minute idle)
 
 Builds a Raiden-width model with 4 layers (scripts/make_scale_model.py: hidden 3200, 16 experts of 8640,
-vocab 32000; ~11.6 GB bf16) and random 2048-token blocks (scripts/bench_train.py), then runs each stage as
-one fresh `scripts/bench_train.py` process (scripts/bench.py's `run_child`):
+vocab 32000; ~11.6 GB bf16) and random 2048-token blocks, then runs each stage as one fresh
+`scripts.bench_train` process:
   baseline     the plain transformers Trainer, bf16 weights, routers trainable by class
   router_tune  RouterTrainer on the same weights, blocks, batch and steps
   recipe       the shipped bf16 recipe path: bf16 autocast, activation checkpointing, chunked CE
@@ -19,7 +19,6 @@ clean, and the GPU's name.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -27,14 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from provenance import describe, provenance
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
-
-import bench_train  # noqa: E402
-
-import bench  # noqa: E402  (scripts/ helpers, same folder)
+from scripts import bench, bench_train, harness
+from scripts.harness import ROOT, describe, log
 
 RECIPE = ["bf16=true", "activation_checkpointing=true", "ce_chunk_tokens=4096"]
 STAGES = {  # name: (impl, extra bench_train arguments)
@@ -62,14 +55,13 @@ def sizes(dry_run: bool) -> dict:
 def build_model(work: Path, dry_run: bool) -> Path:
     """The model every stage loads: Raiden's widths with 4 layers on a GPU, a tiny Mixtral in a dry run."""
     if dry_run:
-        return bench_train.make_random_mixtral(
+        return harness.make_random_mixtral(
             work / "tiny", experts=4, hidden=64, layers=2, intermediate=128, vocab=1000, dtype="bfloat16"
         )
     out = work / "raiden-4-layers"
     if not (out / "config.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, str(ROOT / "scripts" / "make_scale_model.py"), "--out", str(out), "--layers", "4"]
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        subprocess.run(harness.module_cmd("make_scale_model", "--out", out, "--layers", 4), check=True, cwd=ROOT)
     return out
 
 
@@ -78,14 +70,15 @@ def run_stages(model: Path, data: Path, work: Path, size: dict) -> dict:
     for name, (impl, extra) in STAGES.items():
         out = work / "runs" / name
         shutil.rmtree(out, ignore_errors=True)
-        cmd = ["--impl", impl, "--model-dir", str(model), "--data", str(data), "--out-dir", str(out)]
-        cmd += ["--batch", str(size["batch"]), "--steps", str(size["steps"]), "--warmup", str(size["warmup"])]
-        cmd += ["--threads", str(size["threads"]), "--device", size["device"], "--dtype", "bfloat16"]
-        cmd += ["--routing-log-every", "0", "--logging-steps", str(size["steps"])]
+        cmd = bench_train.cmd(
+            impl=impl, model_dir=model, data=data, out_dir=out, batch=size["batch"], steps=size["steps"],
+            warmup=size["warmup"], threads=size["threads"], device=size["device"], dtype="bfloat16",
+            routing_log_every=0, logging_steps=size["steps"],
+        )  # fmt: skip
         started = time.perf_counter()
-        runs[name] = bench.run_child(cmd + extra, size["threads"], timeout=600)
+        runs[name] = harness.run_json(cmd + extra, size["threads"], timeout=600)
         runs[name]["wall_s"] = time.perf_counter() - started
-        bench.log(f"  {name:<12} {runs[name]['tokens_per_s']:10.1f} tok/s  ({runs[name]['wall_s']:.0f} s)")
+        log(f"  {name:<12} {runs[name]['tokens_per_s']:10.1f} tok/s  ({runs[name]['wall_s']:.0f} s)")
         shutil.rmtree(out, ignore_errors=True)
     return runs
 
@@ -123,10 +116,7 @@ def summarise(runs: dict, model: Path) -> dict:
 
 
 def verdict(name: str, value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    op, bound = TARGETS[name]
-    return "PASS" if (value >= bound if op == ">=" else value <= bound) else "MISS"
+    return harness.judge(value, TARGETS[name])
 
 
 def markdown(result: dict) -> str:
@@ -163,22 +153,18 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="every stage on this CPU with tiny sizes")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu", help="where check.json / check.md go")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "build" / "gpu-check", help="model, blocks, runs")
-    args = parser.parse_args(argv)
-    started, record = time.time(), provenance()  # before any file is written: the tree as measured
+def run(args) -> dict:
+    args.dry_run = args.dry_run or args.smoke
+    started, record = time.time(), harness.provenance()  # before any file is written: the tree as measured
     size = sizes(args.dry_run)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(args.work_dir, args.dry_run)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     n_blocks = size["batch"] * size["steps"]
-    data = bench_train.make_random_blocks(
+    data = harness.make_random_blocks(
         args.work_dir / f"blocks-s{size['seq']}-n{n_blocks}", vocab=vocab, seq=size["seq"], n_blocks=n_blocks
     )
-    bench.log(f"model {model}, blocks {data}")
+    log(f"model {model}, blocks {data}")
     result = {
         "dry_run": args.dry_run,
         "provenance": record,
@@ -186,12 +172,16 @@ def main(argv=None) -> None:
         "sizes": size,
         **summarise(run_stages(model, data, args.work_dir, size), model),
     }
-    result["seconds"] = time.time() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "check.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "check.md").write_text(markdown(result))
-    print(markdown(result))
+    return {**result, "seconds": time.time() - started}
+
+
+def add_args(p) -> None:
+    p.add_argument("--dry-run", action="store_true", help="every stage on this CPU with tiny sizes (= --smoke)")
+    p.add_argument("--work-dir", type=Path, default=ROOT / "build" / "gpu-check", help="model, blocks, runs")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    argv = sys.argv[1:] if "--out" in sys.argv else [*sys.argv[1:], "--out", str(ROOT / "bench" / "gpu")]
+    harness.main("check", __doc__, run, markdown, add_args, argv)

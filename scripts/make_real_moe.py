@@ -1,4 +1,4 @@
-"""python scripts/make_real_moe.py  [--work build/real]
+"""python -m scripts.make_real_moe  [--work build/real]
 
 A frankenMoE of a real pretrained language model, built offline the way people build theirs:
 

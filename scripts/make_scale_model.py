@@ -1,7 +1,7 @@
 """A random frankenMoE with Raiden-16x3.43B's real widths, for memory and start-up measurements.
 
-    python scripts/make_scale_model.py --out build/scale-model                 # 2 layers, ~5.9 GB bf16
-    python scripts/make_scale_model.py --out build/scale-26 --layers 26        # the full 36B shape, ~72 GB
+    python -m scripts.make_scale_model --out build/scale-model                 # 2 layers, ~5.9 GB bf16
+    python -m scripts.make_scale_model --out build/scale-26 --layers 26        # the full 36B shape, ~72 GB
 
 Kquant03/Raiden-16x3.43B is 16 copies of an OpenLLaMA-3B fine-tune's MLP behind top-2 routers: hidden
 3200, intermediate 8640, 32 heads (no grouped KV), vocabulary 32000, 26 layers. This writes the same
@@ -46,10 +46,11 @@ RAIDEN = dict(  # Kquant03/Raiden-16x3.43B's config.json, layer count aside
 def tensor_specs(config: MixtralConfig) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, init) of every tensor, in the order mergekit writes them; init: normal | ones | router."""
     h, inter, experts = config.hidden_size, config.intermediate_size, config.num_local_experts
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
     specs = [("model.embed_tokens.weight", (config.vocab_size, h), "normal")]
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}"
-        specs += [(f"{p}.self_attn.{n}_proj.weight", (h, h), "normal") for n in ("q", "k", "v", "o")]
+        specs += [(f"{p}.self_attn.{n}_proj.weight", (kv if n in "kv" else h, h), "normal") for n in "qkvo"]
         specs += [(f"{p}.input_layernorm.weight", (h,), "ones"), (f"{p}.post_attention_layernorm.weight", (h,), "ones")]
         specs.append((f"{p}.block_sparse_moe.gate.weight", (experts, h), "router"))
         for e in range(experts):
@@ -69,6 +70,50 @@ def make(t_shape: tuple[int, ...], init: str, dtype: torch.dtype, gen: torch.Gen
     return t.mul_(0.02).to(dtype)
 
 
+def write_checkpoint(
+    out: Path, shape: dict, *, shard_gb: float | None = None, shards: int | None = None, dtype: str = "bfloat16",
+    seed: int = 0, tokenizer: bool = True,
+) -> Path:  # fmt: skip
+    """A random Mixtral of `shape` (MixtralConfig keys) in the legacy layout, in shards of `shard_gb` GB or in
+    `shards` shards of about equal bytes, each written as soon as it is full (peak RAM ~ one shard)."""
+    torch_dtype = getattr(torch, dtype)
+    config = MixtralConfig(**shape, dtype=dtype)
+    specs = tensor_specs(config)
+    nbytes = [torch.Size(spec[1]).numel() * torch_dtype.itemsize for spec in specs]
+    limit = int(shard_gb * 1e9) if shard_gb else -(-sum(nbytes) // shards)
+    # Group tensors into shards first, so every file name carries the final shard count.
+    groups: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
+    size = 0
+    for spec, n in zip(specs, nbytes):
+        if groups[-1] and size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += n
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups, 1):
+        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: make(shape, init, torch_dtype, gen) for n, shape, init in group}
+        save_file(tensors, tmp / name, metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+        print(f"{name}: {len(group)} tensors", flush=True)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.architectures = ["MixtralForCausalLM"]
+    config.save_pretrained(tmp)
+    for f in TOKENIZER_FILES if tokenizer else ():
+        shutil.copy(TOKENIZER_FROM / f, tmp / f)
+    tmp.rename(out)
+    print(f"{out}: {config.num_hidden_layers} layers, {len(groups)} shards, {total / 1e9:.2f} GB {dtype}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to create")
@@ -79,38 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         raise SystemExit(f"{args.out} exists; remove it or pick another --out")
-    dtype = getattr(torch, args.dtype)
-    config = MixtralConfig(**RAIDEN, num_hidden_layers=args.layers, dtype=args.dtype)
-    specs = tensor_specs(config)
-    limit = int(args.shard_gb * 1e9)
-    # Group tensors into shards first, so every file name carries the final shard count.
-    shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
-    size = 0
-    for spec in specs:
-        nbytes = torch.Size(spec[1]).numel() * dtype.itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += nbytes
-    args.out.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(args.seed)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: make(shape, init, dtype, gen) for n, shape, init in shard}
-        save_file(tensors, args.out / name, metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update(dict.fromkeys(tensors, name))
-        del tensors
-        print(f"{name}: {len(shard)} tensors", flush=True)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (args.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config.architectures = ["MixtralForCausalLM"]
-    config.save_pretrained(args.out)
-    for f in TOKENIZER_FILES:
-        shutil.copy(TOKENIZER_FROM / f, args.out / f)
-    print(f"{args.out}: {args.layers} layers, {len(shards)} shards, {total / 1e9:.2f} GB {args.dtype}")
+    shape = {**RAIDEN, "num_hidden_layers": args.layers}
+    write_checkpoint(args.out, shape, shard_gb=args.shard_gb, dtype=args.dtype, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -1,36 +1,30 @@
 """Router training from saturated mergekit `random` gates, with and without router rescaling.
 
-    python scripts/saturated_demo.py [--steps 150] [--out build/saturated]
+    python -m scripts.saturated_demo [--steps 150] [--out bench] [--work-dir build/saturated]
 
-mergekit's `gate_mode: random` fills every gate with torch.randn: rows of norm ~sqrt(H), a
-one-hot softmax, and (almost) no gradient for the router. This script makes that variant of
-the demo frankenMoE (same experts, gates drawn exactly as mergekit draws them), trains its
-routers with recipes/demo.yaml twice for the same number of steps, `router_rescale: off`
-and `auto`, and writes the held-out figures to OUT/saturated.json and a table to stdout.
+mergekit's `gate_mode: random` fills every gate with torch.randn: rows of norm ~sqrt(H), a one-hot
+softmax, (almost) no gradient for the router. This makes that variant of the demo frankenMoE (same
+experts, gates drawn as mergekit draws them), trains its routers with recipes/demo.yaml twice,
+`router_rescale: off` and `auto`, and writes OUT/saturated.json and OUT/saturated.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
-import torch
-from provenance import provenance
-from safetensors.torch import load_file, save_file
-
-from router_tune import RouterTrainer, load_recipe
-
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "router_tune" / "assets" / "demo-moe"
+from scripts import harness
 
 
 def random_gate_variant(out: Path, seed: int = 42) -> Path:
     """The demo model with every router replaced by torch.randn(E, H), as mergekit's `random` mode."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(DEMO, out)
+    shutil.copytree(harness.DEMO, out)
     generator = torch.Generator().manual_seed(seed)
     for shard in sorted(out.glob("*.safetensors")):
         tensors = load_file(shard)
@@ -42,15 +36,16 @@ def random_gate_variant(out: Path, seed: int = 42) -> Path:
 
 
 def train(model: Path, out: Path, rescale: str, steps: int) -> dict:
+    from router_tune import RouterTrainer
+
     shutil.rmtree(out, ignore_errors=True)
-    args = load_recipe(
-        ROOT / "recipes" / "demo.yaml",
+    args = harness.recipe(
+        harness.DEMO_RECIPE,
         model_name_or_path=str(model),
         output_dir=str(out),
         router_rescale=rescale,
         max_steps=steps,
-        report_to="none",
-        save_strategy="no",
+        eval_before_after=True,
     )
     trainer = RouterTrainer(args=args)
     trainer.train()
@@ -63,26 +58,38 @@ def train(model: Path, out: Path, rescale: str, steps: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--out", type=Path, default=ROOT / "build" / "saturated")
-    args = parser.parse_args()
-    model = random_gate_variant(args.out / "random-gates-moe")
-    runs = {mode: train(model, args.out / f"rescale-{mode}", mode, args.steps) for mode in ("off", "auto")}
+def run(args) -> dict:
+    steps = 1 if args.smoke else args.steps
+    model = random_gate_variant(args.work_dir / "random-gates-moe")
+    runs = {mode: train(model, args.work_dir / f"rescale-{mode}", mode, steps) for mode in ("off", "auto")}
     untrained = runs["off"]["before"]["overall"]
-    summary = {"steps": args.steps, "untrained_random_gates": untrained, "runs": runs, **provenance()}
-    for run in runs.values():
-        run["reduction_vs_untrained"] = 1 - run["after"]["overall"] / untrained
-    (args.out / "saturated.json").write_text(json.dumps(summary, indent=2))
-    print(f"mixed held-out perplexity, mergekit random gates, {args.steps} router-only steps")
-    print(f"  untrained (random gates)      {untrained:8.2f}")
-    for mode, run in runs.items():
-        print(
-            f"  trained, router_rescale={mode:<4}  {run['after']['overall']:8.2f}  "
-            f"({100 * run['reduction_vs_untrained']:.1f}% lower)"
+    for r in runs.values():
+        r["reduction_vs_untrained"] = 1 - r["after"]["overall"] / untrained
+    return {"steps": steps, "untrained_random_gates": untrained, "runs": runs, **harness.provenance()}
+
+
+def render(d: dict) -> str:
+    lines = [
+        f"# Saturated routers: mixed held-out perplexity, mergekit random gates, {d['steps']} router-only steps",
+        "",
+        f"`python -m scripts.saturated_demo --steps {d['steps']}` at {harness.describe(d)}.",
+        "",
+        "| | mixed held-out perplexity | vs untrained |",
+        "|---|---:|---:|",
+        f"| untrained `random` gates | {d['untrained_random_gates']:.2f} | |",
+    ]
+    for mode, r in d["runs"].items():
+        lines.append(
+            f"| trained, `router_rescale: {mode}` | {r['after']['overall']:.2f} | "
+            f"-{100 * r['reduction_vs_untrained']:.1f}% |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def add_args(p) -> None:
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--work-dir", type=Path, default=harness.ROOT / "build" / "saturated")
 
 
 if __name__ == "__main__":
-    main()
+    harness.main("saturated", __doc__, run, render, add_args)

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from provenance import ROOT, describe, provenance
+from scripts.harness import ROOT, describe, provenance
 
 # The versions that have broken us before, shown first in the record.
 WATCHED = [

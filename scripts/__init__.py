@@ -1,0 +1,1 @@
+"""Scripts that rebuild every committed asset and benchmark figure; run them as `python -m scripts.NAME`."""
