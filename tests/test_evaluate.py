@@ -425,3 +425,33 @@ def test_eval_device(mixtral_legacy, monkeypatch, capsys):
         for device in ("cuda", "auto"):
             assert cli_main(["eval", str(mixtral_legacy), "--device", device]) == 1
             assert "use --device cpu" in capsys.readouterr().err and not seen
+
+
+def test_a_bf16_checkpoint_on_a_cpu_without_native_bf16_is_evaluated_in_fp32_with_routers_as_exported(
+    mixtral_bf16, data_files, tmp_path, monkeypatch
+):
+    """Emulated bf16 made `router-tune eval` of the real SmolLM2 merge take ~47 s a batch: like training,
+    eval computes a bf16 checkpoint in fp32 on such a CPU, its routers rounded to bf16 as export stores
+    them. Reference: the checkpoint loaded in fp32 by hand, routers set to their bf16 values, plain forward."""
+    from router_tune.model import loading
+
+    monkeypatch.setattr(loading, "native_half_matmul", lambda dtype: False)
+    run, routers = make_run(mixtral_bf16, tmp_path)
+    model, tokenizer, info, _ = load_for_eval(run)
+    assert (info.dtype, info.stored_dtype) == (torch.float32, torch.bfloat16)
+    blocks = build_eval_blocks(
+        parse_sources(sources_from_files([str(p) for p in data_files])),
+        tokenizer,
+        BLOCK,
+        eval_fraction=FRACTION,
+        max_blocks=MAX_BLOCKS,
+    )
+    result = evaluate_model(model, blocks, progress=False, stored_dtype=info.stored_dtype)
+    reference = AutoModelForCausalLM.from_pretrained(mixtral_bf16, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, value in routers.items():
+            reference.get_parameter(name).copy_(value.to(torch.bfloat16).float())
+    ce, targets = direct(reference, blocks)
+    for source in blocks:
+        assert result.perplexity[source] == pytest.approx(math.exp(ce[source] / targets[source]), rel=1e-6)
+    assert result.perplexity_fp32_routers is not None  # the unrounded routers, as training computed them

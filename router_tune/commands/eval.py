@@ -216,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
         f"({', '.join(f'{s}: {len(b)}' for s, b in blocks.items())})"
     )
     top_k, dtype = info.top_k, info.dtype
-    result = evaluate_model(model, blocks, top_k=top_k, batch_size=args.batch_size, label=label)
+    stored = info.stored_dtype if info.dtype_note else None  # computed in another dtype than stored
+    result = evaluate_model(model, blocks, top_k=top_k, batch_size=args.batch_size, label=label, stored_dtype=stored)
     oracle = (
         evaluate_oracle(model, blocks, args.oracle, top_k=top_k, batch_size=args.batch_size) if args.oracle else None
     )
@@ -227,7 +228,9 @@ def run(args: argparse.Namespace) -> int:
         # still loads in its own recipe's dtype).
         other, _, _, other_label = load_for_eval(compare, dtype=dtype, **load)
         results = {
-            "before": evaluate_model(other, blocks, top_k=top_k, batch_size=args.batch_size, label=other_label),
+            "before": evaluate_model(
+                other, blocks, top_k=top_k, batch_size=args.batch_size, label=other_label, stored_dtype=stored
+            ),
             "after": result,
         }
         del other
@@ -240,6 +243,12 @@ def run(args: argparse.Namespace) -> int:
         else "full precision, as exported"
         + (f" (routers trained against an {trained_on}-quantized base)" if trained_on else "")
     )
+    if stored is not None:
+        name = str(stored).removeprefix("torch.")
+        meta["weights"] += (
+            f"; {name} weights as stored, computed in {str(dtype).removeprefix('torch.')} on this CPU (no fast "
+            f"{name} matmul), routers rounded to {name} as the export stores them"
+        )
     if oracle:
         meta["oracle"] = oracle
     report = write_report(out, results, title=f"router_tune evaluation: {args.model}", meta=meta)

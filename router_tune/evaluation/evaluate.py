@@ -130,11 +130,12 @@ def evaluate_model(
     device: torch.device | str | None = None,
     label: str = "",
     progress: bool = True,
+    stored_dtype: torch.dtype | None = None,
 ) -> EvalResult:
     """Held-out perplexity per source and overall, and routing statistics over the same tokens, of
-    the model as it ships: routers rounded to the model's dtype and run by the architecture's own
-    forward, as in an exported checkpoint (`deployed_routers`). When the model is not fp32, the
-    perplexity with fp32 router logits (how training computes them) is measured too and kept in
+    the model as it ships: routers rounded to the checkpoint's dtype and run by the architecture's own
+    forward, as in an exported checkpoint (`deployed_routers`). When the routers ship in less than fp32,
+    the perplexity with fp32 router weights (how training computes them) is measured too and kept in
     `EvalResult.perplexity_fp32_routers`.
 
     Args:
@@ -145,6 +146,8 @@ def evaluate_model(
         device: where batches go (default: the device of the model's first parameter).
         label: stored as `EvalResult.model`.
         progress: show a tqdm bar over batches.
+        stored_dtype: the dtype the checkpoint stores its weights in, when the model computes in another
+            (a bf16 checkpoint computed in fp32 on a CPU: `MoeInfo.stored_dtype`); default: the model's.
 
     Single-process: every caller evaluates all blocks and nothing is reduced across ranks.
 
@@ -167,10 +170,10 @@ def evaluate_model(
     batches = [
         (s, eval_blocks[s][i : i + batch_size]) for s in sources for i in range(0, len(eval_blocks[s]), batch_size)
     ]
-    with deployed_routers(model):
+    with deployed_routers(model, stored_dtype):
         loss, tokens = held_out_loss(model, batches, sources, device, stats, progress)
     fp32_routers = None
-    if info.dtype != torch.float32:
+    if (stored_dtype or info.dtype) != torch.float32:
         fp32_loss, _ = held_out_loss(model, batches, sources, device, None, progress)
         fp32_routers = {k: math.exp(v) for k, v in fp32_loss.items()}
     return EvalResult(
@@ -279,8 +282,15 @@ def load_for_eval(
     single = isinstance(device_map, str) and device_map != "auto"
     device = device_map if single else ("cuda" if torch.cuda.is_available() else "cpu")
     check_quantization(quantize, device)  # before any weight loads
+    # `auto` on a CPU without native bf16 computes a bf16 checkpoint in fp32 (as training does): the same
+    # weights, and evaluate_model(stored_dtype=info.stored_dtype) rounds the routers as export stores them
     model, info = load_moe(
-        source, dtype=dtype, device_map=device_map, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        source,
+        dtype=dtype,
+        compute_device=device,
+        device_map=device_map,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
     )
     for extra in (trained, read_trained_routers(routers) if routers is not None else None):
         if extra is not None:

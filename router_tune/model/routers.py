@@ -170,19 +170,24 @@ def routers_to_fp32(model: nn.Module, jitter: float = 0.0) -> None:
 
 
 @contextlib.contextmanager
-def deployed_routers(model: nn.Module) -> Iterator[None]:
-    """Run the routers as an exported checkpoint does: weights rounded to the dtype of the model's
-    other weights (export stores them so) and the architecture's own forward (its logits in that
-    dtype, no fp32). Restores the fp32 master weights and forward afterwards. A no-op for fp32 models."""
+def deployed_routers(model: nn.Module, stored_dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Run the routers as an exported checkpoint does: weights rounded to the dtype the checkpoint
+    stores them in (`stored_dtype`, default: the dtype of the model's other weights; export writes the
+    routers in the source's dtype) and the architecture's own forward (its logits in the compute dtype,
+    no fp32 upcast). Restores the fp32 master weights and forward afterwards. A no-op for fp32 models.
+
+    A bf16 checkpoint computed in fp32 (model_dtype auto on a CPU without native bf16) passes
+    stored_dtype=bfloat16: its routers are rounded to bf16 as exported, then computed in fp32."""
     names = set(router_param_names(model))
-    dtype = next(p.dtype for n, p in model.named_parameters() if n not in names)
+    compute = next(p.dtype for n, p in model.named_parameters() if n not in names)
+    stored = stored_dtype or compute
     saved = []
     for name in names:
         module = model.get_submodule(name.rpartition(".")[0])
         saved.append((module, module.__class__, module.weight.data))
         if getattr(module, "fp32_router", False):
             module.__class__ = module.__class__.__mro__[1]  # the architecture's own class
-        module.weight.data = module.weight.data.to(dtype)
+        module.weight.data = module.weight.data.to(stored).to(compute)
     try:
         yield
     finally:

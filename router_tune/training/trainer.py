@@ -632,6 +632,8 @@ class RouterTrainer(Trainer):
             device=self.args.device,  # the training device: the model is already there
             label=label,
             progress=self.is_world_process_zero(),
+            # routers rounded as export stores them, also when the checkpoint computes in another dtype
+            stored_dtype=self.moe.stored_dtype if self.moe.dtype_note else None,
         )
 
 
