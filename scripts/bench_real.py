@@ -106,7 +106,8 @@ def merge_evals(state: State, merge: str) -> None:
     model, tokenizer, info, _ = load_for_eval(str(REAL / f"moe-{merge}"))
     blocks = eval_blocks(tokenizer)
     log(f"merge {merge}: {sum(map(len, blocks.values()))} held-out blocks")
-    state.put(f"merge-{merge}", summary(evaluate_model(model, blocks, label=merge)))
+    stored = info.stored_dtype if info.dtype_note else None  # routers rounded as stored (bf16)
+    state.put(f"merge-{merge}", summary(evaluate_model(model, blocks, label=merge, stored_dtype=stored)))
     own = {d: i for i, d in enumerate(DOMAINS)}
     oracle = evaluate_oracle(model, blocks, own)
     state.put(f"oracle-{merge}", {k: round(v, 3) for k, v in oracle.items()})
@@ -145,8 +146,9 @@ def train_and_eval(state: State, merge: str, steps: int, work: Path, reuse: Path
         start = time.time()
         subprocess.run(cmd, cwd=ROOT, env=harness.child_env(), check=True)
         seconds = time.time() - start
-    model, tokenizer, _, _ = load_for_eval(str(run))
-    result = summary(evaluate_model(model, eval_blocks(tokenizer), label=key))
+    model, tokenizer, info, _ = load_for_eval(str(run))
+    stored = info.stored_dtype if info.dtype_note else None
+    result = summary(evaluate_model(model, eval_blocks(tokenizer), label=key, stored_dtype=stored))
     run_name = str(run.resolve().relative_to(ROOT))
     state.put(key, {**result, "train_seconds": round(seconds) if seconds else None, "run": run_name})
 
