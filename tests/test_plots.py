@@ -43,6 +43,8 @@ def test_a_short_run_draws_a_marker_and_the_value_of_every_point(steps):
         assert line.get_marker() == "o" and line.get_markersize() >= 5  # was ".", a dot nobody sees alone
         written = [t.get_text() for t in ax.texts]
         assert written == [f"{e[key]:.4g}" for e in history]
+        if len(steps) == 1:
+            assert list(ax.get_xticks()) == steps  # not 2.84 ... 3.16 around a lone step
 
 
 def test_a_long_run_draws_a_plain_line():

@@ -185,10 +185,16 @@ def _curves(
                     ax.annotate(f"{value:.4g}", (step, value), textcoords="offset points", xytext=(0, 7), ha="center")
         if start is not None:
             # the untrained routers (held-out blocks, before the first step): where training started from
-            ax.plot([0], [start], linestyle="none", marker="s", markersize=6, color="tab:orange", label="step 0")
+            style = {"linestyle": "none", "marker": "s", "markersize": 6, "color": "tab:orange"}
+            ax.plot([0], [start], label="step 0, untrained", **style)
             ax.annotate(f"{start:.4g}", (0, start), textcoords="offset points", xytext=(0, 7), ha="center")
             ax.legend(loc="best", fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if start is not None or len(steps) <= ANNOTATED_POINTS:
+            ax.margins(x=0.1, y=0.2)  # room for the values written above the points
+        if len(set(steps) | ({0} if start is not None else set())) == 1:
+            ax.set_xticks(steps)  # one step: the locator would invent fractional steps around it
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if key in reference:
             ax.axhline(reference[key], color="grey", linestyle="--", linewidth=1)
         ax.grid(alpha=0.3)
