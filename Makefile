@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Tests marked slow: launched multi-rank runs, real-weights checks, and tests/test_first_hour.py (the README's
+# inspect -> train -> Ctrl-C -> resume -> eval -> export on the demo as commands, 2 min 15 s on 2 busy cores).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
 # The drift watch: a fresh venv with the newest releases pyproject.toml allows, the suite run there, the
 # versions and result prepended to docs/compatibility.md. Run before every merge to main (~15 min on 2 cores).
 test-latest: latest-venv
