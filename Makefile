@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml $(LOCK)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# the tests marked slow: multi-process FSDP2 / ZeRO-3 runs, a smoke run of every benchmark, the GPU check dry run
+# the tests marked slow: multi-process FSDP2 / ZeRO-3 runs, a smoke run of every benchmark, the GPU check dry run,
+# tests/test_first_hour.py (the README's inspect -> train -> Ctrl-C -> resume -> eval -> export as commands, ~2 min)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from importlib import metadata
 
@@ -49,6 +50,21 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def hide_wandb_offline_notice() -> None:
+    """transformers prints "[INFO] Running in WANDB offline mode" on stdout when its integrations module is
+    imported under WANDB_MODE=offline, whatever `report_to` says (a run with `report_to: none` printed it, and
+    wandb announces offline runs itself). That module reads the variable for this print only: it is imported
+    here once with the variable hidden. Nothing happens (no import) when the variable is not "offline"."""
+    module = "transformers.integrations.integration_utils"
+    if os.environ.get("WANDB_MODE") != "offline" or module in sys.modules:
+        return
+    del os.environ["WANDB_MODE"]
+    try:
+        importlib.import_module(module)
+    finally:
+        os.environ["WANDB_MODE"] = "offline"  # wandb itself reads it when a run starts
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -59,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra  # `train` takes any recipe key as --key value
     try:
+        hide_wandb_offline_notice()
         return int(module.run(args) or 0)
     except RouterTuneError as err:
         print(f"router-tune {args.command}: error: {err}", file=sys.stderr)

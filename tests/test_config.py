@@ -82,13 +82,14 @@ def test_shipped_accelerate_configs(config):
 
 def test_recipe_paths_resolve_from_any_directory(tmp_path, monkeypatch):
     """A shipped recipe from another directory finds its model and data under the project root; a recipe's
-    own relative paths resolve beside it; hub ids, and paths that exist from the current directory, stay."""
+    own relative paths resolve beside it; paths that exist from the current directory become absolute; hub ids
+    stay."""
     root = Path(__file__).resolve().parent.parent
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "router_tune" / "assets" / "demo-moe").mkdir(parents=True)  # exists from the cwd: kept
     monkeypatch.chdir(elsewhere)
     config = load_recipe(root / "recipes" / "demo.yaml")
-    assert config.model_name_or_path == "router_tune/assets/demo-moe"
+    assert config.model_name_or_path == str(elsewhere / "router_tune/assets/demo-moe")  # absolute: named as loaded
     assert [Path(d["path"]) for d in config.datasets][
         0
     ] == root / "router_tune/assets/samples/redpajama/github_sample.jsonl"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -29,7 +30,7 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 300, 19]])
 
 
 def make_run(
-    source: Path, root: Path, *, seed: int = 0, step: int = 7, report: dict | None = None
+    source: Path, root: Path, *, seed: int = 0, step: int = 7, report: dict | None = None, recipe: dict | None = None
 ) -> tuple[Path, dict]:
     """A run directory as the trainer writes it: routers = source routers + noise (fp32)."""
     model, info = load_moe(source)
@@ -45,7 +46,8 @@ def make_run(
         "fingerprints": expert_fingerprints(model),
         "fingerprint_format": FINGERPRINT_FORMAT,
         "global_step": step,
-        "recipe": {
+        "recipe": recipe
+        or {
             "model_name_or_path": str(source),
             "max_steps": step,
             "learning_rate": 1e-4,
@@ -407,6 +409,51 @@ def test_peft_adapter_reproduces_trained_logits(fixture, request, tmp_path):
     expected = trained_logits(source, routers)
     assert torch.equal(model(IDS).logits.float(), expected)
     assert torch.equal(model.merge_and_unload()(IDS).logits.float(), expected)
+
+
+def test_model_card_names_the_source_and_shows_the_recipe_that_matters(mixtral_legacy, tmp_path, monkeypatch):
+    """Trained from relative paths into `exp`: the card is titled after the source model, names source and
+    data by absolute path, shows router_tune's keys and the changed TrainingArguments only (not ~170
+    fields), and says how many held-out blocks the evaluation table stands on."""
+    from router_tune.training.config import load_recipe
+    from router_tune.training.recipe_keys import own_fields
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src-model").symlink_to(mixtral_legacy)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "code.jsonl").write_text('{"text": "def f(): pass"}\n')
+    config = load_recipe(
+        None,
+        model_name_or_path="src-model",
+        datasets=[{"source": "redpajama", "name": "code", "path": "data/code.jsonl", "weight": 1.0}],
+        output_dir="exp",
+        max_steps=7,
+        block_size=64,
+        use_cpu=True,
+    )
+    recipe = config.public_dict()
+    assert len(recipe) > 140  # what the run file keeps
+    report = {
+        "global_step": 7,
+        "before": {"perplexity": {"code": 30.0, "overall": 30.0}, "blocks": {"code": 3}, "tokens": {"code": 189}},
+        "after": {"perplexity": {"code": 24.0, "overall": 24.0}, "blocks": {"code": 3}, "tokens": {"code": 189}},
+    }
+    run, _ = make_run(Path("src-model"), tmp_path, report=report, recipe=recipe)
+    card = (export_run(run, "exp") / "README.md").read_text()
+    assert card.split("---\n", 2)[2].lstrip().startswith("# src-model with trained routers\n")
+    assert "# exp" not in card and "# run" not in card
+    assert f"`{tmp_path / 'src-model'}` with its routers" in card
+    assert f"- redpajama (code): `{tmp_path / 'data' / 'code.jsonl'}`" in card
+    assert "Measured on 3 held-out blocks of 64 tokens, never trained on: code 3 blocks (189 target tokens)." in card
+    shown = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    ours = {f.name for f in own_fields()}
+    assert {"router_aux_loss_coef", "block_size", "routing_log_every", "datasets"} <= set(shown)
+    # the TrainingArguments this run changed (use_cpu turns pinning off)
+    assert set(shown) - ours == {"max_steps", "use_cpu", "dataloader_pin_memory"}
+    assert "output_dir" not in shown and "hub_strategy" not in shown and len(shown) < 50
+    assert shown["model_name_or_path"] == str(tmp_path / "src-model")
+    assert shown["datasets"][0]["path"] == str(tmp_path / "data" / "code.jsonl")
+    assert 'from_pretrained("exp")' in card  # the usage snippets load the export itself
 
 
 def test_checkpoint_dir_cli_and_model_card(mixtral_legacy, tmp_path, capsys):

@@ -254,3 +254,26 @@ def test_help_version_and_flag_hints_answer_without_torch(mixtral_legacy, tmp_pa
     recipe = write_recipe(tmp_path, mixtral_legacy)
     assert main(["train", str(recipe), "--dry_run"]) == 1
     assert "Did you mean --dry-run?" in capsys.readouterr().err
+
+
+def test_no_wandb_notice_when_the_run_does_not_report_to_wandb(mixtral_legacy, tmp_path):
+    """transformers printed "[INFO] Running in WANDB offline mode" on stdout under WANDB_MODE=offline, even with
+    report_to none; the variable still reaches wandb when a run asks for it."""
+    recipe = write_recipe(tmp_path, mixtral_legacy, report_to="none")
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    shown = subprocess.run(
+        [sys.executable, "-m", "router_tune", "train", str(recipe), "--dry-run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "dry run: nothing trained" in shown.stdout and "WANDB" not in shown.stdout + shown.stderr
+    probe = (
+        "import os, sys\nfrom router_tune.cli import hide_wandb_offline_notice\nhide_wandb_offline_notice()\n"
+        "print(os.environ['WANDB_MODE'], 'transformers.integrations.integration_utils' in sys.modules)\n"
+    )
+    kept = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert kept.stdout.split() == ["offline", "True"]

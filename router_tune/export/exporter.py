@@ -111,7 +111,7 @@ def publish(
             if verify:
                 checks.check_export(source_dir, tmp, trained, result)
             out_layout = result.layout
-        _write_card(tmp, Path(out_dir).name, trained, fmt, out_layout, verify, command)
+        _write_card(tmp, Path(out_dir).name, trained, fmt, out_layout, verify, command, source_dir)
     return Path(out_dir)
 
 
@@ -128,7 +128,14 @@ def _check_delta(out: Path, trained: TrainedRouters) -> None:
 
 
 def _write_card(
-    out: Path, title: str, trained: TrainedRouters, fmt: str, layout: str, verified: bool, command: str
+    out: Path,
+    here: str,
+    trained: TrainedRouters,
+    fmt: str,
+    layout: str,
+    verified: bool,
+    command: str,
+    source_dir: Path | None = None,
 ) -> None:
     meta = trained.meta
     report = model_card.read_report(trained.run_dir, meta.get("global_step"))
@@ -137,11 +144,12 @@ def _write_card(
         meta,
         fmt=fmt,
         layout=layout,
-        title=title,
+        here=here,
         report=report,
         router_names=names,
         router_params=sum(t.numel() for t in trained.tensors.values()),
         verified=verified,
         command=command,
+        source_dir=source_dir,
     )
     (out / "README.md").write_text(text)

@@ -6,7 +6,12 @@ as `perplexity/overall`), optionally `global_step` (the report is shown only whe
 the exported routers' step), `headline` (the top-level metric groups shown, default
 perplexity and balance: token counts and per-layer routing stay in the report itself),
 `lower_is_better` and `higher_is_better` (metric-name prefixes that get a better/worse mark;
-default: perplexity, ppl, loss, nll are lower-is-better).
+default: perplexity, ppl, loss, nll are lower-is-better), and `after.blocks` / `after.tokens` (the
+held-out blocks and target tokens per source, written beside the table).
+
+The card is titled after the source model, names local sources and data by absolute path, and shows
+the recipe as router_tune's own keys plus the TrainingArguments that differ from transformers'
+defaults (the run file keeps all of them).
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 import yaml
+from transformers import TrainingArguments
 
 REPORT = Path("eval") / "report.json"
 LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "nll")
 HEADLINE = ("perplexity", "balance")
+# TrainingArguments keys that describe the machine or the invocation, not the recipe
+LOCAL_KEYS = ("output_dir", "logging_dir", "resume_from_checkpoint")
 
 # What the verification of each format proved (export.verify, export.peft_adapter, exporter._check_delta).
 VERIFIED = {
@@ -88,20 +96,75 @@ def _is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
 
 
+def _absolute(name: str) -> str:
+    """A path that exists from here, made absolute (a relative one means nothing to a card's reader);
+    anything else (a hub id) as is."""
+    return str(Path(name).absolute()) if name and Path(name).exists() else name
+
+
+def source_name(meta: dict, source_dir: Path | None = None) -> str:
+    """The source model as a reader can find it: its hub id, else the absolute path of its directory."""
+    source = str(meta.get("source_model") or "")
+    if _is_hub_id(source):
+        return source
+    if source_dir is not None:
+        return str(Path(source_dir).absolute())
+    recorded = str(meta.get("source_dir") or "")
+    return _absolute(recorded if recorded and Path(recorded).exists() else source) or "the source model"
+
+
+def card_recipe(recipe: dict) -> dict:
+    """router_tune's own keys, and the TrainingArguments keys whose value differs from transformers'
+    default (a run file holds every one of ~170 fields), with local paths made absolute."""
+    defaults = TrainingArguments().to_dict()
+    shown = {
+        key: value
+        for key, value in recipe.items()
+        if key not in defaults or (key not in LOCAL_KEYS and value != defaults[key])
+    }
+    for key in ("model_name_or_path", "tokenizer_name_or_path"):
+        if isinstance(shown.get(key), str):
+            shown[key] = _absolute(shown[key])
+    if isinstance(shown.get("datasets"), list):
+        shown["datasets"] = [
+            {**d, "path": _absolute(str(d["path"]))} if isinstance(d, dict) and "path" in d else d
+            for d in shown["datasets"]
+        ]
+    return shown
+
+
+def held_out_note(report: dict, block_size) -> str:
+    """What the evaluation table was measured on: held-out blocks and target tokens per source."""
+    blocks, tokens = report["after"].get("blocks") or {}, report["after"].get("tokens") or {}
+    if not blocks:
+        return ""
+    size = f" of {block_size} tokens" if block_size else ""
+    per_source = ", ".join(
+        f"{name} {n} block{'s' if n != 1 else ''}"
+        + (f" ({tokens[name]:,} target tokens)" if isinstance(tokens.get(name), int) else "")
+        for name, n in blocks.items()
+    )
+    return f"Measured on {sum(blocks.values())} held-out blocks{size}, never trained on: {per_source}.\n"
+
+
 def render(
     meta: dict,
     *,
     fmt: str,
     layout: str,
-    title: str,
+    here: str,
     report: dict | None,
     router_names: list[str],
     router_params: int,
     verified: bool,
     command: str,
+    source_dir: Path | None = None,
 ) -> str:
-    source = str(meta.get("source_model") or "the source model")
-    recipe = meta.get("recipe") or {}
+    """The card's markdown. `here`: the export's directory name (what the usage snippets load);
+    `source_dir`: the local source checkpoint the export was made from (and verified against)."""
+    source = source_name(meta, source_dir)
+    recipe = card_recipe(meta.get("recipe") or {})
+    title = f"{source if _is_hub_id(source) else Path(source).name} with trained routers"
     head = {
         "library_name": "peft" if fmt == "peft" else "transformers",
         "tags": ["moe", "frankenmoe", "router-tune", str(meta.get("architecture", "moe"))],
@@ -138,6 +201,9 @@ def render(
     ]
     if report:
         parts += ["## Evaluation (held-out data, before -> after router training)\n", figures_table(report), ""]
+        note = held_out_note(report, recipe.get("block_size"))
+        if note:
+            parts += [note]
         if report.get("weights"):
             parts += [f"Weights evaluated: {report['weights']}.\n"]
     datasets = recipe.get("datasets") or []
@@ -145,17 +211,25 @@ def render(
         parts.append("## Training data\n")
         for d in datasets:
             extra = ", ".join(f"{k} {d[k]}" for k in ("weight", "template") if k in d)
-            parts.append(f"- {d.get('source', '?')}: `{d.get('path', '?')}`" + (f" ({extra})" if extra else ""))
+            name = f" ({d['name']})" if d.get("name") else ""
+            parts.append(f"- {d.get('source', '?')}{name}: `{d.get('path', '?')}`" + (f" ({extra})" if extra else ""))
         parts.append("")
     if recipe:
-        parts += ["## Recipe\n", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
+        parts += [
+            "## Recipe\n",
+            "router_tune's keys, and the TrainingArguments that differ from transformers' defaults:\n",
+            "```yaml",
+            yaml.safe_dump(recipe, sort_keys=False).rstrip(),
+            "```",
+            "",
+        ]
     parts += [
         "## How it was made\n",
         f"Routers trained and exported with router_tune {version('router-tune')}: `{command}`. "
         + (VERIFIED[fmt] if verified else "The export was written with --no-verify (not checked after writing)."),
         "",
         "## Use\n",
-        _usage(fmt, source, layout, title),
+        _usage(fmt, source, layout, here),
     ]
     return "\n".join(parts) + "\n"
 

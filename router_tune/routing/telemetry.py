@@ -159,9 +159,11 @@ class RoutingTelemetry:
 
     def save_plots(self, log_history: Sequence[Mapping]) -> list[Path]:
         """Write the run plots (see `plots.save_run_plots`) from the recorded windows and the
-        Trainer's `state.log_history`; without a recorded window only the curves are drawn."""
+        Trainer's `state.log_history`; without a recorded window only the curves are drawn. A first
+        summary at step 0 (the trainer's evaluation of the untrained routers) starts balance.png."""
+        before = self.first_summary.scalars(self.prefix) if self.first_step == 0 else None
         if self.last_summary is None:
-            return save_run_plots(self.output_dir, None, None, log_history)
+            return save_run_plots(self.output_dir, None, None, log_history, before=before)
         return save_run_plots(
             self.output_dir,
             self.first_summary,
@@ -169,6 +171,7 @@ class RoutingTelemetry:
             log_history,
             start_label=f"step {self.first_step}",
             end_label=f"step {self.last_step}",
+            before=before,
         )
 
 

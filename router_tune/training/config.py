@@ -43,8 +43,8 @@ class RouterTuneConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "The merged MoE checkpoint: a local directory or a hub id. A relative path (here, in "
-            "tokenizer_name_or_path and in datasets) is used as is when it exists from the current directory, "
-            "else from the recipe's directory or its project root (the one holding its `recipes/` folder), so "
+            "tokenizer_name_or_path and in datasets) is made absolute from the current directory when it exists "
+            "there, else from the recipe's directory or its project root (the one holding its `recipes/` folder), so "
             "shipped recipes run from anywhere. output_dir is relative to the current directory."
         },
     )
@@ -362,15 +362,16 @@ def _cli_keys(argv: list[str]) -> list[str]:
 
 def resolve_recipe_paths(recipe: dict, recipe_path: Path) -> None:
     """Make the recipe's model, tokenizer and data paths work from any directory. A relative path that
-    exists from the current directory is kept; else, if it exists relative to the recipe's directory or to
-    its project root (the directory holding the `recipes/` folder the recipe is in), that path is used.
-    Anything else (a hub id, a path that exists nowhere) is left for the checks that name it. output_dir
-    stays relative to the current directory."""
+    exists from the current directory is made absolute; else, if it exists relative to the recipe's directory
+    or to its project root (the directory holding the `recipes/` folder the recipe is in), that path is used.
+    Absolute, the run file and the model card name what was loaded wherever they are read. Anything else
+    (a hub id, a path that exists nowhere) is left for the checks that name it. output_dir stays relative
+    to the current directory."""
     here = recipe_path.absolute().parent
-    bases = [here] + [d.parent for d in (here, *here.parents) if d.name == "recipes"][:1]
+    bases = [Path.cwd(), here] + [d.parent for d in (here, *here.parents) if d.name == "recipes"][:1]
 
     def resolve(value):
-        if not isinstance(value, str) or Path(value).is_absolute() or Path(value).exists():
+        if not isinstance(value, str) or Path(value).is_absolute():
             return value
         found = next((base / value for base in bases if (base / value).exists()), None)
         return str(found) if found else value
