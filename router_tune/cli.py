@@ -65,6 +65,21 @@ def hide_wandb_offline_notice() -> None:
         os.environ["WANDB_MODE"] = "offline"  # wandb itself reads it when a run starts
 
 
+def quiet_deepspeed_on_a_cpu() -> None:
+    """DeepSpeed, imported by transformers' Trainer whenever it is installed, prints "Setting accelerator to
+    CPU. If you have GPU or other accelerator, we were unable to detect it." on stdout in every CPU training
+    run when it has to guess the accelerator. On a machine without CUDA, XPU or MPS the answer is known:
+    DS_ACCELERATOR=cpu says it (a value already set is kept, and a GPU machine is left to DeepSpeed)."""
+    if "DS_ACCELERATOR" in os.environ or "deepspeed" in sys.modules:
+        return
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    if torch.cuda.is_available() or (xpu is not None and xpu.is_available()) or torch.backends.mps.is_available():
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -76,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra  # `train` takes any recipe key as --key value
     try:
         hide_wandb_offline_notice()
+        if args.command == "train":
+            quiet_deepspeed_on_a_cpu()
         return int(module.run(args) or 0)
     except RouterTuneError as err:
         print(f"router-tune {args.command}: error: {err}", file=sys.stderr)

@@ -101,24 +101,29 @@ def merge_evals(state: State, merge: str) -> None:
     """The merge as written, oracle routing, and (once) each expert alone."""
     from router_tune.evaluation.evaluate import evaluate_model, evaluate_oracle, load_for_eval
 
-    if f"merge-{merge}" in state and (merge != "hidden" or "experts_alone" in state):
+    todo = [key for key in (f"merge-{merge}", f"oracle-{merge}") if key not in state]
+    if merge == "hidden":
+        todo += [key for key in ("experts_alone", "base") if key not in state]
+    if not todo:
         return
     model, tokenizer, info, _ = load_for_eval(str(REAL / f"moe-{merge}"))
     blocks = eval_blocks(tokenizer)
     log(f"merge {merge}: {sum(map(len, blocks.values()))} held-out blocks")
-    stored = info.stored_dtype if info.dtype_note else None  # routers rounded as stored (bf16)
-    state.put(f"merge-{merge}", summary(evaluate_model(model, blocks, label=merge, stored_dtype=stored)))
-    own = {d: i for i, d in enumerate(DOMAINS)}
-    oracle = evaluate_oracle(model, blocks, own)
-    state.put(f"oracle-{merge}", {k: round(v, 3) for k, v in oracle.items()})
-    if merge == "hidden":
+    if f"merge-{merge}" in todo:
+        stored = info.stored_dtype if info.dtype_note else None  # routers rounded as stored (bf16)
+        state.put(f"merge-{merge}", summary(evaluate_model(model, blocks, label=merge, stored_dtype=stored)))
+    if f"oracle-{merge}" in todo:
+        oracle = evaluate_oracle(model, blocks, {d: i for i, d in enumerate(DOMAINS)})
+        state.put(f"oracle-{merge}", {k: round(v, 3) for k, v in oracle["perplexity"].items()})
+    if "experts_alone" in todo:  # the experts are the same in both merges
         alone = {}
         for i, d in enumerate(DOMAINS):
             result = evaluate_oracle(model, blocks, dict.fromkeys(DOMAINS, i))
-            alone[d] = {k: round(v, 3) for k, v in result.items()}
+            alone[d] = {k: round(v, 3) for k, v in result["perplexity"].items()}
             log(f"expert {d} alone: {alone[d]}")
         state.put("experts_alone", alone)
-        del model
+    del model
+    if "base" in todo:
         state.put("base", base_perplexity(blocks))
 
 

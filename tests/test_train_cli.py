@@ -277,3 +277,21 @@ def test_no_wandb_notice_when_the_run_does_not_report_to_wandb(mixtral_legacy, t
     )
     kept = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert kept.stdout.split() == ["offline", "True"]
+
+
+def test_a_cpu_training_run_prints_no_deepspeed_accelerator_guess(mixtral_legacy, tmp_path):
+    """DeepSpeed (imported by the Trainer when installed) printed "Setting accelerator to CPU ..." on stdout in
+    every CPU training run; the CLI tells it the accelerator on a machine without one."""
+    recipe = write_recipe(tmp_path, mixtral_legacy, report_to="none", max_steps=1, eval_before_after=False)
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "router_tune", "train", str(recipe)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "finished at step 1" in run.stdout + run.stderr
+    assert "Setting accelerator" not in run.stdout + run.stderr
