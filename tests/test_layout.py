@@ -163,3 +163,29 @@ def test_the_checks_catch_what_they_claim(edges, expected):
     assert cycles(
         package_edges({"router_tune.io.x": {"router_tune.model.y"}, "router_tune.model.y": {"router_tune.io.z"}})
     )
+
+
+def imported_test_modules(source: str) -> list[str]:
+    """The test modules (tests/test_*.py) a file imports, by any import form."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            module = node.module or ""
+            names = [f"{module}.{a.name}" for a in node.names] if module == "tests" else [module]
+        found.extend(n for n in names if n.startswith("tests.test_"))
+    return found
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in helper modules (tests/factories.py, trainers.py, run_dirs.py, ...)."""
+    offenders = {
+        p.name: imported_test_modules(p.read_text())
+        for p in sorted((ROOT.parent / "tests").glob("*.py"))
+        if imported_test_modules(p.read_text())
+    }
+    assert offenders == {}
+    assert imported_test_modules("from tests.test_trainer import make_trainer") == ["tests.test_trainer"]
+    assert imported_test_modules("from tests import test_export") == ["tests.test_export"]
