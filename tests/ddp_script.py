@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.test_trainer import distributed_trainer  # noqa: E402
+from tests.trainers import distributed_trainer  # noqa: E402
 
 model_dir, out, batch, ga = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 trainer = distributed_trainer(

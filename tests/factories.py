@@ -1,17 +1,17 @@
 """Tiny but real MoE checkpoints for the tests (mergekit's "picollama" idea).
 
 Each factory writes a directory that `from_pretrained` loads: config, safetensors weights
-and a small byte-level BPE tokenizer trained on this repository's own source text.
+and a small byte-level BPE tokenizer, a checked-in file (tests/fixtures/tokenizer-320).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -26,6 +26,7 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 HIDDEN, LAYERS, EXPERTS, TOP_K = 32, 2, 4, 2
 COMMON = dict(
     hidden_size=HIDDEN,
@@ -57,23 +58,15 @@ CHATML_MARKED = (
 
 
 def make_tokenizer(out: Path, vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (every string encodes) trained on the package's own code."""
-    text = [p.read_text() for p in sorted(Path(__file__).parent.parent.glob("router_tune/**/*.py"))]
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
-    )
-    fast.save_pretrained(out)
-    return fast
+    """The checked-in byte-level BPE test tokenizer of `vocab_size` (320, or 300 for a different
+    vocabulary) copied into `out`: the same files whatever the repository's source says."""
+    fixture = FIXTURES / f"tokenizer-{vocab_size}"
+    if not fixture.is_dir():
+        raise ValueError(f"no test tokenizer of vocab_size {vocab_size}: see tests/fixtures/make_tiny_tokenizers.py")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in fixture.iterdir():
+        shutil.copyfile(f, out / f.name)
+    return PreTrainedTokenizerFast.from_pretrained(out)
 
 
 def _save(model, out: Path, fused: bool = False) -> Path:

@@ -18,7 +18,7 @@ from router_tune.training import trainer as trainer_module
 from router_tune.training.config import load_recipe
 from tests import factories
 from tests.cli_runs import write_recipe
-from tests.test_trainer import make_trainer
+from tests.trainers import make_trainer
 
 SAMPLES = Path(__file__).parent.parent / "router_tune" / "assets" / "samples"
 

@@ -62,7 +62,7 @@ def test_collapse_writes_the_equal_dense_model(fixture, dense_class, request, co
 
 def test_collapse_of_a_run_uses_its_source(mixtral_identical, tmp_path):
     """A training run collapses to its source's dense model (its routers cannot matter)."""
-    from tests.test_trainer import make_trainer
+    from tests.trainers import make_trainer
 
     trainer = make_trainer(mixtral_identical, tmp_path / "run", steps=1)
     trainer.train()

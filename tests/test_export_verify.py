@@ -18,7 +18,7 @@ from router_tune.errors import RouterTuneError
 from router_tune.export import layouts, splice, verify
 from router_tune.export.exporter import export_run
 from router_tune.io.shards import OutputTensor, Segment, read_header
-from tests.test_export import make_run, no_leftovers
+from tests.run_dirs import file_hashes, make_run, no_leftovers
 
 
 def _corrupting_write(real, pick):
@@ -146,8 +146,6 @@ def test_splice_without_kernel_copy_is_identical(mixtral_legacy, tmp_path, monke
     """Where os.copy_file_range is refused (other OS, old kernels across file systems), or copies
     part of a range and then fails, the read/write loop finishes the copy: the same bytes."""
     import os
-
-    from tests.test_export import file_hashes
 
     run, _ = make_run(mixtral_legacy, tmp_path)
     fast = export_run(run, tmp_path / "fast")

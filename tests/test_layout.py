@@ -163,3 +163,55 @@ def test_the_checks_catch_what_they_claim(edges, expected):
     assert cycles(
         package_edges({"router_tune.io.x": {"router_tune.model.y"}, "router_tune.model.y": {"router_tune.io.z"}})
     )
+
+
+def imported_test_modules(source: str) -> list[str]:
+    """The test modules (tests/test_*.py) a file imports, by any import form."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            module = node.module or ""
+            names = [f"{module}.{a.name}" for a in node.names] if module == "tests" else [module]
+        found.extend(n for n in names if n.startswith("tests.test_"))
+    return found
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in helper modules (tests/factories.py, trainers.py, run_dirs.py, ...)."""
+    offenders = {
+        p.name: imported_test_modules(p.read_text())
+        for p in sorted((ROOT.parent / "tests").glob("*.py"))
+        if imported_test_modules(p.read_text())
+    }
+    assert offenders == {}
+    assert imported_test_modules("from tests.test_trainer import make_trainer") == ["tests.test_trainer"]
+    assert imported_test_modules("from tests import test_export") == ["tests.test_export"]
+
+
+def documented_modules(internals: str) -> dict[str, set[str]]:
+    """The stack block of docs/internals.md: package -> the modules its line (and continuation lines) lists."""
+    block = internals.split("## The stack", 1)[1].split("```", 2)[1]
+    listed: dict[str, set[str]] = {}
+    package = None
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith(" "):
+            package, line = line.split(None, 1)[0], line.split(None, 1)[1]
+        names = line.split(":", 1)[0]  # "inspect, train: argparse, ..." lists modules before a colon
+        listed.setdefault(package, set()).update(n.split()[0] for n in names.split(",") if n.strip())
+    return listed
+
+
+def test_internals_lists_every_module():
+    """docs/internals.md says it is kept true: its stack lists every module of every package."""
+    listed = documented_modules((ROOT.parent / "docs" / "internals.md").read_text())
+    for package in STACK:
+        folder = ROOT / package
+        if not folder.is_dir():
+            continue
+        modules = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+        assert listed.get(package, set()) >= modules, f"docs/internals.md misses {package}: {modules - listed[package]}"

@@ -19,8 +19,8 @@ from router_tune.model.loading import describe_moe, load_moe
 from router_tune.model.memory import training_memory
 from router_tune.model.quantize import quantize_model, quantized_experts_forward, stored_bytes
 from router_tune.model.routers import freeze_all_but_routers, router_param_names, routers_to_fp32
-from tests.test_export import router_disk
-from tests.test_trainer import make_trainer, source_tensors
+from tests.run_dirs import router_disk
+from tests.trainers import make_trainer, source_tensors
 
 bnb = pytest.importorskip("bitsandbytes", minversion="0.46", reason="the quant extra (router-tune[quant])")
 BNB_LAYER = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}

@@ -17,7 +17,7 @@ from router_tune.model.loading import load_moe
 from router_tune.model.routers import find_routers, router_state_dict
 from router_tune.training.config import load_recipe
 from router_tune.training.router_lr import router_input_scales
-from tests.test_trainer import make_trainer
+from tests.trainers import make_trainer
 
 DEMO = Path(__file__).parent.parent / "router_tune" / "assets" / "demo-moe"
 

@@ -30,7 +30,7 @@ from router_tune.model.routers import (
 from router_tune.training import sharding
 from tests.cli_runs import free_port
 from tests.rank_reports import read_reports
-from tests.test_trainer import make_trainer
+from tests.trainers import make_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "fsdp_script.py"

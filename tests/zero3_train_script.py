@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from router_tune.training.sharding import shard_fraction  # noqa: E402
 from tests.rank_reports import print_report  # noqa: E402
-from tests.test_trainer import distributed_trainer  # noqa: E402
+from tests.trainers import distributed_trainer  # noqa: E402
 
 model_dir, out, batch, ga, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 resume = sys.argv[6] if len(sys.argv) > 6 else None

@@ -1,6 +1,6 @@
 """One raw record of a source -> one document (a text, or a chat as role/content messages).
 
-The upstream schemas (PITFALLS, "Data"):
+The upstream schemas, as the published datasets store them:
 - redpajama: `{"text", "meta"}`, meta a JSON string or a dict, its `redpajama_set_name` naming
   the subset (else the file name does: `github_sample.jsonl`).
 - wizard_vicuna: `{"id", "conversations": [{"from": "human"|"gpt", "value"}]}`.

@@ -95,12 +95,12 @@ def _split(layer: str, proj: str, t: StoredTensor, naming: LegacyNaming) -> list
             "(gate_up_proj with an even number of rows)."
         )
     experts, rows, cols = t.shape
-    per_expert = rows * cols * t.itemsize
+    per_expert = t.nbytes_of(rows * cols)
     prefix = f"{layer}.{naming.block}.experts"
     out = []
     for e in range(experts):
         if proj == "gate_up_proj":
-            half = per_expert // 2
+            half = t.nbytes_of(rows // 2 * cols)
             start = e * per_expert
             pieces = [(naming.gate, t.segment(start, half)), (naming.up, t.segment(start + half, half))]
             shape = (rows // 2, cols)

@@ -5,8 +5,9 @@
 Why `modules_to_save` and not a LoRA on the gate: a LoRA adds `B @ A` to the source weight
 in the weight's dtype, so in bf16 `W_src + delta` rounds differently from the trained weight;
 a saved module copy is the trained weight itself, bit for bit, in every dtype. peft refuses a
-config whose only targets are `modules_to_save` (PITFALLS: peft), so the adapter also holds a
-rank-1 LoRA on one attention projection with both factors zero: its output is exactly 0.
+config whose only targets are `modules_to_save` (NoMatchingPeftModuleError: a LoRA config needs a
+LoRA target), so the adapter also holds a rank-1 LoRA on one attention projection with both
+factors zero: its output is exactly 0.
 Mixtral's v5 router is not an nn.Linear; `modules_to_save` copies any module, so that works.
 """
 

@@ -23,23 +23,40 @@ import torch
 
 from router_tune.errors import RouterTuneError
 
-DTYPE_SIZES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
+# Bits per element of every dtype the safetensors format defines (its Rust `Dtype` enum, 0.8): sub-byte
+# types (F4, F6_*) pack elements across bytes, so a tensor's byte length is numel * bits / 8, whole bytes.
+DTYPE_BITS = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
 }
+
+
+def dtype_nbytes(dtype: str, numel: int) -> int | None:
+    """Bytes of `numel` elements of a safetensors dtype; None when they do not fill whole bytes."""
+    bits = numel * DTYPE_BITS[dtype]
+    return bits // 8 if bits % 8 == 0 else None
+
+
 # safetensors dtype names of the floating-point tensors router_tune writes (routers), as torch dtypes
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MAX_HEADER = 100 * 2**20  # the safetensors library's own limit: a larger header is a crafted file
@@ -71,9 +88,15 @@ class StoredTensor:
     start: int  # absolute file offset of the first data byte
     nbytes: int
 
-    @property
-    def itemsize(self) -> int:
-        return DTYPE_SIZES[self.dtype]
+    def nbytes_of(self, numel: int) -> int:
+        """Bytes of `numel` consecutive elements of this tensor (a sub-byte dtype must end on a byte)."""
+        nbytes = dtype_nbytes(self.dtype, numel)
+        if nbytes is None:
+            raise RouterTuneError(
+                f"{self.name} ({self.dtype}, {DTYPE_BITS[self.dtype]} bits per element): {numel} elements do not end "
+                "on a byte boundary, so this part of it cannot be copied as bytes."
+            )
+        return nbytes
 
     def segment(self, offset: int = 0, length: int | None = None) -> Segment:
         """A byte range of this tensor, relative to its first byte."""
@@ -116,18 +139,25 @@ def read_header(file: Path) -> tuple[dict[str, str], dict[str, StoredTensor]]:
         raise _corrupt(file, "its __metadata__ is not a string-to-string map")
     data_start, tensors, ranges = 8 + header_len, {}, []
     for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if isinstance(dtype, str) and dtype not in DTYPE_BITS:
+            raise RouterTuneError(
+                f"{file}: tensor {name!r} has unknown dtype {dtype}: not one of the safetensors dtypes router_tune "
+                "reads (those of safetensors 0.8). The file may be valid for a newer safetensors release; update "
+                "router_tune, or convert the tensor to a known dtype."
+            )
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
             numel = 1
             for dim in shape:
                 numel *= dim
             valid = (
-                dtype in DTYPE_SIZES
+                dtype in DTYPE_BITS
                 and all(type(d) is int and d >= 0 for d in shape)
                 and type(begin) is int
                 and type(end) is int
                 and 0 <= begin <= end
-                and end - begin == numel * DTYPE_SIZES[dtype]
+                and end - begin == dtype_nbytes(dtype, numel)
             )
         except (KeyError, TypeError, ValueError):
             valid = False

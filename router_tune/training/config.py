@@ -56,7 +56,14 @@ class RouterTuneConfig(TrainingArguments):
         },
     )
     datasets: list[dict] | None = field(
-        default=None, metadata={"help": "Training sources, a list of {source, path, weight, ...} (see README: Data)."}
+        default=None,
+        metadata={
+            "help": "Training sources, a list of {source, path, weight, ...}: source redpajama, wizard_vicuna, "
+            "text or sharegpt; path a hub dataset id or a local file or directory; weight the source's relative "
+            "share of training tokens. Optional: name, max_documents, subsets (redpajama), field (text, "
+            "sharegpt), roles (sharegpt), template (vicuna_v1.1 or tokenizer) and assistant_only_loss (chat "
+            "sources)."
+        },
     )
     block_size: int = field(default=1024, metadata={"help": "Tokens per packed training block."})
     eval_fraction: float = field(
@@ -92,9 +99,9 @@ class RouterTuneConfig(TrainingArguments):
     router_aux_loss_coef: float = field(
         default=0.01,
         metadata={
-            "help": "Weight of the load-balancing loss (Switch form; 1.0 = perfectly balanced). 0.01 keeps the "
-            "perplexity; 0.3 over 500 steps held the demo's max-load / mean at 1.16-1.20 for 2 points of the gap to "
-            "oracle routing (README 'Balance against quality')."
+            "help": "Weight of the load-balancing loss (Switch form per layer, E * sum_i f_i P_i with f the "
+            "share of top-k choices and P the mean probability of expert i; 1.0 = perfectly balanced). Larger "
+            "values even out expert loads at some cost in perplexity; 0 = off."
         },
     )
     aux_loss_scope: str = field(
@@ -120,8 +127,8 @@ class RouterTuneConfig(TrainingArguments):
         metadata={
             "help": "Weight of the overload loss: per layer, the sum over experts of max(0, load/mean - "
             "router_overload_threshold) x mean probability. Zero in layers under the threshold, it pushes tokens "
-            "off overloaded experts only. 0 = off (the default: on merges whose routers cannot tell some domains "
-            "apart it costs perplexity, see the README's 'Balance against quality'); 1.0 held the demo under 1.3."
+            "off overloaded experts only. 0 = off (the default). On merges whose routers cannot tell some domains "
+            "apart, forcing their tokens off an expert costs perplexity."
         },
     )
     router_overload_threshold: float = field(
@@ -157,9 +164,8 @@ class RouterTuneConfig(TrainingArguments):
         metadata={
             "help": "What the router learns from experts outside a token's top-k (the forward is unchanged): "
             "sparse (the model's own gradient: nothing), dense (DenseMixer: their real outputs, one extra "
-            "no-grad expert forward), default_moe (an EMA of each expert's output stands in). sparse stays "
-            "the default: over 500 steps on four merges dense closed 95/95/93/93% and default_moe 95/96/90/90% "
-            "of the gap to oracle routing, sparse 96/96/94/92%, with 1.5x sparse's forward time (bench/quality.md).",
+            "no-grad expert forward, which lengthens the forward), default_moe (an EMA of each expert's output "
+            "stands in).",
             "choices": list(ROUTER_GRADIENTS),
         },
     )

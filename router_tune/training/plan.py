@@ -3,57 +3,34 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-from router_tune.architectures import architecture_for
-from router_tune.data import (
-    build_train_dataset,
-    check_block_size,
-    first_blocks,
-    load_tokenizer,
-    parse_sources,
-    source_names,
-)
+from router_tune.data import first_blocks
 from router_tune.errors import RouterTuneError
-from router_tune.io.checkpoint import resolve_checkpoint
 from router_tune.model.loading import compute_dtype, describe_moe, stored_dtype
 from router_tune.model.memory import training_memory
 from router_tune.model.quantize import check_quantization
 from router_tune.model.routers import freeze_all_but_routers
+from router_tune.training.preparation import model_source, training_data
 
 
 def plan(config) -> dict:
     """What a run of this recipe would do, from the model's config and the first data blocks."""
-    path = resolve_checkpoint(
-        config.model_name_or_path, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code
-    )
-    model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-    architecture_for(model_config)
-    with torch.device("meta"):  # shapes only: the plan reads no weights
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
-    info = describe_moe(model, source=str(path))
     if config.quantize != "none":  # the mode must run here; the plan itself reads no weights
         check_quantization(config.quantize, config.device)
+    source = model_source(config)
+    model_config = source.config
+    with torch.device("meta"):  # shapes only: the plan reads no weights
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+    info = describe_moe(model, source=str(source.path))
     counts = freeze_all_but_routers(model)
     if not config.datasets:
         raise RouterTuneError("the recipe has no `datasets`: list at least one source (see recipes/demo.yaml).")
-    specs = parse_sources(config.datasets)
-    check_block_size(config.block_size, model_config)
-    tokenizer = load_tokenizer(config.tokenizer_name_or_path or path, config.trust_remote_code)
-    # every local record is checked, then the first blocks are really tokenized and packed
-    train = build_train_dataset(
-        specs,
-        tokenizer,
-        config.block_size,
-        seed=config.seed,
-        eval_fraction=config.eval_fraction,
-        max_bad_records=config.max_bad_records,
-        shuffle_buffer=config.shuffle_buffer,
-        document_shuffle_buffer=config.document_shuffle_buffer,
-    )
-    names = source_names(specs)
+    # the run's own data path: every local record is checked, then the first blocks are really tokenized and packed
+    train = training_data(config, source)
+    names = train.source_names
     blocks = dict.fromkeys(names, 0)
-    for block in first_blocks(train, 16):
+    for block in first_blocks(train.dataset, 16):
         blocks[names[block["source_id"]]] += 1
     world = max(1, config.world_size)
     tokens_per_step = (
@@ -86,7 +63,7 @@ def plan(config) -> dict:
         "trainable_parameters": counts.trainable,
         "total_parameters": counts.total,
         "trainable_percent": round(counts.percent, 5),
-        "sources": source_names(specs),
+        "sources": names,
         "first_blocks_per_source": blocks,
         "block_size": config.block_size,
         "processes": world,

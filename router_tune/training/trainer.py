@@ -16,29 +16,28 @@ accumulation, mixed precision, DeepSpeed/FSDP, progress bars, `report_to` — is
 - routing statistics per micro-batch, logged every `routing_log_every` steps;
 - checkpoints hold the routers (+ optimizer, scheduler, RNG, trainer state) only;
 - non-finite gradients skip their optimizer step; SIGINT / SIGTERM save and stop cleanly.
+
+Checkpointing and every override of a private Trainer method live in trainer_overrides.py (with the
+check that this transformers release still has them); the steps before the weights load, which the
+dry-run plan shares, in preparation.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, Trainer
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers import Trainer
 
 from router_tune import data
 from router_tune.architectures import architecture_for
 from router_tune.errors import RouterTuneError
 from router_tune.evaluation.evaluate import evaluate_model
 from router_tune.evaluation.report import format_comparison, write_report
-from router_tune.io.checkpoint import resolve_checkpoint
-from router_tune.io.router_files import TrainedRouters, read_trained_routers, write_router_delta
 from router_tune.losses import balancing as losses
 from router_tune.losses.lm_loss import next_token_loss_sum
 from router_tune.model.fingerprints import FORMAT as FINGERPRINT_FORMAT
@@ -49,15 +48,14 @@ from router_tune.model.routers import (
     RouterLogitsCapture,
     freeze_all_but_routers,
     lm_head_as_identity,
-    load_router_state_dict,
-    router_state_dict,
     routers_to_fp32,
 )
 from router_tune.routing.stats import RoutingStats
 from router_tune.routing.telemetry import RoutingTelemetry, format_routing_table, tensorboard_writer
-from router_tune.training.checkpoints import mark_complete, shared_resume
+from router_tune.training.checkpoints import shared_resume
 from router_tune.training.config import RouterTuneConfig
 from router_tune.training.global_batch import GlobalBatch
+from router_tune.training.preparation import ModelSource, load_run_tokenizer, model_source, training_data
 from router_tune.training.rescale import rescale_routers
 from router_tune.training.router_gradient import RouterGradient
 from router_tune.training.router_lr import (
@@ -72,18 +70,18 @@ from router_tune.training.sharding import (
     check_sharded,
     check_wrapped,
     end_process_group,
-    finite_gradients,
     load_kwargs,
     on_main_process,
     prepare_zero3,
 )
 from router_tune.training.support import LossWindow, RouterTrainingCallback, stop_on_signals, warn_identical_experts
+from router_tune.training.trainer_overrides import TrainerOverrides, inner_optimizer, warn_on_private_api_changes
 from router_tune.training.zero3_saved_views import saved_views_by_reference
 
 logger = logging.getLogger(__name__)
 
 
-class RouterTrainer(Trainer):
+class RouterTrainer(TrainerOverrides, Trainer):
     """Router-only training of a Mixtral / Qwen2-MoE / Qwen3-MoE model.
 
     Args:
@@ -115,47 +113,65 @@ class RouterTrainer(Trainer):
             raise RouterTuneError(
                 "RouterTrainer needs `args`: a RouterTuneConfig, e.g. load_recipe('recipes/demo.yaml')."
             )
-        # Everything cheap is checked before the weights load: quantization support, the checkpoint's
-        # files and config, the tokenizer, and the first training blocks.
+        warn_on_private_api_changes()
+        # Everything cheap is checked before the weights load: the request, the checkpoint's files and
+        # config, the tokenizer, and the first training blocks.
+        source = self._check_request(args, model)
+        train_dataset, processing_class = self._prepare_data(
+            args, source, train_dataset, processing_class, source_names
+        )
+        data_collator = data_collator or data.collate_blocks
+        first_blocks = data.first_blocks(train_dataset, max(1, args.per_device_train_batch_size))
+        timer = StartupTimer()
+        model = self._load_model(args, source)
+        timer.lap("load")
+        self._prepare_model(model, args, timer)
+        self._prepare_rescaling(model, args, first_blocks, data_collator)
+        timer.lap("rescale probe")
+        self._probe_router_inputs(model, first_blocks, data_collator)
+        timer.lap("router input probe")
+        self.startup_seconds = timer.report()
+        if args.device.type == "cpu":
+            args.dataloader_pin_memory = False  # no accelerator to pin for: torch warns on every dataloader
+        self._init_trainer(
+            model,
+            args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator,
+            callbacks=[RouterTrainingCallback(self)] + list(callbacks or []),
+            **kwargs,
+        )
+        check_wrapped(self.accelerator, self.backend)
+        self._prepare_run_state(args)
+
+    # ---- preparation steps (in the order __init__ takes them) -------------------------------
+
+    def _check_request(self, args: RouterTuneConfig, model) -> ModelSource:
+        """What can be checked without reading a weight: quantization support, the backend asked for, the
+        checkpoint's files, config and architecture."""
         if args.quantize != "none":  # bitsandbytes installed, mode supported here
             check_quantization(args.quantize, args.device)
-        source = model if model is not None and not isinstance(model, (str, os.PathLike)) else None
         self.backend = check_request(args)
-        if source is None:
-            path = resolve_checkpoint(
-                model or args.model_name_or_path,
-                allow_pickle=args.allow_pickle,
-                trust_remote_code=args.trust_remote_code,
-            )
-            model_config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-            architecture_for(model_config)
-        else:
-            path, model_config = source.config._name_or_path, source.config
-        if processing_class is None:
-            processing_class = data.load_tokenizer(args.tokenizer_name_or_path or path, args.trust_remote_code)
+        return model_source(args, model)
+
+    def _prepare_data(self, args, source: ModelSource, train_dataset, tokenizer, source_names):
+        """The tokenizer and the training blocks: the recipe's `datasets` (`preparation.training_data`, as
+        the dry-run plan builds them) unless a dataset was given."""
         self.source_names: list[str] = list(source_names or [])
         self.bad_records = data.BadRecords(args.max_bad_records)
         if train_dataset is None and args.datasets:
-            specs = data.parse_sources(args.datasets)
-            data.check_block_size(args.block_size, model_config)
-            self.source_names = data.source_names(specs)
-            train_dataset = data.build_train_dataset(
-                specs,
-                processing_class,
-                args.block_size,
-                seed=args.seed,
-                eval_fraction=args.eval_fraction,
-                bad_records=self.bad_records,
-                shuffle_buffer=args.shuffle_buffer,
-                document_shuffle_buffer=args.document_shuffle_buffer,
-            )
-        data_collator = data_collator or data.collate_blocks
-        first_blocks = data.first_blocks(train_dataset, max(1, args.per_device_train_batch_size))
+            built = training_data(args, source, tokenizer, self.bad_records)
+            self.source_names = built.source_names
+            return built.dataset, built.tokenizer
+        return train_dataset, tokenizer if tokenizer is not None else load_run_tokenizer(args, source)
 
-        timer = StartupTimer()
-        if source is None:
+    def _load_model(self, args, source: ModelSource):
+        """The model, loaded (unless given) with routers found and described in `self.moe`, sharded as the
+        backend asks."""
+        if source.loaded is None:
             model, self.moe = load_moe(
-                path,
+                source.path,
                 dtype=args.model_dtype,
                 compute_device=args.device,
                 allow_pickle=args.allow_pickle,
@@ -166,9 +182,13 @@ class RouterTrainer(Trainer):
             if self.moe.dtype_note:
                 logger.warning(self.moe.dtype_note)
         else:
-            self.moe = describe_moe(model)
+            model, self.moe = source.loaded, describe_moe(source.loaded)
         check_sharded(model, self.backend)
-        timer.lap("load")
+        return model
+
+    def _prepare_model(self, model, args, timer: StartupTimer) -> None:
+        """Fingerprint the experts, then routers fp32 and trainable, everything else frozen (and quantized
+        when asked), router logits captured, the model's own aux loss off."""
         self.fingerprints = on_main_process(fingerprints_of, model, self.moe.source)
         timer.lap("fingerprints")
         warn_identical_experts(self.fingerprints, self.moe)
@@ -188,48 +208,28 @@ class RouterTrainer(Trainer):
         model.config.router_aux_loss_coef = 0.0
         model.config.output_router_logits = False
 
+    def _prepare_rescaling(self, model, args, first_blocks: list[dict], collate) -> None:
+        """`router_rescale`, measured on the first training blocks before any step. A ZeRO-3 partitioned model
+        runs its forward only inside DeepSpeed's engine, which train() creates: the batch waits for
+        `create_scheduler`."""
         self.router_rescaling, self._rescale_batch = [], None
-        if args.router_rescale != "off" and first_blocks:
-            # measured on the first training blocks, before any step; a ZeRO-3 partitioned model runs its
-            # forward only inside DeepSpeed's engine, which train() creates (see create_scheduler)
-            if self.backend == "deepspeed":
-                self._rescale_batch = data_collator(first_blocks)
-            else:
-                self.router_rescaling = rescale_routers(
-                    model, self.moe, data_collator(first_blocks), args.router_rescale
-                )
-        timer.lap("rescale probe")
-        # The router-input L1 norms the logit-unit learning rate assumes, and what they measure on the
-        # first blocks (a ZeRO-3 model runs forward only inside its engine: not measured there).
+        if args.router_rescale == "off" or not first_blocks:
+            return
+        if self.backend == "deepspeed":
+            self._rescale_batch = collate(first_blocks)
+        else:
+            self.router_rescaling = rescale_routers(model, self.moe, collate(first_blocks), args.router_rescale)
+
+    def _probe_router_inputs(self, model, first_blocks: list[dict], collate) -> None:
+        """The router-input L1 norms the logit-unit learning rate assumes, and what they measure on the first
+        training blocks (a ZeRO-3 model runs forward only inside its engine: not measured there)."""
         self.router_input_l1 = {"predicted": router_input_scales(model, self.moe), "measured": None}
         if first_blocks and self.backend != "deepspeed":
-            self.router_input_l1["measured"] = measure_router_input_l1(model, self.moe, data_collator(first_blocks))
-        timer.lap("router input probe")
-        self.startup_seconds = timer.report()
+            self.router_input_l1["measured"] = measure_router_input_l1(model, self.moe, collate(first_blocks))
 
-        callbacks = [RouterTrainingCallback(self)] + list(callbacks or [])
-        if args.device.type == "cpu":
-            args.dataloader_pin_memory = False  # no accelerator to pin for: torch warns on every dataloader
-        # The stock Trainer refuses checkpoints of a model sharded at load time because it cannot save
-        # its optimizer state; ours gathers the (router-only) optimizer state itself, see
-        # `_save_optimizer_and_scheduler`, so the refusal is passed for the construction only.
-        save_only_model = args.save_only_model
-        args.save_only_model = save_only_model or getattr(model, "is_distributed_loading_by_transformers", False)
-        try:
-            super().__init__(
-                model=model,
-                args=args,
-                train_dataset=train_dataset,
-                processing_class=processing_class,
-                data_collator=data_collator,
-                callbacks=callbacks,
-                **kwargs,
-            )
-        finally:
-            args.save_only_model = save_only_model
-        check_wrapped(self.accelerator, self.backend)
-        # compute_loss already normalises over the whole accumulated, all-rank batch.
-        self.loss_is_scaled_for_ga = True
+    def _prepare_run_state(self, args) -> None:
+        """Per-run state: routing statistics and telemetry, the loss window, the step's global counts, and
+        the counters and results the run fills in."""
         self.routing_stats = RoutingStats(
             len(self.moe.routers),
             self.moe.num_experts,
@@ -344,42 +344,9 @@ class RouterTrainer(Trainer):
                         self.router_input_l1["measured"],
                     ),
                 )
-        optimizer = super().create_optimizer(model)
-        inner_step = optimizer.step
-
-        def step(*args, **kwargs):
-            """Skip updates whose gradients are not finite (a non-finite loss anywhere in the step).
-
-            Checked on the gradients, once per optimizer step: under DDP they are already
-            all-reduced, so a NaN on one rank is a NaN on every rank and all ranks skip together,
-            with no extra collective and no host sync per micro-batch."""
-            self.global_batch.end_step()
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads and finite_gradients(grads, partitioned=self.is_deepspeed_enabled):
-                self._nonfinite_in_a_row = 0
-                return inner_step(*args, **kwargs)
-            self.nonfinite_steps += 1
-            self._nonfinite_in_a_row += 1
-            if self._nonfinite_in_a_row >= self.args.max_nonfinite_steps:
-                raise RouterTuneError(
-                    f"{self._nonfinite_in_a_row} consecutive steps had a non-finite loss (step "
-                    f"{self.state.global_step + 1}); stopping. The last checkpoint in {self.args.output_dir} is "
-                    "intact: resume from it with a lower learning_rate, or check the data for empty blocks."
-                )
-            logger.warning(
-                "non-finite loss: optimizer step %d skipped (%d so far)",
-                self.state.global_step + 1,
-                self.nonfinite_steps,
-            )
-            return None
-
-        optimizer.step = step
-        return optimizer
+        return self.skip_nonfinite_steps(super().create_optimizer(model))
 
     # ---- logging ---------------------------------------------------------------------------
-
-    def _get_learning_rate(self) -> float:
-        return super()._get_learning_rate() * getattr(self, "_lr_log_factor", 1.0)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._window.micro_batches:  # a training log: add the parts of the loss
@@ -414,67 +381,12 @@ class RouterTrainer(Trainer):
             scalars = summary.scalars()
         self.log(scalars)
 
-    # ---- router-only checkpoints ----------------------------------------------------------
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the routers and the run description (a router-only delta) instead of the whole model.
-
-        Every rank gathers the router parameters (a collective when they are sharded); the main
-        process writes them."""
-        routers = router_state_dict(self.accelerator.unwrap_model(self.model))
-        if not self.args.should_save:
-            return
-        output_dir = Path(output_dir or self.args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if state_dict is not None:  # FSDP / DeepSpeed gathered the full state dict for us
-            routers = {n: state_dict[n].detach().float().cpu() for n in routers if n in state_dict} or routers
-        write_router_delta(output_dir, TrainedRouters(output_dir, output_dir, routers, self.run_info()))
+    # ---- run description (written with every checkpoint, see TrainerOverrides._save) ---------
 
     @property
     def sharded(self) -> bool:
         """Weights sharded over ranks (FSDP2 at load time, or accelerate's FSDP / DeepSpeed)."""
         return self.is_fsdp_enabled or self.is_deepspeed_enabled or self.is_distributed_loading_by_transformers
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Routers only, on every backend: the stock sharded save would gather the whole model."""
-        if self.sharded:
-            self._save(output_dir)
-        else:
-            super().save_model(output_dir, _internal_call)
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """Sharded: the optimizer state (routers only) is gathered whole and written once, so any
-        number of ranks can resume from it; the stock save would write rank 0's shard alone.
-
-        DeepSpeed: its own checkpoint of what its optimizer holds (the routers' fp32 partitions and
-        their Adam moments, one small file per rank), without the frozen weights' partitions, which
-        the stock save writes (the whole model, sharded). Resuming needs the same number of ranks."""
-        if self.is_deepspeed_enabled:
-            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
-            if self.args.should_save:
-                torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
-            return None
-        if not self.sharded:
-            return super()._save_optimizer_and_scheduler(output_dir)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        state = get_optimizer_state_dict(
-            self.model, _inner(self.optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        if self.args.should_save:
-            torch.save(state, Path(output_dir) / OPTIMIZER_NAME)
-            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is None or not self.sharded or self.is_deepspeed_enabled:
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        state = torch.load(Path(checkpoint) / OPTIMIZER_NAME, weights_only=True)
-        set_optimizer_state_dict(
-            self.model, _inner(self.optimizer), state, options=StateDictOptions(full_state_dict=True)
-        )
-        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
 
     def run_info(self) -> dict[str, Any]:
         return {
@@ -495,7 +407,7 @@ class RouterTrainer(Trainer):
             # each layer's peak Adam rate (router_lr_scale input: learning_rate / the input's L1 scale)
             "router_adam_rates": {
                 group.get("layer", i): group.get("initial_lr", group["lr"])
-                for i, group in enumerate(_inner(self.optimizer).param_groups if self.optimizer else [])
+                for i, group in enumerate(inner_optimizer(self.optimizer).param_groups if self.optimizer else [])
             },
             # the router-input L1 norms behind those rates: predicted from the norm weights, measured on
             # the first training blocks (router_lr.py)
@@ -512,26 +424,11 @@ class RouterTrainer(Trainer):
             "balance_counts": self.global_batch.state(),
         }
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """The stock checkpoint (routers via `_save`, optimizer, scheduler, RNG, trainer state), then the
-        marker that says it is complete: a run killed while saving never resumes from a partial one."""
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            mark_complete(Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}")
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        trained = read_trained_routers(resume_from_checkpoint)
-        load_router_state_dict(self.accelerator.unwrap_model(model or self.model), trained.tensors)
-        self.global_batch.load_state(trained.meta.get("balance_counts"), self.args.device)
-
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """The stock scheduler; under DeepSpeed, also the first call after `accelerator.prepare` made
-        the engine, and before any checkpoint is loaded or step taken:
-        - `router_rescale` probes the routers now (the engine's forward gathers the partitions);
-        - `Trainer` resumes a DeepSpeed run with `engine.load_checkpoint(load_module_strict=True)`,
-          which fails on a checkpoint without the frozen weights (and it skips `_load_from_checkpoint`):
-          the engine's load becomes non-strict, and restores the balancing counts as
-          `_load_from_checkpoint` does."""
+        """The stock scheduler; under DeepSpeed, also the first call after `accelerator.prepare` made the
+        engine, and before any checkpoint is loaded or step taken: `router_rescale` probes the routers now
+        (the engine's forward gathers the partitions), and the engine's checkpoint load is made non-strict
+        (`patch_deepspeed_resume`)."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         engine = getattr(getattr(self.accelerator, "deepspeed_engine_wrapped", None), "engine", None)
         if engine is None:
@@ -540,16 +437,8 @@ class RouterTrainer(Trainer):
             batch = {k: v.to(self.args.device) for k, v in self._rescale_batch.items() if torch.is_tensor(v)}
             self._rescale_batch = None
             self.router_rescaling = rescale_routers(self.model, self.moe, batch, self.args.router_rescale)
-        if not isinstance(engine.load_checkpoint, functools.partial):
-            engine.load_checkpoint = functools.partial(self._load_deepspeed_checkpoint, engine.load_checkpoint)
+        self.patch_deepspeed_resume(engine)
         return scheduler
-
-    def _load_deepspeed_checkpoint(self, load, checkpoint: str, **kwargs):
-        kwargs["load_module_strict"] = False  # the module part holds the routers only
-        result = load(checkpoint, **kwargs)
-        trained = read_trained_routers(checkpoint)
-        self.global_batch.load_state(trained.meta.get("balance_counts"), self.args.device)
-        return result
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """The stock `train`, plus the held-out evaluation before and after (eval/report.*),
@@ -563,14 +452,14 @@ class RouterTrainer(Trainer):
         evaluation = self._evaluation_blocks()
         # Before super().train(): on resume the checkpoint is loaded inside it, and "before"
         # must describe the source model's routers.
-        before = self._evaluate(evaluation, "before training") if evaluation else None
+        before = self._evaluate_held_out(evaluation, "before training") if evaluation else None
         if before is not None and self.telemetry.first_summary is None:
             # the untrained routers are the "start" of the run plots (else the first window is)
             self.telemetry.first_step, self.telemetry.first_summary = 0, before.routing
         with stop_on_signals(self):
             result = super().train(resume_from_checkpoint=resume, **kwargs)
         if evaluation:
-            after = self._evaluate(evaluation, f"step {self.state.global_step}")
+            after = self._evaluate_held_out(evaluation, f"step {self.state.global_step}")
             # to wandb / tensorboard beside the curves (Trainer.log: "eval_" keys go under eval/)
             self.log(
                 {
@@ -622,7 +511,7 @@ class RouterTrainer(Trainer):
             max_bad_records=args.max_bad_records,
         )
 
-    def _evaluate(self, blocks: dict, label: str):
+    def _evaluate_held_out(self, blocks: dict, label: str):
         """Every rank evaluates the same blocks (identical results, no collective to wait on)."""
         return evaluate_model(
             self.accelerator.unwrap_model(self.model),
@@ -635,8 +524,3 @@ class RouterTrainer(Trainer):
             # routers rounded as export stores them, also when the checkpoint computes in another dtype
             stored_dtype=self.moe.stored_dtype if self.moe.dtype_note else None,
         )
-
-
-def _inner(optimizer):
-    """The torch optimizer inside accelerate's wrapper."""
-    return getattr(optimizer, "optimizer", optimizer)
