@@ -295,3 +295,17 @@ def test_a_cpu_training_run_prints_no_deepspeed_accelerator_guess(mixtral_legacy
     assert run.returncode == 0, run.stderr[-2000:]
     assert "finished at step 1" in run.stdout + run.stderr
     assert "Setting accelerator" not in run.stdout + run.stderr
+
+
+def test_training_logs_are_readable_lines_without_a_streamed_epoch(mixtral_legacy, tmp_path, capsys):
+    """The console showed each log as a raw dict with a meaningless `epoch` for streamed data, and every
+    routing log as a dict of all per-layer values."""
+    recipe = write_recipe(tmp_path, mixtral_legacy, max_steps=2, routing_log_every=2, logging_steps=1)
+    assert main(["train", str(recipe), "--disable_tqdm", "false"]) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "step 1/2: loss " in text and "(lm " in text and " lr " in text
+    assert "step 2/2: routing " in text and "worst layer L" in text
+    assert "{'loss'" not in text and "'routing/L0/max_load'" not in text
+    history = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    assert history and not any("epoch" in entry for entry in history)

@@ -11,6 +11,7 @@ import threading
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from router_tune.errors import RouterTuneError
 from router_tune.model.fingerprints import identical_expert_groups
@@ -49,6 +50,40 @@ class RouterTrainingCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class RouterProgressCallback(ProgressCallback):
+    """transformers' progress bar with each log written as one readable line instead of a raw dict: a
+    training log as `step 40/60: loss 2.442 (lm 2.415, aux 1.094, z 9.393) lr 0.2992`, a routing log as
+    its layer means and worst layer (the per-layer values go to the run's trackers and plots)."""
+
+    PARTS = (("lm_loss", "lm"), ("aux_loss", "aux"), ("overload_loss", "overload"), ("z_loss", "z"))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            self.training_bar.write(format_log(logs, state.global_step, state.max_steps, self.PARTS))
+
+
+def format_log(logs: dict, step: int, max_steps: int, parts) -> str:
+    """One console line for a Trainer log (see RouterProgressCallback)."""
+    head = f"step {step}/{max_steps}:"
+    if "loss" in logs:
+        inner = ", ".join(f"{short} {logs[key]:.4g}" for key, short in parts if key in logs)
+        line = f"{head} loss {logs['loss']:.4g}" + (f" ({inner})" if inner else "")
+        if "learning_rate" in logs:
+            line += f" lr {logs['learning_rate']:.4g}"
+        if logs.get("nonfinite_steps"):
+            line += f", {logs['nonfinite_steps']} non-finite steps skipped"
+        return line
+    layers = {k: v for k, v in logs.items() if k.startswith("routing/L")}
+    if layers:
+        max_load = {k.split("/")[1]: v for k, v in layers.items() if k.endswith("/max_load")}
+        worst = max(max_load, key=max_load.get) if max_load else None
+        shown = {k: v for k, v in logs.items() if k.startswith("routing/") and k not in layers}
+        line = f"{head} routing " + ", ".join(f"{k.removeprefix('routing/')} {v:.4g}" for k, v in shown.items())
+        return line + (f"; worst layer {worst} max/mean {max_load[worst]:.3g}" if worst else "")
+    shown = {k: v for k, v in logs.items() if k != "total_flos"}
+    return f"{head} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
 
 
 class LossWindow:

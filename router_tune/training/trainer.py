@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 
 from router_tune import data
 from router_tune.architectures import architecture_for
@@ -74,7 +75,13 @@ from router_tune.training.sharding import (
     on_main_process,
     prepare_zero3,
 )
-from router_tune.training.support import LossWindow, RouterTrainingCallback, stop_on_signals, warn_identical_experts
+from router_tune.training.support import (
+    LossWindow,
+    RouterProgressCallback,
+    RouterTrainingCallback,
+    stop_on_signals,
+    warn_identical_experts,
+)
 from router_tune.training.trainer_overrides import TrainerOverrides, inner_optimizer, warn_on_private_api_changes
 from router_tune.training.zero3_saved_views import saved_views_by_reference
 
@@ -143,6 +150,8 @@ class RouterTrainer(TrainerOverrides, Trainer):
             **kwargs,
         )
         check_wrapped(self.accelerator, self.backend)
+        if self.pop_callback(ProgressCallback) is not None:  # the bar stays, its log lines become readable
+            self.add_callback(RouterProgressCallback)
         self._prepare_run_state(args)
 
     # ---- preparation steps (in the order __init__ takes them) -------------------------------
@@ -352,7 +361,14 @@ class RouterTrainer(TrainerOverrides, Trainer):
         if "loss" in logs and self._window.micro_batches:  # a training log: add the parts of the loss
             logs.update(self._window.flush())
             logs["nonfinite_steps"] = self.nonfinite_steps
-        super().log(logs, start_time)
+        # Streamed data has no epochs: the Trainer's `epoch` would be a meaningless fraction in every log.
+        epoch = self.state.epoch
+        if not hasattr(self.train_dataset, "__len__"):
+            self.state.epoch = None
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.state.epoch = epoch
 
     def end_training(self) -> None:
         """Finish the trackers and take a launched run's process group down, every rank together
