@@ -136,7 +136,8 @@ def train_and_eval(state: State, merge: str, steps: int, work: Path, reuse: Path
     if key in state:
         return
     run = work / f"{merge}-{steps}"
-    cmd = [sys.executable, "-m", "router_tune", "train", str(RECIPE), "--model_name_or_path", str(REAL / f"moe-{merge}")]
+    cmd = [sys.executable, "-m", "router_tune", "train", str(RECIPE)]
+    cmd += ["--model_name_or_path", str(REAL / f"moe-{merge}")]
     cmd += ["--max_steps", str(steps), "--output_dir", str(run), "--eval_before_after", "false", "--overwrite"]
     if reuse is not None:
         info = json.loads((reuse / "router_tune.json").read_text())
