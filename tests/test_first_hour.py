@@ -90,7 +90,7 @@ def test_first_hour_on_the_demo(user):
         first = []
         for line in proc.stdout:
             first.append(line)
-            if "'loss'" in line:
+            if ": loss " in line:
                 proc.send_signal(signal.SIGINT)
                 break
         out, err = proc.communicate(timeout=600)

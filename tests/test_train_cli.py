@@ -82,7 +82,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(mixtral_legacy, tmp_path):
     )
     try:
         for line in proc.stdout:  # wait for the first training log, then interrupt
-            if "'loss'" in line:
+            if ": loss " in line:
                 proc.send_signal(signal.SIGTERM)
                 break
         output = proc.stdout.read()
