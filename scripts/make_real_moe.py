@@ -182,7 +182,9 @@ def is_mlp(name: str) -> bool:
 
 
 def finetune(model, blocks: torch.Tensor, desc: str) -> float:
-    """AdamW on the MLPs only, warm-up then cosine to 10%, a fixed data order per domain."""
+    """AdamW on the MLPs only, warm-up then cosine to 10%, a fixed data order per domain. Not
+    make_demo_model.train: its batch, warm-up, weight decay and data order are the from-scratch demo's, and
+    the experts measured in docs/real-weights.md were built with these."""
     params = [p for n, p in model.named_parameters() if is_mlp(n)]
     for n, p in model.named_parameters():
         p.requires_grad_(is_mlp(n))

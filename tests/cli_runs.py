@@ -4,6 +4,8 @@ bundled samples, and a free port for launched ranks."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -41,3 +43,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_cli(*args, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m router_tune ARGS` in a fresh process, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "router_tune", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

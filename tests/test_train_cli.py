@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from router_tune.cli import main
-from tests.cli_runs import ROOT, write_recipe
+from tests.cli_runs import ROOT, run_cli, write_recipe
 
 
 def test_dry_run_reads_no_weights(mixtral_legacy, tmp_path, capsys, monkeypatch):
@@ -106,14 +106,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(mixtral_legacy, tmp_path):
         "true",
     ]
     step = int(checkpoints[0].name.split("-")[1])
-    resumed = subprocess.run(
-        [sys.executable, "-m", "router_tune", *printed[1:], "--max_steps", str(step + 1)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run_cli(*printed[1:], "--max_steps", str(step + 1), cwd=ROOT, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {checkpoints[0]}" in resumed.stderr and f"finished at step {step + 1}" in resumed.stdout
 
@@ -186,14 +179,7 @@ def test_every_logging_step_keeps_its_loss_when_routing_logs_on_it(mixtral_legac
     )
     env = {k: v for k, v in os.environ.items() if k != "WANDB_DIR"}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    run = subprocess.run(
-        [sys.executable, "-m", "router_tune", "train", str(recipe), "--report_to", "wandb"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_cli("train", str(recipe), "--report_to", "wandb", cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     (state,) = (tmp_path / "run").glob("checkpoint-*/trainer_state.json")
     history = json.loads(state.read_text())["log_history"]
@@ -261,14 +247,7 @@ def test_no_wandb_notice_when_the_run_does_not_report_to_wandb(mixtral_legacy, t
     report_to none; the variable still reaches wandb when a run asks for it."""
     recipe = write_recipe(tmp_path, mixtral_legacy, report_to="none")
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    shown = subprocess.run(
-        [sys.executable, "-m", "router_tune", "train", str(recipe), "--dry-run"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    shown = run_cli("train", str(recipe), "--dry-run", cwd=tmp_path, env=env)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "dry run: nothing trained" in shown.stdout and "WANDB" not in shown.stdout + shown.stderr
     probe = (
@@ -284,14 +263,7 @@ def test_a_cpu_training_run_prints_no_deepspeed_accelerator_guess(mixtral_legacy
     every CPU training run; the CLI tells it the accelerator on a machine without one."""
     recipe = write_recipe(tmp_path, mixtral_legacy, report_to="none", max_steps=1, eval_before_after=False)
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "router_tune", "train", str(recipe)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_cli("train", str(recipe), cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "finished at step 1" in run.stdout + run.stderr
     assert "Setting accelerator" not in run.stdout + run.stderr
