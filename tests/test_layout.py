@@ -7,6 +7,7 @@ be imported to check them.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,14 @@ def test_internals_lists_every_module():
             continue
         modules = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
         assert listed.get(package, set()) >= modules, f"docs/internals.md misses {package}: {modules - listed[package]}"
+
+
+def test_make_test_and_test_slow_run_the_suite():
+    """The README's `make test` (and CI's .ci/run, which calls it) once ran no test at all for a session: a
+    Makefile edit had dropped the target while `.PHONY` still named it, and make exited 0."""
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    for target, command in (("test", "-m pytest -q"), ("test-slow", "-m pytest -q -m slow")):
+        rule = re.search(rf"^{re.escape(target)}:[^\n]*\n\t([^\n]+)", makefile, re.M)
+        assert rule and rule.group(1).endswith(command), f"make {target} must run `python {command}`"
+    assert "make test" in ci.splitlines()
