@@ -66,17 +66,22 @@ def data_files(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("eval-data"))
 
 
-@pytest.fixture(scope="module")
-def source_and_blocks(mixtral_legacy, data_files):
-    model, info = load_moe(mixtral_legacy)
-    tokenizer = AutoTokenizer.from_pretrained(mixtral_legacy)
-    blocks = build_eval_blocks(
+def held_out_blocks(tokenizer, data_files: list[Path]) -> dict:
+    """The test data's held-out blocks, as every test of this module evaluates them."""
+    return build_eval_blocks(
         parse_sources(sources_from_files([str(p) for p in data_files])),
         tokenizer,
         BLOCK,
         eval_fraction=FRACTION,
         max_blocks=MAX_BLOCKS,
     )
+
+
+@pytest.fixture(scope="module")
+def source_and_blocks(mixtral_legacy, data_files):
+    model, info = load_moe(mixtral_legacy)
+    tokenizer = AutoTokenizer.from_pretrained(mixtral_legacy)
+    blocks = held_out_blocks(tokenizer, data_files)
     return model, info, blocks
 
 
@@ -439,13 +444,7 @@ def test_a_bf16_checkpoint_on_a_cpu_without_native_bf16_is_evaluated_in_fp32_wit
     run, routers = make_run(mixtral_bf16, tmp_path)
     model, tokenizer, info, _ = load_for_eval(run)
     assert (info.dtype, info.stored_dtype) == (torch.float32, torch.bfloat16)
-    blocks = build_eval_blocks(
-        parse_sources(sources_from_files([str(p) for p in data_files])),
-        tokenizer,
-        BLOCK,
-        eval_fraction=FRACTION,
-        max_blocks=MAX_BLOCKS,
-    )
+    blocks = held_out_blocks(tokenizer, data_files)
     result = evaluate_model(model, blocks, progress=False, stored_dtype=info.stored_dtype)
     reference = AutoModelForCausalLM.from_pretrained(mixtral_bf16, dtype=torch.float32).eval()
     with torch.no_grad():
