@@ -431,7 +431,7 @@ def measure_export(args, work: Path) -> dict:
 
 def measure_activations(args, work: Path) -> dict:
     config = json.loads((args.model / "config.json").read_text())
-    runs = []
+    prov, runs = harness.provenance(), []  # the commit measured, before anything is written
     for seq in args.activation_seqs:
         blocks = harness.make_random_blocks(work / f"blocks-{seq}", vocab=config["vocab_size"], seq=seq, n_blocks=2)
         for checkpointing in (0, 1):
@@ -442,7 +442,7 @@ def measure_activations(args, work: Path) -> dict:
             check(watch(me, harness.child_env(2), stem.with_suffix(".log"), args.timeout, args.min_available_gb * GB),
                   stem.with_suffix(".log"))  # fmt: skip
             runs.append(json.loads(Path(f"{stem}.json").read_text()))
-    return {"provenance": harness.provenance(), "runs": runs}
+    return {"provenance": prov, "runs": runs}
 
 
 def measure_peak(args, work: Path) -> dict:
