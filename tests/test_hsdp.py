@@ -8,7 +8,6 @@ with every rank on its own blocks (different target-token counts, different rout
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,17 +19,15 @@ from safetensors.torch import load_file
 from router_tune.errors import RouterTuneError
 from router_tune.training import sharding
 from tests.cli_runs import free_port
-from tests.rank_reports import read_reports
+from tests.rank_reports import CPU_RANKS_ENV, run_and_read_reports
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "fsdp_script.py"
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+ENV = CPU_RANKS_ENV
 
 
 def _run(cmd: list[str]) -> list[dict]:
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return read_reports(proc.stdout)
+    return run_and_read_reports(cmd, timeout=1200)
 
 
 @pytest.mark.slow  # four ranks on two cores: 2.5 minutes here, over 10 on a busy machine
