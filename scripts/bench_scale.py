@@ -436,6 +436,9 @@ def measure_activations(args, work: Path) -> dict:
         blocks = harness.make_random_blocks(work / f"blocks-{seq}", vocab=config["vocab_size"], seq=seq, n_blocks=2)
         for checkpointing in (0, 1):
             stem = work / f"activations-{seq}-{checkpointing}"
+            if Path(f"{stem}.json").exists():  # measured by an earlier call on this work directory: resumed
+                runs.append(json.loads(Path(f"{stem}.json").read_text()))
+                continue
             me = harness.module_cmd("bench_scale", "--activation-worker", "--json", f"{stem}.json")
             me += harness.flags(model=args.model, data=blocks, seq=seq, checkpointing=checkpointing)
             me += harness.flags(run_dir=work / "run-activations")
