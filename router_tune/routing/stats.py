@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from router_tune.losses.balancing import count_selections, stack_router_logits, top_k_experts
+from router_tune.losses.balancing import biased_top_k, count_selections, stack_router_logits, top_k_experts
 
 _ARRAYS = (
     "load",
@@ -230,10 +230,16 @@ class RoutingStats:
 
     @torch.no_grad()
     def update(
-        self, router_logits: Sequence[Tensor], mask: Tensor | None = None, source_ids: Tensor | None = None
+        self,
+        router_logits: Sequence[Tensor],
+        mask: Tensor | None = None,
+        source_ids: Tensor | None = None,
+        selection_bias: Tensor | None = None,
     ) -> None:
         """Add one micro-batch. router_logits: tuple of [T, E] per layer (detached here);
-        mask: [T] 1 = real token; source_ids: LongTensor [T] of indices into `sources`."""
+        mask: [T] 1 = real token; source_ids: LongTensor [T] of indices into `sources`;
+        selection_bias: [L, E] the bias the routers chose their top-k with (loss-free balancing), so
+        the loads are those of the experts the tokens actually went to."""
         if self._reduced:
             raise RuntimeError(
                 "RoutingStats.update after reduce(): the sums are already global; call reset() to start a new window"
@@ -251,7 +257,10 @@ class RoutingStats:
             self._device_fixed = True
         logits, weight = logits.to(self.device), weight.to(self.device)
         probs = torch.softmax(logits, dim=-1)
-        selected = top_k_experts(probs, self.top_k)
+        if selection_bias is None:
+            selected = top_k_experts(probs, self.top_k)
+        else:
+            selected = biased_top_k(logits, self.top_k, selection_bias.to(self.device))
         acc = self._acc
         acc["counts"] += count_selections(selected, self.num_experts, weight)[0]
         acc["prob_sum"] += torch.einsum("lte,t->le", probs, weight)
