@@ -17,7 +17,7 @@ from router_tune.errors import RouterTuneError
 from router_tune.model.loading import load_moe
 from router_tune.model.routers import find_routers, router_state_dict
 from router_tune.training.config import load_recipe
-from router_tune.training.router_lr import router_input_scales
+from router_tune.training.router_lr import PROBE_BLOCKS, router_input_scales
 from tests.trainers import make_trainer
 
 DEMO = Path(__file__).parent.parent / "router_tune" / "assets" / "demo-moe"
@@ -66,8 +66,9 @@ def measured_scales(model_dir: Path, batch: dict) -> list[float]:
     return [reference[i] for i in sorted(reference)]
 
 
-def first_batch(trainer, size: int) -> dict:
-    return data.collate_blocks(data.first_blocks(trainer.train_dataset, size))
+def probe_batch(trainer) -> dict:
+    """The blocks the rates are measured on, in one batch (the trainer reads them in micro-batches)."""
+    return data.collate_blocks(data.first_blocks(trainer.train_dataset, PROBE_BLOCKS))
 
 
 def test_scale_predicts_the_real_l1_norm_of_router_inputs():
@@ -111,7 +112,7 @@ def test_first_adam_step_moves_each_layer_by_its_own_rate(fixture, lr_scale, req
     trainer.train()
     after = router_state_dict(trainer.model)
     scales = {
-        "input": measured_scales(model_dir, first_batch(trainer, 4)),
+        "input": measured_scales(model_dir, probe_batch(trainer)),
         "predicted": expected_scales(model_dir),
         "none": None,
     }[lr_scale]
@@ -136,11 +137,12 @@ def test_rates_in_the_wrong_units_are_refused(mixtral_legacy, tmp_path):
 
 
 def test_run_info_records_each_layers_rate_beside_its_measured_input_l1(mixtral_legacy, tmp_path):
-    """The trainer measures what each router reads on the first training blocks (real models are not
+    """The trainer measures what each router reads on the first PROBE_BLOCKS training blocks, in micro-batches
+    of 3 (the last one shorter), whatever the batch size (real models are not
     Gaussian inside: SmolLM2-135M reads 0.46-0.77 of the predicted L1) and keeps it beside the
     prediction. Reference: the output of each layer's post-attention norm, hooked there, on a fresh load."""
     model_dir = with_uneven_norms(mixtral_legacy, tmp_path / "model")
     trainer = make_trainer(model_dir, tmp_path / "run", steps=1, batch=3)
     recorded = trainer.run_info()["router_input_l1"]
     assert recorded["predicted"] == pytest.approx(expected_scales(model_dir), rel=1e-5)
-    assert recorded["measured"] == pytest.approx(measured_scales(model_dir, first_batch(trainer, 3)), rel=1e-4)
+    assert recorded["measured"] == pytest.approx(measured_scales(model_dir, probe_batch(trainer)), rel=1e-4)

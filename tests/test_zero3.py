@@ -72,6 +72,10 @@ def test_zero3_two_ranks_equal_one_process_and_resume(mixtral_legacy, tmp_path):
     one = _one_process(mixtral_legacy, tmp_path / "one", 3)
     assert one[0]["world"] == 1 and one[0]["shard_fraction"] == 1.0
     assert two[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-5)
+    # the router-input probe runs inside the engine, and its rates are the one-process run's on every rank
+    for r in two:
+        assert r["router_input_l1"] == pytest.approx(one[0]["router_input_l1"], rel=1e-5), r
+        assert r["router_adam_rates"] == pytest.approx(one[0]["router_adam_rates"], rel=1e-5), r
     routers = _assert_equal_routers(tmp_path / "two", tmp_path / "one")
     source = load_file(next(Path(mixtral_legacy).glob("*.safetensors")))
     for name, t in routers.items():

@@ -163,9 +163,10 @@ class RouterTuneConfig(TrainingArguments):
     router_rescale: str = field(
         default="auto",
         metadata={
-            "help": "Rescale saturated routers before training (their softmax gives no gradient): "
-            "auto (layers whose mean top-1 probability exceeds 0.9, to a logit std of "
-            "1), off, or a number: every layer to that logit std."
+            "help": "Rescale overconfident routers before training, keeping their ranking of experts (a merge "
+            "tool's gates were never trained: their confidence is no information, and it slows training, down to "
+            "no gradient at all when saturated): auto (every layer whose logits' std over the experts exceeds 1, "
+            "down to 1; never up), off (e.g. for routers trained before), or a number: every layer to that std."
         },
     )
     router_lr_scale: str = field(

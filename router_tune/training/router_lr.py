@@ -74,22 +74,27 @@ def router_param_groups(
     ]
 
 
+# The router-input probe reads this many training blocks, whatever the batch size, accumulation or
+# world size: the rates must not depend on how a step is split (a run of 4 x 2 blocks must train as 1 x 8).
+PROBE_BLOCKS = 8
+
+
 @torch.no_grad()
-def measure_router_input_l1(model: nn.Module, info: MoeInfo, batch: dict[str, torch.Tensor]) -> list[float]:
+def measure_router_input_l1(model: nn.Module, info: MoeInfo, batches: list[dict[str, torch.Tensor]]) -> list[float]:
     """Per MoE layer (in `info.routers` order): the mean L1 norm of the router's input over the real
-    tokens of `batch` (one eval-mode forward, the LM head skipped; the training flag is restored).
-    In a distributed run every rank calls it (a sharded forward gathers parameters) and every rank
-    gets rank 0's figures: the rates they set must be equal, or replicas would drift apart."""
+    tokens of `batches` (collated micro-batches of the first PROBE_BLOCKS training blocks: eval-mode
+    forwards, the LM head skipped, the training flag restored). In a distributed run every rank calls
+    it (a sharded forward gathers parameters) and every rank gets rank 0's figures: the rates they set
+    must be equal, or replicas would drift apart."""
     device = model.get_input_embeddings().weight.device
-    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
-    mask = batch.get("token_mask", batch.get("attention_mask"))
-    keep = mask.reshape(-1).bool().to(device) if mask is not None else None
-    sums: dict[int, torch.Tensor] = {}
+    sums = {ref.layer: torch.zeros((), dtype=torch.float64) for ref in info.routers}
+    tokens = 0
+    keep = None
 
     def record(layer: int):
         def hook(_module, args):
             l1 = args[0].detach().float().abs().sum(-1).reshape(-1)
-            sums[layer] = (l1[keep] if keep is not None else l1).mean()
+            sums[layer] += (l1[keep] if keep is not None else l1).sum().double().cpu()
 
         return hook
 
@@ -98,12 +103,19 @@ def measure_router_input_l1(model: nn.Module, info: MoeInfo, batch: dict[str, to
     model.eval()
     try:
         with lm_head_as_identity(model):
-            model(**inputs, use_cache=False)
+            for batch in batches:
+                inputs = {
+                    k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")
+                }
+                mask = batch.get("token_mask", batch.get("attention_mask"))
+                keep = mask.reshape(-1).bool().to(device) if mask is not None else None
+                tokens += int(keep.sum()) if keep is not None else batch["input_ids"].numel()
+                model(**inputs, use_cache=False)
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    measured = [float(sums[ref.layer]) for ref in info.routers]
+    measured = [float(sums[ref.layer]) / tokens for ref in info.routers]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         shared = [measured]
         torch.distributed.broadcast_object_list(shared, src=0)

@@ -63,6 +63,7 @@ from router_tune.training.preparation import ModelSource, load_run_tokenizer, mo
 from router_tune.training.rescale import rescale_routers
 from router_tune.training.router_gradient import RouterGradient
 from router_tune.training.router_lr import (
+    PROBE_BLOCKS,
     describe_router_lrs,
     measure_router_input_l1,
     router_input_scales,
@@ -138,7 +139,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
         self._prepare_model(model, args, timer)
         self._prepare_rescaling(model, args, first_blocks, data_collator)
         timer.lap("rescale probe")
-        self._probe_router_inputs(model, first_blocks, data_collator)
+        self._probe_router_inputs(model, args, data.first_blocks(train_dataset, PROBE_BLOCKS), data_collator)
         timer.lap("router input probe")
         self._measure_twins(model, first_blocks, data_collator)
         timer.lap("twin experts")
@@ -235,19 +236,21 @@ class RouterTrainer(TrainerOverrides, Trainer):
         else:
             self.router_rescaling = rescale_routers(model, self.moe, collate(first_blocks), args.router_rescale)
 
-    def _probe_router_inputs(self, model, first_blocks: list[dict], collate) -> None:
+    def _probe_router_inputs(self, model, args, blocks: list[dict], collate) -> None:
         """The router-input L1 norms behind the logit-unit learning rate (training/router_lr.py): predicted
-        from the norm weights, and measured on the first training micro-batch (after `router_rescale`, which
-        changes the mixing below). A ZeRO-3 model runs forward only inside its engine: measured in
-        `create_scheduler`, which then sets the rates."""
+        from the norm weights, and measured on the first training blocks (after `router_rescale`, which
+        changes the mixing below), in micro-batches of the training batch size. A ZeRO-3 model runs forward
+        only inside its engine: measured in `create_scheduler`, which then sets the rates."""
         self.router_input_l1 = {"predicted": router_input_scales(model, self.moe), "measured": None}
-        self._router_input_batch = None
-        if not first_blocks:
+        size = max(1, args.per_device_train_batch_size)
+        batches = [collate(blocks[i : i + size]) for i in range(0, len(blocks), size)]
+        self._router_input_batches = None
+        if not batches:
             return
         if self.backend == "deepspeed":
-            self._router_input_batch = collate(first_blocks)
+            self._router_input_batches = batches
         else:
-            self.router_input_l1["measured"] = measure_router_input_l1(model, self.moe, collate(first_blocks))
+            self.router_input_l1["measured"] = measure_router_input_l1(model, self.moe, batches)
 
     def _measure_twins(self, model, first_blocks: list[dict], collate) -> None:
         """The twin expert groups the routing logs report balance within and across (routing/twins.py):
@@ -417,9 +420,11 @@ class RouterTrainer(TrainerOverrides, Trainer):
     def _measure_router_inputs_in_engine(self, optimizer) -> None:
         """ZeRO-3: the router-input probe, run now that the engine's forward gathers the partitions, and the
         optimizer's per-layer rates set from it before the scheduler reads them."""
-        batch = {k: v.to(self.args.device) for k, v in self._router_input_batch.items() if torch.is_tensor(v)}
-        self._router_input_batch = None
-        self.router_input_l1["measured"] = measure_router_input_l1(self.model, self.moe, batch)
+        batches = [
+            {k: v.to(self.args.device) for k, v in b.items() if torch.is_tensor(v)} for b in self._router_input_batches
+        ]
+        self._router_input_batches = None
+        self.router_input_l1["measured"] = measure_router_input_l1(self.model, self.moe, batches)
         scales = self._router_lr_scales()
         if scales is None:
             return
@@ -534,7 +539,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
                 batch = {k: v.to(self.args.device) for k, v in self._rescale_batch.items() if torch.is_tensor(v)}
                 self._rescale_batch = None
                 self.router_rescaling = rescale_routers(self.model, self.moe, batch, self.args.router_rescale)
-            if self._router_input_batch is not None:
+            if self._router_input_batches is not None:
                 self._measure_router_inputs_in_engine(optimizer or self.optimizer)
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         if engine is None:
