@@ -247,7 +247,24 @@ def router_z_loss(
     return per_layer.mean()
 
 
+def bias_distillation_loss(
+    router_logits: Sequence[Tensor], bias: Tensor, mask: Tensor | None = None, num_tokens: Tensor | float | None = None
+) -> Tensor:
+    """KL(softmax(logits + bias) || softmax(logits)), the biased distribution a fixed target: mean over layers
+    of the mean over real tokens. Its gradient on the logits is softmax(logits) - softmax(logits + bias), so
+    it moves each router toward choosing as the selection bias [L, E] makes it choose (the fade of
+    loss-free balancing, training/loss_free.py). `num_tokens` as in `router_z_loss`."""
+    logits, weight = stack_router_logits(router_logits, mask)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    with torch.no_grad():
+        target = torch.log_softmax(logits + bias.to(logits).unsqueeze(1), dim=-1)
+    kl = (target.exp() * (target - log_probs)).sum(dim=-1)
+    per_layer = (kl * weight).sum(dim=-1) / _token_count(weight, num_tokens).clamp_min(1.0)
+    return per_layer.mean()
+
+
 __all__ = [
+    "bias_distillation_loss",
     "load_balancing_loss",
     "overload_loss",
     "router_z_loss",

@@ -123,6 +123,22 @@ class RouterTuneConfig(TrainingArguments):
             "b_i += rate * sign(mean load - load of expert i)."
         },
     )
+    loss_free_fade: float = field(
+        default=0.25,
+        metadata={
+            "help": "balancing loss_free / both: the last share of the steps over which the selection bias the "
+            "routers choose with fades linearly to zero while loss_free_distill_coef teaches the router weights "
+            "the biased choice, so that the exported model (which has no bias) keeps the balance. 0 = no fade: "
+            "the export routes without the balance the bias gave."
+        },
+    )
+    loss_free_distill_coef: float = field(
+        default=1.0,
+        metadata={
+            "help": "balancing loss_free / both, during the fade: the weight of KL(softmax(logits + bias) || "
+            "softmax(logits)) per router, which pulls each router's own choice toward the biased one."
+        },
+    )
     aux_loss_scope: str = field(
         default="layer",
         metadata={
@@ -307,6 +323,10 @@ class RouterTuneConfig(TrainingArguments):
             problems.append(f"`balancing` must be one of {', '.join(BALANCING_MODES)}, got {self.balancing!r}.")
         if not self.loss_free_rate > 0:
             problems.append(f"`loss_free_rate` must be > 0 (the bias step in logit units), got {self.loss_free_rate}.")
+        if not 0.0 <= self.loss_free_fade <= 1.0:
+            problems.append(f"`loss_free_fade` is a share of the steps in [0, 1], got {self.loss_free_fade}.")
+        if self.loss_free_distill_coef < 0:
+            problems.append(f"`loss_free_distill_coef` must be >= 0, got {self.loss_free_distill_coef}.")
         if self.aux_loss_reduce not in REDUCE_MODES:
             problems.append(
                 f"`aux_loss_reduce` must be one of {', '.join(REDUCE_MODES)}, got {self.aux_loss_reduce!r}."

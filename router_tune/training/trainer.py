@@ -259,7 +259,8 @@ class RouterTrainer(TrainerOverrides, Trainer):
         if self.backend is not None or not first_blocks:
             self.twins = twins_from_fingerprints(self.fingerprints)
             return
-        batch = {k: v.to(self.args.device) for k, v in collate(first_blocks).items()}
+        device = model.get_input_embeddings().weight.device  # where the model was loaded (as rescale.py)
+        batch = {k: v.to(device) for k, v in collate(first_blocks).items()}
         inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
         self.twins = on_main_process(measure_twins, model, inputs, routing_mask(batch))
 
@@ -287,7 +288,9 @@ class RouterTrainer(TrainerOverrides, Trainer):
         self._window = LossWindow(overload=bool(args.router_overload_loss_coef))
         # loss-free balancing: the routers' selection bias, moved after every optimizer step (loss_free.py)
         self.loss_free = (
-            LossFreeBalancing(self.model, args.loss_free_rate, args.device) if args.balancing != "switch" else None
+            LossFreeBalancing(self.model, args.loss_free_rate, args.device, fade=args.loss_free_fade)
+            if args.balancing != "switch"
+            else None
         )
         self.global_batch = GlobalBatch(
             args.aux_loss_reduce,
@@ -331,7 +334,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
 
         targets = (labels[:, 1:] != data.IGNORE_INDEX).sum()
         # the routers chose their top-k with it: counts and statistics follow the tokens where they went
-        bias = self.loss_free.bias if self.loss_free is not None and model.training else None
+        bias = self.loss_free.applied if self.loss_free is not None and model.training else None
         in_step = model.training and num_items_in_batch is not None and self.global_batch.tokens is not None
         if in_step:
             # Every term is normalised by the whole step's (all micro-batches, all ranks) token counts;
@@ -360,6 +363,11 @@ class RouterTrainer(TrainerOverrides, Trainer):
             balancing = balancing + self.args.router_overload_loss_coef * overload
         z = losses.router_z_loss(router_logits, mask, num_tokens=step_tokens)
         loss = (lm + balancing + self.args.router_z_loss_coef * z) * scale
+        lf = self.loss_free
+        if in_step and lf is not None and lf.fading(self.state.global_step, self.state.max_steps):
+            # the fade: the router weights learn the biased choice the selection bias is leaving them
+            distill = losses.bias_distillation_loss(router_logits, lf.bias, mask, num_tokens=step_tokens)
+            loss = loss + self.args.loss_free_distill_coef * distill * scale
 
         if model.training:
             self._window.add(ce_sum.detach(), targets, aux.detach(), z.detach(), overload, whole=not in_step)
@@ -370,10 +378,13 @@ class RouterTrainer(TrainerOverrides, Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The stock step batches, plus the step's real-token count for the z and balancing losses."""
+        """The stock step batches, plus the step's real-token count for the z and balancing losses (called
+        once per optimizer step, before its micro-batches)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self.global_batch.begin_step(batch_samples, device)
         self._window.steps += 1
+        if self.loss_free is not None:  # the bias this step's routers choose with (faded near the end)
+            self.loss_free.set_step(self.state.global_step, self.state.max_steps)
         return batch_samples, num_items_in_batch
 
     def balancing_step(self, counts: torch.Tensor | None) -> None:
@@ -479,6 +490,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
         if self.loss_free is not None:  # how far the selection bias has moved: max - min per layer
             spread = (self.loss_free.bias.max(dim=-1).values - self.loss_free.bias.min(dim=-1).values).tolist()
             scalars.update({f"routing/L{layer}/bias_spread": v for layer, v in zip(self.moe.moe_layers, spread)})
+            scalars["routing/bias_scale"] = self.loss_free.scale
         self.log(scalars)
 
     # ---- run description (written with every checkpoint, see TrainerOverrides._save) ---------
