@@ -21,7 +21,7 @@ BENCHMARKS = {  # module: (output name, extra arguments)
     "bench_quality": ("quality", []),
     "bench_balance": ("balance", []),
     "bench_quant": ("quant", []),
-    "bench_scale": ("scale", ["--configs", "single", "fsdp2", "zero3", "baseline", "export", "peak"]),
+    "bench_scale": ("scale", ["--configs", "single", "fsdp2", "zero3", "baseline", "export", "peak", "activations"]),
 }
 
 

@@ -189,7 +189,7 @@ class RouterTuneConfig(TrainingArguments):
         default="input",
         metadata={
             "help": "input: learning_rate is in logit units and each layer's routers get learning_rate / s, s the "
-            "mean L1 norm of the router's input measured on the first training micro-batch (Adam moves a logit "
+            "mean L1 norm of the router's input measured on the first 8 training blocks (Adam moves a logit "
             "by up to rate * ||input||_1 per step, so a raw rate does not transfer across widths). predicted: "
             "the same with s = sqrt(2/pi) * ||g||_1 from the norm weight g before the router (no forward pass; "
             "off on real pretrained models, whose hidden states are not Gaussian). none: learning_rate is "

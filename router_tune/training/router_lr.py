@@ -8,8 +8,8 @@ that reads a hidden state (rate ~ 1 / fan-in). So the recipe's `learning_rate` i
 and each layer's routing parameters get learning_rate / s, s the L1 norm of what the router reads:
 
 - `input` (the default): s measured, the mean L1 norm of the router's input over the real tokens of
-  the first training micro-batch (`measure_router_input_l1`: one forward at start-up, on every
-  backend, the same on every rank).
+  the first PROBE_BLOCKS training blocks (`measure_router_input_l1`: forwards at start-up in
+  micro-batches, on every backend, the same on every rank, whatever the batch split).
 - `predicted`: s = sqrt(2 / pi) * ||g||_1, the expected L1 norm when x / rms(x) has unit-variance
   Gaussian-like entries, read from the checkpoint without a forward pass (a layer without a readable
   norm weight falls back to g = 1, s = sqrt(2 / pi) * H). It holds on models trained here (the demo:
