@@ -68,13 +68,9 @@ def _size(n: int) -> str:
 
 def _twins_note(report: dict) -> str:
     t = report["twins"]
-    found = (
-        f"output cosine >= {t['threshold']} on {t['tokens']} sample tokens"
-        if t["method"] == "output cosine"
-        else "bit-identical weights (no sample text routed)"
-    )
+    found = t["description"] if t["method"] == "output cosine" else "bit-identical weights (no sample text routed)"
     return (
-        f"twins: experts grouped by {found}; max/mean: busiest expert's share over the mean (MaxVio = max/mean - 1), "
+        f"twins: {found}; max/mean: busiest expert's share over the mean (MaxVio = max/mean - 1), "
         "within: worst twin group, across: with each group's tokens split evenly among its members"
     )
 

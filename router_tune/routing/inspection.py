@@ -160,7 +160,12 @@ def routing_report(
         "copied_gates": _copied_gates(info),
         "sample": sample,
         # how twin_groups were found: output cosine on the sample tokens, or bit-identical weights without them
-        "twins": {"method": twins.method, "threshold": twins.threshold, "tokens": twins.tokens},
+        "twins": {
+            "method": twins.method,
+            "threshold": twins.threshold,
+            "tokens": twins.tokens,
+            "description": twins.describe(),
+        },  # fmt: skip
         "layers": layers,
     }
     report["findings"] = findings(report)
@@ -228,8 +233,8 @@ def findings(report: dict) -> list[str]:
         for g in ly["twin_groups"]:
             if len(g) > 1 and g not in ly["identical_experts"]:
                 out.append(
-                    f"layer {ly['layer']}: experts {', '.join(map(str, g))} are twins (output cosine >= "
-                    f"{report['twins']['threshold']} on the sample text): choosing between them changes little, "
+                    f"layer {ly['layer']}: experts {', '.join(map(str, g))} are twins (their outputs on the sample "
+                    "text are far closer than the layer's typical pair): choosing between them changes little, "
                     "so their loads should be even"
                 )
     copied = report["copied_gates"]

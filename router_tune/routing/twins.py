@@ -6,11 +6,16 @@ between groups may just follow the data mix, so balance figures are reported wit
 these groups (`routing.stats.group_balance`).
 
 The measure: the hidden states entering each MoE block on the calibration tokens are sent through
-every expert of the block, and two experts are similar by the cosine of their outputs over all
-those tokens at once (flattened [tokens x hidden]). Experts whose cosine is at least the threshold
-(`TWIN_COSINE`) are linked, and a layer's groups are the connected components. Bit-identical
-experts score 1 and always form one group; fine-tunes of one base model on different data scored
-0.30-0.92 on the embedded demo merge, so 0.99 leaves them apart.
+every expert of the block, and two experts are compared by the cosine of their outputs over all
+those tokens at once (flattened [tokens x hidden]), as a distance d = 1 - cosine. Two experts are
+linked when their distance is at most `TWIN_RELATIVE_DISTANCE` (0.4) times the layer's median
+distance over all pairs: twins are far closer than a typical pair of the same layer. A fixed cosine
+cannot tell them apart, because experts drift apart with depth: on the second lab merge (each domain's
+two experts fine-tuned on halves of its data) the twins' cosine falls from 0.99 in the first layer
+to 0.88 in the last, below the 0.92 of two different-domain experts in the demo's first layer. Their
+distance ratio is 0.06-0.25 on every layer of both second-merge variants, every other pair's 0.58 or
+more (0.58-0.94 on the demo, whose experts are fine-tunes on four different domains). Bit-identical
+experts (distance 0) always form one group; a layer's groups are the connected components.
 
     twins = measure_twins(model, {"input_ids": ids})      # ExpertTwins: groups, similarity, threshold
     twins.groups[0]                                      # e.g. [[0, 2], [1], [3]]
@@ -28,7 +33,7 @@ from router_tune.architectures import architecture_for
 from router_tune.model.fingerprints import identical_expert_groups
 from router_tune.model.routers import lm_head_as_identity
 
-TWIN_COSINE = 0.99  # cosine of two experts' outputs at or above which they are twins
+TWIN_RELATIVE_DISTANCE = 0.4  # twins: 1 - cosine at most this times the layer's median over pairs
 CALIBRATION_TOKENS = 512  # real tokens the similarity is measured on (at most)
 
 
@@ -40,16 +45,19 @@ class ExpertTwins:
         groups: per MoE layer, a partition of the experts (singletons included), each group sorted.
         method: "output cosine" (measured on `tokens` tokens, `similarity` filled) or "identical
             weights" (bit-identical fingerprints only: sharded runs, where no expert runs alone).
-        threshold: the cosine at or above which two experts are twins (None for identical weights).
+        threshold: the share of a layer's median pair distance (1 - cosine) at or below which two
+            experts are twins (None for identical weights).
+        cosine_thresholds: per MoE layer, the cosine that threshold comes to (None for identical weights).
         tokens: calibration tokens measured on (0 for identical weights).
         similarity: per MoE layer, the [E, E] cosine matrix (empty for identical weights).
     """
 
     groups: list[list[list[int]]]
     method: str = "output cosine"
-    threshold: float | None = TWIN_COSINE
+    threshold: float | None = TWIN_RELATIVE_DISTANCE
     tokens: int = 0
     similarity: list[list[list[float]]] | None = None
+    cosine_thresholds: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,12 +69,27 @@ class ExpertTwins:
     def describe(self) -> str:
         """One line for reports: how the groups were found."""
         if self.method == "output cosine":
-            return f"experts whose outputs have cosine >= {self.threshold} on {self.tokens} calibration tokens"
+            cos = self.cosine_thresholds or []
+            span = f" (cosine >= {min(cos):.2f}-{max(cos):.2f} by layer)" if cos else ""
+            return (
+                f"experts whose output distance (1 - cosine) on {self.tokens} calibration tokens is at most "
+                f"{self.threshold} x the layer's median pair distance{span}"
+            )
         return "bit-identical experts (weights' fingerprints)"
 
 
-def twin_groups(similarity: np.ndarray, threshold: float = TWIN_COSINE) -> list[list[int]]:
-    """The connected components of "cosine >= threshold" over one layer's [E, E] similarity matrix."""
+def cosine_threshold(similarity: np.ndarray, relative: float = TWIN_RELATIVE_DISTANCE) -> float:
+    """The cosine at or above which two experts of this layer ([E, E] cosines) are twins: 1 - relative x the
+    median over pairs of 1 - cosine (1.0 with fewer than two experts)."""
+    pairs = np.triu_indices(similarity.shape[0], 1)
+    if not len(pairs[0]):
+        return 1.0
+    return float(1.0 - relative * np.median(1.0 - similarity[pairs]))
+
+
+def twin_groups(similarity: np.ndarray, relative: float = TWIN_RELATIVE_DISTANCE) -> list[list[int]]:
+    """The connected components of "twins" (see `cosine_threshold`) over one layer's [E, E] cosine matrix."""
+    threshold = cosine_threshold(similarity, relative)
     num_experts = similarity.shape[0]
     parent = list(range(num_experts))
 
@@ -142,19 +165,20 @@ def measure_twins(
     inputs: dict[str, torch.Tensor],
     mask: torch.Tensor | None = None,
     *,
-    threshold: float = TWIN_COSINE,
+    relative: float = TWIN_RELATIVE_DISTANCE,
     max_tokens: int = CALIBRATION_TOKENS,
 ) -> ExpertTwins:
     """The twin groups of `model`'s MoE layers, measured on the real tokens of `inputs` (see module doc)."""
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"the twin threshold is a cosine in (0, 1], got {threshold}")
+    if not 0.0 <= relative < 1.0:
+        raise ValueError(f"the twin threshold is a share of the median pair distance in [0, 1), got {relative}")
     similarity, tokens = expert_similarity(model, inputs, mask, max_tokens)
     return ExpertTwins(
-        groups=[twin_groups(layer, threshold) for layer in similarity],
+        groups=[twin_groups(layer, relative) for layer in similarity],
         method="output cosine",
-        threshold=threshold,
+        threshold=relative,
         tokens=tokens,
         similarity=np.round(similarity, 4).tolist(),
+        cosine_thresholds=[round(cosine_threshold(layer, relative), 4) for layer in similarity],
     )
 
 
@@ -169,7 +193,8 @@ def twins_from_fingerprints(fingerprints: list[list[str]]) -> ExpertTwins:
 
 __all__ = [
     "CALIBRATION_TOKENS",
-    "TWIN_COSINE",
+    "TWIN_RELATIVE_DISTANCE",
+    "cosine_threshold",
     "ExpertTwins",
     "expert_similarity",
     "measure_twins",
