@@ -73,7 +73,7 @@ def test_inspect_groups_known_twins_and_reports_balance_within_and_across(mixtra
         expected = group_balance(load[None], [KNOWN_TWINS])
         assert layer["within_max_load"] == pytest.approx(expected["within_max_load"][0], abs=1e-3)
         assert layer["across_max_load"] == pytest.approx(expected["across_max_load"][0], abs=1e-3)
-    assert any("experts 1, 4 are twins" in f for f in report["findings"])
+    assert any(f.startswith("experts 1, 4 are twins in layers 0, 1 ") for f in report["findings"])
     text = render_text(report)
     assert "max/mean all/within/across" in text and "0,3; 1,4" in text and "0.4 x the layer's median" in text
 

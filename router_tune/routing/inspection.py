@@ -229,14 +229,17 @@ def findings(report: dict) -> list[str]:
                     f"layer {ly['layer']}: experts {', '.join(map(str, g))} are identical "
                     "(the router cannot tell them apart by their output)"
                 )
+    twin_layers: dict[tuple[int, ...], list[int]] = {}  # one line per group of twins, with its layers
     for ly in layers:
         for g in ly["twin_groups"]:
             if len(g) > 1 and g not in ly["identical_experts"]:
-                out.append(
-                    f"layer {ly['layer']}: experts {', '.join(map(str, g))} are twins (their outputs on the sample "
-                    "text are far closer than the layer's typical pair): choosing between them changes little, "
-                    "so their loads should be even"
-                )
+                twin_layers.setdefault(tuple(g), []).append(ly["layer"])
+    for g, where in twin_layers.items():
+        out.append(
+            f"experts {', '.join(map(str, g))} are twins in layer{'s' if len(where) > 1 else ''} "
+            f"{', '.join(map(str, where))} (their outputs on the sample text are far closer than the layer's "
+            "typical pair): choosing between them changes little, so their loads should be even"
+        )
     copied = report["copied_gates"]
     if copied and copied[0] == m["moe_layers"]:
         out.append(
