@@ -12,7 +12,8 @@ evenly by its twins), whose balance is the floor the held-out data mix allows.
 
 Settings: switch=COEF (the Switch loss, router_aux_loss_coef), overload=COEF (the overload loss beside
 the default Switch 0.01), loss_free (the selection bias without the fade: the export routes without
-it), loss_free+fade (the shipped fade and distillation). Runs are resumable: a run already in OUT/balance.json
+it), loss_free+fade (the shipped fade and distillation), both+fade (the same beside the Switch loss at its default
+0.01). Runs are resumable: a run already in OUT/balance.json
 is kept (--fresh measures everything again).
 
 Writes OUT/balance.json, .md and .png with the commit and whether the tree was clean.
@@ -44,6 +45,7 @@ SETTINGS = {
     "overload=1": {"router_overload_loss_coef": 1.0},
     "loss_free": {"balancing": "loss_free", "loss_free_fade": 0.0},
     "loss_free+fade": {"balancing": "loss_free"},
+    "both+fade": {"balancing": "both"},  # the Switch loss beside the selection bias and its fade
 }
 MERGES = ["demo-hidden", "demo-random", "second-hidden", "second-random"]
 
@@ -107,6 +109,8 @@ def run(args) -> dict:
     result = json.loads(path.read_text()) if path.exists() and not args.fresh and not args.smoke else {}
     if result.get("steps") not in (None, args.steps):
         raise SystemExit(f"{path} holds {result['steps']}-step runs; give --steps {result['steps']} or --fresh")
+    for r in result.get("runs", {}).values():
+        r.setdefault("git", result["git"])  # runs of an earlier invocation keep its commit
     result.update(
         git=harness.provenance(), command="python -m scripts.bench_balance " + " ".join(sys.argv[1:]),
         threads=torch.get_num_threads(), steps=args.steps,
@@ -139,6 +143,7 @@ def run(args) -> dict:
                 continue
             export, trained_with = train_and_export(model_dir, args.steps, args.work / name / label, SETTINGS[label])
             r = {"setting": SETTINGS[label], "exported": measure(export, blocks), "trained_with": trained_with}
+            r["git"] = result["git"]  # the commit this run was measured at (runs of several invocations mix)
             r["gap_closed"] = round(
                 harness.gap_closed(merge["untrained"]["perplexity"], r["exported"]["perplexity"],
                                    merge["oracle_perplexity"]), 4,
@@ -158,7 +163,8 @@ def worst(values: list[float]) -> str:
 def render(d: dict) -> str:
     lines = [
         "# Balance that costs no quality (`make bench-balance`)\n",
-        f"{harness.describe(d['git'])}, {d['threads']} threads, {d['steps']} steps. Command: `{d['command']}`. "
+        f"Last invocation: {harness.describe(d['git'])}, {d['threads']} threads, {d['steps']} steps, `{d['command']}`; "
+        f"runs measured at {', '.join(sorted({harness.describe(r['git']) for r in d['runs'].values()}))}. "
         "Every figure is the exported model's (`router-tune export`, full format, verification on) on 16 "
         "held-out blocks per source: gap = the share of the perplexity gap from mergekit's gates to oracle "
         "routing closed; max/mean = the worst layer's max-load / mean over all experts; within = the worst "
