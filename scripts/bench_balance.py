@@ -111,8 +111,11 @@ def run(args) -> dict:
         raise SystemExit(f"{path} holds {result['steps']}-step runs; give --steps {result['steps']} or --fresh")
     for r in result.get("runs", {}).values():
         r.setdefault("git", result["git"])  # runs of an earlier invocation keep its commit
+    outputs = tuple(
+        str((args.out / f"balance.{ext}").resolve().relative_to(harness.ROOT)) for ext in ("json", "md", "png")
+    )
     result.update(
-        git=harness.provenance(), command="python -m scripts.bench_balance " + " ".join(sys.argv[1:]),
+        git=harness.provenance(ignore=outputs),  # the bench's own outputs, written run by run, are not the code command="python -m scripts.bench_balance " + " ".join(sys.argv[1:]),
         threads=torch.get_num_threads(), steps=args.steps,
     )  # fmt: skip
     result.setdefault("merges", {})
