@@ -36,6 +36,7 @@ from router_tune.training.config import load_recipe
 from router_tune.training.trainer import RouterTrainer
 from scripts import harness
 from scripts.bench_quality import EVAL_BLOCKS, models
+from scripts.harness import ROOT
 
 SETTINGS = {
     "switch=0.01": {"router_aux_loss_coef": 0.01},
@@ -111,11 +112,10 @@ def run(args) -> dict:
         raise SystemExit(f"{path} holds {result['steps']}-step runs; give --steps {result['steps']} or --fresh")
     for r in result.get("runs", {}).values():
         r.setdefault("git", result["git"])  # runs of an earlier invocation keep its commit
-    outputs = tuple(
-        str((args.out / f"balance.{ext}").resolve().relative_to(harness.ROOT)) for ext in ("json", "md", "png")
-    )
+    # the bench's own outputs, rewritten run by run, are not the code measured
+    outputs = tuple(str((args.out / f"balance.{ext}").resolve().relative_to(ROOT)) for ext in ("json", "md", "png"))
     result.update(
-        git=harness.provenance(ignore=outputs),  # the bench's own outputs, written run by run, are not the code command="python -m scripts.bench_balance " + " ".join(sys.argv[1:]),
+        git=harness.provenance(ignore=outputs), command="python -m scripts.bench_balance " + " ".join(sys.argv[1:]),
         threads=torch.get_num_threads(), steps=args.steps,
     )  # fmt: skip
     result.setdefault("merges", {})
