@@ -113,7 +113,8 @@ def run(args) -> dict:
     for r in result.get("runs", {}).values():
         r.setdefault("git", result["git"])  # runs of an earlier invocation keep its commit
     # the bench's own outputs, rewritten run by run, are not the code measured
-    outputs = tuple(str((args.out / f"balance.{ext}").resolve().relative_to(ROOT)) for ext in ("json", "md", "png"))
+    files = [(args.out / f"balance.{ext}").resolve() for ext in ("json", "md", "png")]
+    outputs = tuple(str(f.relative_to(ROOT)) for f in files if f.is_relative_to(ROOT))
     result.update(
         git=harness.provenance(ignore=outputs), command="python -m scripts.bench_balance " + " ".join(sys.argv[1:]),
         threads=torch.get_num_threads(), steps=args.steps,
