@@ -172,9 +172,9 @@ def render(d: dict) -> str:
         "Every figure is the exported model's (`router-tune export`, full format, verification on) on 16 "
         "held-out blocks per source: gap = the share of the perplexity gap from mergekit's gates to oracle "
         "routing closed; max/mean = the worst layer's max-load / mean over all experts; within = the worst "
-        "layer's worst twin group (experts whose outputs are far closer than the layer's typical pair, routing/twins.py); "
-        "across = "
-        "the worst layer with each group's load spread over its members; trained with = the worst layer of the "
+        "layer's worst twin group (experts whose outputs are far closer than the layer's typical pair, "
+        "routing/twins.py); across = the worst layer with each group's load spread over its members; trained "
+        "with = the worst layer of the "
         "last training window's routing (loss-free without the fade: with the bias, which the export drops).\n",
         "| merge | untrained | oracle | balanced oracle (its max/mean: the floor) | twin groups (layer 0) |",
         "|---|---|---|---|---|",
