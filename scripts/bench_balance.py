@@ -165,10 +165,11 @@ def worst(values: list[float]) -> str:
 
 
 def render(d: dict) -> str:
+    runs = d["runs"].values()
     lines = [
         "# Balance that costs no quality (`make bench-balance`)\n",
         f"Last invocation: {harness.describe(d['git'])}, {d['threads']} threads, {d['steps']} steps, `{d['command']}`; "
-        f"runs measured at {', '.join(sorted({harness.describe(r.get('git', d['git'])) for r in d['runs'].values()}))}. "
+        f"runs measured at {', '.join(sorted({harness.describe(r.get('git', d['git'])) for r in runs}))}. "
         "Every figure is the exported model's (`router-tune export`, full format, verification on) on 16 "
         "held-out blocks per source: gap = the share of the perplexity gap from mergekit's gates to oracle "
         "routing closed; max/mean = the worst layer's max-load / mean over all experts; within = the worst "
