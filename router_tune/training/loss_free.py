@@ -37,13 +37,18 @@ from router_tune.model.routers import find_routers, set_selection_bias
 BALANCING_MODES = ("switch", "loss_free", "both")
 
 
+def fade_steps(max_steps: int, fade: float) -> int:
+    """How many of the last optimizer steps the fade covers (0: no fade)."""
+    return round(fade * max_steps) if max_steps > 0 else 0
+
+
 def fade_scale(step: int, max_steps: int, fade: float) -> float:
     """The share of the bias the routers choose with at optimizer step `step` (0-based): 1 before the
     last `fade` of `max_steps`, then falling linearly to 1 / fade_steps at the last step."""
-    fade_steps = round(fade * max_steps)
-    if fade_steps <= 0 or max_steps <= 0:
+    steps = fade_steps(max_steps, fade)
+    if steps <= 0:
         return 1.0
-    return min(1.0, max(0.0, (max_steps - step) / fade_steps))
+    return min(1.0, max(0.0, (max_steps - step) / steps))
 
 
 class LossFreeBalancing:
@@ -71,8 +76,8 @@ class LossFreeBalancing:
 
     def fading(self, step: int, max_steps: int) -> bool:
         """Whether optimizer step `step` is in the fade (the distillation term is trained)."""
-        fade_steps = round(self.fade * max_steps)
-        return fade_steps > 0 and step >= max_steps - fade_steps
+        steps = fade_steps(max_steps, self.fade)
+        return steps > 0 and step >= max_steps - steps
 
     def set_step(self, step: int, max_steps: int) -> None:
         """The routers choose with the bias as faded for optimizer step `step` (0-based)."""
