@@ -167,6 +167,32 @@ def test_fp32_routers_and_router_state_under_fsdp2_bf16_policy(mixtral_legacy, g
         torch.testing.assert_close(t, changed[n])
 
 
+def test_twins_of_sharded_experts_come_from_fingerprints(mixtral_legacy, gloo_world_of_one):
+    """FSDP2's expert weights are DTensors: no expert runs alone (torch's grouped mm refuses DTensor mixed
+    with tensors), so the twin groups come from the fingerprints, or every expert stands alone, before any
+    forward (each rank may ask alone; a forward would wait on the others)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from router_tune.routing.twins import measure_twins
+
+    model = AutoModelForCausalLM.from_pretrained(mixtral_legacy, dtype=torch.float32)
+    ids = {"input_ids": torch.arange(16).reshape(1, 16)}
+    assert measure_twins(model, ids).method == "output cosine"  # unsharded: measured
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.register_forward_pre_hook(lambda *a: pytest.fail("a forward ran"))
+
+    twins = measure_twins(model, ids, fingerprints=[["a", "b", "a", "c"], ["d", "e", "f", "g"]])
+    assert twins.method == "identical weights" and twins.groups == [[[0, 2], [1], [3]], [[0], [1], [2], [3]]]
+    alone = measure_twins(model, ids)
+    assert alone.method == "not measured" and alone.groups == [[[0], [1], [2], [3]]] * 2
+    assert "not measured" in alone.describe()
+
+
 @pytest.mark.parametrize("fixture", ["mixtral_legacy", "qwen2_moe"])
 def test_router_shapes_from_ds_shape(fixture, request):
     """ZeRO-3 partitions have local shape [0]; routers, and Qwen2-MoE's shared-expert gates, are

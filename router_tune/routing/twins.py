@@ -31,7 +31,7 @@ from torch import nn
 
 from router_tune.architectures import architecture_for
 from router_tune.model.fingerprints import identical_expert_groups
-from router_tune.model.routers import lm_head_as_identity
+from router_tune.model.routers import is_sharded, lm_head_as_identity
 
 TWIN_RELATIVE_DISTANCE = 0.4  # twins: 1 - cosine at most this times the layer's median over pairs
 CALIBRATION_TOKENS = 512  # real tokens the similarity is measured on (at most)
@@ -43,8 +43,9 @@ class ExpertTwins:
 
     Attributes:
         groups: per MoE layer, a partition of the experts (singletons included), each group sorted.
-        method: "output cosine" (measured on `tokens` tokens, `similarity` filled) or "identical
-            weights" (bit-identical fingerprints only: sharded runs, where no expert runs alone).
+        method: "output cosine" (measured on `tokens` tokens, `similarity` filled), "identical weights"
+            (bit-identical fingerprints only: sharded runs, where no expert runs alone) or "not measured"
+            (sharded experts and no fingerprints: every expert its own group).
         threshold: the share of a layer's median pair distance (1 - cosine) at or below which two
             experts are twins (None for identical weights).
         cosine_thresholds: per MoE layer, the cosine that threshold comes to (None for identical weights).
@@ -75,7 +76,9 @@ class ExpertTwins:
                 f"experts whose output distance (1 - cosine) on {self.tokens} calibration tokens is at most "
                 f"{self.threshold} x the layer's median pair distance{span}"
             )
-        return "bit-identical experts (weights' fingerprints)"
+        if self.method == "identical weights":
+            return "bit-identical experts (weights' fingerprints)"
+        return "not measured (sharded experts run only together): every expert its own group"
 
 
 def cosine_threshold(similarity: np.ndarray, relative: float = TWIN_RELATIVE_DISTANCE) -> float:
@@ -160,6 +163,12 @@ def expert_similarity(
     return np.stack(out), tokens
 
 
+def experts_sharded(model: nn.Module) -> bool:
+    """Whether any expert weight is an FSDP2 DTensor or a ZeRO-3 partition: such experts compute only
+    inside the whole model's forward (every rank together), never one by one on one rank."""
+    return any(is_sharded(p) for block in _moe_blocks(model) for p in block.experts.parameters())
+
+
 def measure_twins(
     model: nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -167,10 +176,21 @@ def measure_twins(
     *,
     relative: float = TWIN_RELATIVE_DISTANCE,
     max_tokens: int = CALIBRATION_TOKENS,
+    fingerprints: list[list[str]] | None = None,
 ) -> ExpertTwins:
-    """The twin groups of `model`'s MoE layers, measured on the real tokens of `inputs` (see module doc)."""
+    """The twin groups of `model`'s MoE layers, measured on the real tokens of `inputs` (see module doc).
+
+    Sharded experts (`experts_sharded`) are not run: the groups come from `fingerprints` (bit-identical
+    experts) when given, else every expert is its own group. Decided before any forward, so that each rank
+    of a sharded model may call this alone."""
     if not 0.0 <= relative < 1.0:
         raise ValueError(f"the twin threshold is a share of the median pair distance in [0, 1), got {relative}")
+    if experts_sharded(model):
+        if fingerprints is not None:
+            return twins_from_fingerprints(fingerprints)
+        info = architecture_for(model.config)
+        singletons = [[e] for e in range(info.num_experts(model.config))]
+        return ExpertTwins(groups=[list(singletons) for _ in _moe_blocks(model)], method="not measured", threshold=None)
     similarity, tokens = expert_similarity(model, inputs, mask, max_tokens)
     return ExpertTwins(
         groups=[twin_groups(layer, relative) for layer in similarity],
@@ -197,6 +217,7 @@ __all__ = [
     "cosine_threshold",
     "ExpertTwins",
     "expert_similarity",
+    "experts_sharded",
     "measure_twins",
     "twin_groups",
     "twins_from_fingerprints",

@@ -37,6 +37,16 @@ def routing_mask(batch: dict) -> torch.Tensor | None:
     return mask if mask is not None else batch.get("attention_mask")
 
 
+def model_inputs(model: torch.nn.Module, batch: dict) -> tuple[dict, torch.Tensor | None]:
+    """A collated batch as the start-up probes (rescale, router-input norms, twins) feed it to the model:
+    its forward inputs and its routing mask, on the device of the model's embeddings (the accelerator,
+    when the model was loaded there; the Trainer moves batches only once training starts)."""
+    device = model.get_input_embeddings().weight.device
+    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
+    mask = routing_mask(batch)
+    return inputs, mask.to(device) if mask is not None else None
+
+
 def real_tokens(batch: dict) -> torch.Tensor:
     mask = routing_mask(batch)
     return (mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())).float()

@@ -33,6 +33,7 @@ from router_tune.model.routers import (
     router_logits_on,
     router_state_dict,
 )
+from router_tune.training.global_batch import model_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,8 @@ DEFAULT_TARGET_STD = 1.0
 
 def measure_routers(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, float]]:
     """Per MoE layer: mean top-1 probability and logit standard deviation on `batch`."""
-    device = model.get_input_embeddings().weight.device  # the accelerator, when the model was loaded there
-    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
-    mask = batch.get("token_mask", batch.get("attention_mask"))
-    keep = mask.reshape(-1).bool().to(device) if mask is not None else slice(None)
+    inputs, mask = model_inputs(model, batch)
+    keep = mask.reshape(-1).bool() if mask is not None else slice(None)
     result = []
     for logits in router_logits_on(model, inputs):
         logits = logits[keep]

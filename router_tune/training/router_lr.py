@@ -32,6 +32,7 @@ from torch import nn
 from router_tune.errors import RouterTuneError
 from router_tune.model.loading import MoeInfo
 from router_tune.model.routers import lm_head_as_identity, router_input_norm_weight
+from router_tune.training.global_batch import model_inputs
 
 LR_SCALES = ("input", "predicted", "none")
 # E|x| for x ~ N(0, 1): the mean magnitude of one RMS-normalised input entry.
@@ -86,7 +87,6 @@ def measure_router_input_l1(model: nn.Module, info: MoeInfo, batches: list[dict[
     forwards, the LM head skipped, the training flag restored). In a distributed run every rank calls
     it (a sharded forward gathers parameters) and every rank gets rank 0's figures: the rates they set
     must be equal, or replicas would drift apart."""
-    device = model.get_input_embeddings().weight.device
     sums = {ref.layer: torch.zeros((), dtype=torch.float64) for ref in info.routers}
     tokens = 0
     keep = None
@@ -104,11 +104,8 @@ def measure_router_input_l1(model: nn.Module, info: MoeInfo, batches: list[dict[
     try:
         with lm_head_as_identity(model):
             for batch in batches:
-                inputs = {
-                    k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")
-                }
-                mask = batch.get("token_mask", batch.get("attention_mask"))
-                keep = mask.reshape(-1).bool().to(device) if mask is not None else None
+                inputs, mask = model_inputs(model, batch)
+                keep = mask.reshape(-1).bool() if mask is not None else None
                 tokens += int(keep.sum()) if keep is not None else batch["input_ids"].numel()
                 model(**inputs, use_cache=False)
     finally:

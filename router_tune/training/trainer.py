@@ -25,6 +25,7 @@ dry-run plan shares, in preparation.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ from router_tune.routing.telemetry import RoutingTelemetry, format_routing_table
 from router_tune.routing.twins import measure_twins, twins_from_fingerprints
 from router_tune.training.checkpoints import shared_resume
 from router_tune.training.config import RouterTuneConfig
-from router_tune.training.global_batch import GlobalBatch, routing_mask
+from router_tune.training.global_batch import GlobalBatch, model_inputs
 from router_tune.training.loss_free import LossFreeBalancing
 from router_tune.training.preparation import ModelSource, load_run_tokenizer, model_source, training_data
 from router_tune.training.rescale import rescale_routers
@@ -255,14 +256,13 @@ class RouterTrainer(TrainerOverrides, Trainer):
     def _measure_twins(self, model, first_blocks: list[dict], collate) -> None:
         """The twin expert groups the routing logs report balance within and across (routing/twins.py):
         measured on the first training micro-batch by rank 0; from the weights' fingerprints (bit-identical
-        experts only) when the experts are sharded and cannot run one by one, or without training blocks."""
-        if self.backend is not None or not first_blocks:
+        experts only) when the experts are sharded and cannot run one by one (measure_twins decides), when
+        ZeRO-3's model runs only inside its engine, or without training blocks."""
+        if self.backend == "deepspeed" or not first_blocks:
             self.twins = twins_from_fingerprints(self.fingerprints)
             return
-        device = model.get_input_embeddings().weight.device  # where the model was loaded (as rescale.py)
-        batch = {k: v.to(device) for k, v in collate(first_blocks).items()}
-        inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-        self.twins = on_main_process(measure_twins, model, inputs, routing_mask(batch))
+        measure = functools.partial(measure_twins, fingerprints=self.fingerprints)
+        self.twins = on_main_process(measure, model, *model_inputs(model, collate(first_blocks)))
 
     def _router_lr_scales(self) -> list[float] | None:
         """Each MoE layer's divisor of learning_rate, as `router_lr_scale` asks (None: no scaling)."""
