@@ -81,7 +81,7 @@ def worker(args) -> None:
     after_imports, parts_after_imports = rss(), rss_parts()
     from datasets import load_from_disk
 
-    sharded, zero3 = args.worker != "single", args.worker == "zero3"
+    sharded, zero3 = args.child != "single", args.child == "zero3"
     if zero3:
         # ZeRO-3 partitions in DeepSpeed's compute dtype (zero.Init follows `bf16.enabled`). On a GPU a run is
         # `bf16: true`, so the partitions are bf16, like the checkpoint. TrainingArguments refuse bf16 on a
@@ -108,7 +108,7 @@ def worker(args) -> None:
         save_steps=args.steps,
         seed=0,
         data_seed=0,
-        use_cpu=args.worker == "single",  # fsdp2: ACCELERATE_USE_CPU=1; zero3: none (see its yaml)
+        use_cpu=args.child == "single",  # fsdp2: ACCELERATE_USE_CPU=1; zero3: none (see its yaml)
         bf16=zero3,
     )
     data = load_from_disk(str(args.data))
@@ -120,7 +120,7 @@ def worker(args) -> None:
     release_free_memory()
     rank = trainer.accelerator.process_index
     result = {  # written now too: a configuration stopped while training still reports its start-up
-        "config": args.worker,
+        "config": args.child,
         "world": trainer.accelerator.num_processes,
         "rank": rank,
         "rss_after_imports": after_imports,
@@ -171,7 +171,7 @@ def worker(args) -> None:
     trainer.accelerator.end_training()  # process group down before exit: gloo aborts at teardown otherwise
 
 
-def export_worker(args) -> None:
+def export_worker(args) -> dict:
     """`router-tune export RUN --out DIR --force` (verification on) in this fresh process."""
     import torch  # noqa: F401  (imported before the baseline RSS, as bench_export does: the CLI imports lazily)
     import transformers  # noqa: F401
@@ -190,12 +190,15 @@ def export_worker(args) -> None:
     )
 
 
-def peak_worker(args) -> None:
+def peak_worker(args) -> dict:
     import torch
 
     torch.set_num_threads(2)
     result = {d: harness.matmul_peak_flops(d) for d in ("float32", "bfloat16")}
-    print(json.dumps({"threads": 2, "size": 2048, "flops": result}))
+    return {"threads": 2, "size": 2048, "flops": result}
+
+
+PARTS = {"export": export_worker, "peak": peak_worker}  # --child NAME; a configuration's name: `worker`
 
 
 # ---- the parent: one configuration at a time ----------------------------------------------
@@ -253,7 +256,7 @@ def measure_config(name: str, args, work: Path) -> dict:
     for old in work.glob(f"{name}.json.*.json"):
         old.unlink()
     me = harness.flags(model=args.model, data=work / "blocks", steps=args.steps, seq=args.seq, run_dir=run_dir)
-    me += ["--json", f"{stem}.json", "--worker", name]
+    me += ["--json", f"{stem}.json", "--child", name]
     if name == "single":
         cmd, env = [*harness.module_cmd("bench_scale"), *me], harness.child_env(2)
     else:
@@ -304,7 +307,7 @@ def measure_baseline(args) -> dict:
 
 def measure_export(args) -> dict:
     export_dir, checkpoint = args.work / "export", args.work / "run-single" / f"checkpoint-{args.steps}"
-    cmd = harness.module_cmd("bench_scale", "--worker", "export", "--run-dir", checkpoint, "--export-dir", export_dir)
+    cmd = harness.module_cmd("bench_scale", "--child", "export", "--run-dir", checkpoint, "--export-dir", export_dir)
     result = measure_part("export", cmd, args)
     result["export_bytes"] = checkpoint_bytes(export_dir)
     shutil.rmtree(export_dir, ignore_errors=True)
@@ -681,7 +684,6 @@ def add_args(parser) -> None:
         action="store_true",
         help="recompute the figures and the markdown from OUT/scale.json's measurements, without measuring",
     )
-    parser.add_argument("--worker", choices=[*CONFIGS, "export", "peak"], help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--export-dir", type=Path, help=argparse.SUPPRESS)
@@ -728,7 +730,7 @@ def run(args) -> dict:
             data["export"] = measure_export(args)
             print(f"export: {data['export']['seconds']:.1f} s, {data['export']['peak_rss_process'] / GB:.2f} GB")
         elif name == "peak":
-            data["peak"] = measure_part("peak", harness.module_cmd("bench_scale", "--worker", "peak"), args)
+            data["peak"] = measure_part("peak", harness.module_cmd("bench_scale", "--child", "peak"), args)
     data["figures"] = analyse(data)
     data["wall_s"] = time.perf_counter() - start
     data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " + (
@@ -738,10 +740,4 @@ def run(args) -> dict:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:  # one rank or part, in this fresh process
-        parser = argparse.ArgumentParser()
-        add_args(parser)
-        a = parser.parse_args()
-        {"export": export_worker, "peak": peak_worker}.get(a.worker, worker)(a)
-    else:
-        harness.main("scale", __doc__, run, render, add_args)
+    harness.main("scale", __doc__, run, render, add_args, child=lambda a: PARTS.get(a.child, worker)(a))

@@ -359,15 +359,23 @@ def main(
     render: Callable[[dict], str],
     add_args: Callable[[argparse.ArgumentParser], None] = lambda p: None,
     argv: list[str] | None = None,
-) -> dict:
+    child: Callable[[argparse.Namespace], dict | None] | None = None,
+) -> dict | None:
     """Parse the benchmark's arguments, `run` it (or read OUT/NAME.json with --render), write OUT/NAME.json
-    and OUT/NAME.md, print the markdown. --smoke: one tiny step of every part, for the tests."""
+    and OUT/NAME.md, print the markdown. --smoke: one tiny step of every part, for the tests. --child PART:
+    one measured part in this fresh process (`child(args)`), whose JSON it prints as its last line."""
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench", help=f"writes {name}.json and {name}.md here")
     parser.add_argument("--smoke", action="store_true", help="one tiny step of every part (tests)")
     parser.add_argument("--render", action="store_true", help=f"rewrite {name}.md from {name}.json, measure nothing")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     add_args(parser)
     args = parser.parse_args(argv)
+    if args.child:
+        result = child(args)
+        if result is not None:
+            print(json.dumps(result))
+        return result
     path = args.out / f"{name}.json"
     if args.render:
         data = json.loads(path.read_text())
