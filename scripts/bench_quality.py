@@ -1,15 +1,10 @@
 """make bench-quality   (python -m scripts.bench_quality [--steps 150] [--models ...] [--modes ...])
 
 How fast router training closes the gap to oracle routing, per model x gate kind x router gradient
-mode, with the shipped defaults (the recipe gives only the model and the data: the demo's four
-bundled sources, block 256, batch 8). Models: the embedded demo (`hidden` gates, and the same
-experts with mergekit `random` gates, scripts/saturated_demo.py) and the second frankenMoE of
-scripts.make_second_moe (built on demand). For each run, every --eval-every steps: mixed held-out
-perplexity, the share of the gap (untrained -> oracle) closed, per-layer max-load / mean and dead
-experts; tokens and training seconds (evaluation excluded) to 75% and 90% of the gap. Then the
-cost of each mode: forward and backward seconds per step on the demo, measured apart.
-
-Writes OUT/quality.json, .md and .png with the commit and whether the tree was clean.
+mode, with the shipped defaults (the recipe gives only the model and the data): the embedded demo with
+its `hidden` gates and with mergekit `random` gates, and scripts.make_second_moe's merge (built on
+demand). Every --eval-every steps: held-out perplexity, the share of the gap closed, max-load / mean and
+dead experts; then each mode's forward and backward seconds per step. Writes OUT/quality.json, .md, .png.
 """
 
 from __future__ import annotations
@@ -247,13 +242,8 @@ def write_plot(result: dict, path: Path) -> None:
         ax = fig.add_subplot(1, len(by_model), i + 1)
         for label, run in runs:
             points = run["points"]
-            ax.plot(
-                [p["tokens"] / 1e6 for p in points],
-                [100 * p["gap_closed"] for p in points],
-                marker="o",
-                ms=3,
-                label=label,
-            )
+            tokens, gaps = [p["tokens"] / 1e6 for p in points], [100 * p["gap_closed"] for p in points]
+            ax.plot(tokens, gaps, marker="o", ms=3, label=label)
         for mark in MARKS:
             ax.axhline(100 * mark, color="grey", lw=0.6, ls=":")
         ax.set(title=model, xlabel="training tokens (M)", ylabel="gap to oracle closed (%)", ylim=(0, 105))

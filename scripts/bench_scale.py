@@ -23,7 +23,17 @@ import time
 from pathlib import Path
 
 from scripts import bench_train, harness
-from scripts.harness import ROOT, PeakRss, checkpoint_bytes, describe, release_free_memory, rss, rss_parts, vm_hwm
+from scripts.harness import (
+    ROOT,
+    PeakRss,
+    checkpoint_bytes,
+    describe,
+    md_row,
+    release_free_memory,
+    rss,
+    rss_parts,
+    vm_hwm,
+)
 
 CONFIGS = ("single", "fsdp2", "zero3")
 SHARDED = CONFIGS[1:]
@@ -480,11 +490,7 @@ def memory_row(label: str, r: dict, rank: int, cells: list[str]) -> str:
     """A row of the memory table: the rank's RSS up to loading, then `cells`."""
     parts = r["rss_parts_after_load"]
     after_load = f"{gb(r['rss_after_load'])} ({gb(parts.get('anon', 0))} + {gb(parts.get('file', 0))})"
-    return (
-        "| "
-        + " | ".join([label, str(rank), gb(r["rss_after_imports"]), gb(r["peak_rss_load"]), after_load, *cells])
-        + " |"
-    )
+    return md_row([label, rank, gb(r["rss_after_imports"]), gb(r["peak_rss_load"]), after_load, *cells])
 
 
 def render(data: dict) -> str:
