@@ -100,9 +100,10 @@ def measure_scale(mode: str, model_dir: Path, seq: int, steps: int, out_dir: Pat
     from router_tune.training.trainer import RouterTrainer
 
     torch.manual_seed(0)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]  # 32000; the smoke model's 1000
     blocks = [
         {"input_ids": ids.tolist(), "labels": ids.tolist(), "position_ids": list(range(seq))}
-        for ids in torch.randint(3, 3000, (steps, seq))
+        for ids in torch.randint(3, min(3000, vocab), (steps, seq))
     ]
     config = harness.recipe(
         None,
