@@ -48,7 +48,8 @@ def log(msg: str) -> None:
 
 
 class State:
-    """Finished stages, kept on disk after each one."""
+    """Finished stages, kept on disk after each one, each with the commit and tree state it was measured at
+    (`measured_at`): a resumed benchmark may finish on a later commit than it began."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -61,7 +62,7 @@ class State:
         return self.data[key]
 
     def put(self, key: str, value) -> None:
-        self.data[key] = value
+        self.data[key] = {**value, "measured_at": provenance(ignore=("bench",))}
         self.path.write_text(json.dumps(self.data, indent=2) + "\n", encoding="utf-8")
 
 
@@ -197,10 +198,12 @@ def render(data: dict) -> str:
                 rows.append((f"`{merge}` merge, routers trained {n} steps", state[key]["perplexity"]))
                 gaps[(merge, n)] = data["gap_closed"][f"{merge}-{n}"]
         rows.append((f"oracle routing (`{merge}` merge)", state[f"oracle-{merge}"]))
+    measured = sorted({describe(v["measured_at"]) for v in state.values() if "measured_at" in v})
     lines = [
         "# The real frankenMoE: SmolLM2-135M-Instruct x 4 experts",
         "",
-        f"`make bench-real` ({describe(prov)}). Held-out perplexity on the same blocks of recipes/demo-real.yaml "
+        f"`make bench-real` (rendered at {describe(prov)}; stages measured at {'; '.join(measured) or 'unrecorded'}). "
+        "Held-out perplexity on the same blocks of recipes/demo-real.yaml "
         f"(at most {EVAL_BLOCKS} blocks of 256 tokens per domain; `overall` pools every domain's tokens). Routers "
         "trained with the shipped defaults (the recipe sets model, data, batch 4 x 256 tokens, steps).",
         "",

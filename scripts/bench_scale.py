@@ -3,10 +3,14 @@ Raiden-shaped scale model (scripts.make_scale_model), and their projection to th
 
     make bench-scale                                # writes bench/scale.json, bench/scale.md
     python -m scripts.bench_scale --steps 2 --seq 128 --out bench
+    python -m scripts.bench_scale --configs activations --update   # re-measure one part into bench/scale.json
 
-The configurations (single, fsdp2, zero3, baseline, export, peak) and what each rank records are
-described in docs/distributed.md ("Measured at seed-model scale"); every one runs in fresh processes,
-one at a time, on the same global batch.
+Each configuration runs in fresh processes, one at a time, on the same global batch (2 x `--seq` random
+tokens per step): single (1 process), fsdp2 and zero3 (2 gloo ranks), baseline (transformers.Trainer),
+export (verified `router-tune export`), peak (matmul FLOP/s at 2 threads); activations: 1 process, one
+micro-batch of 1 x T for each T of --activation-seqs, activation checkpointing off and on, the per-token,
+per-layer figures the 26-layer projection scales from. What each records: docs/distributed.md ("Measured
+at seed-model scale") and the markdown this writes.
 """
 
 from __future__ import annotations
@@ -52,6 +56,13 @@ def gathered_layers(backend: str, layers: int) -> int:
 
 
 REAL_LAYERS = 26  # Kquant03/Raiden-16x3.43B
+RECIPE_TOKENS = 2048  # recipes/raiden-16x3b*.yaml: block_size 2048, per_device_train_batch_size 1
+# Fixed costs of a GPU process that a CPU cannot measure: stated assumptions, added to the projection.
+OVERHEADS = {
+    "CUDA context": 0.6 * GB,  # driver context + torch's kernels, lazy loading on (CUDA 12, H100-class)
+    "NCCL buffers": 1.0 * GB,  # several GPUs only: communicators' channel buffers, streams, workspace
+}
+FRAGMENTATION = 0.10  # the caching allocator's reserved-but-unused share, over the tensors' bytes
 TARGETS = {"rss_vs_predicted": 0.15, "checkpoint_share": 0.01, "startup_share": 0.10, "export_rss": 0.25}
 
 
@@ -200,6 +211,59 @@ def export_worker(args) -> dict:
     )
 
 
+def activation_worker(args) -> dict:
+    """One micro-batch of 1 x seq through RouterTrainer as recipes/raiden-16x3b.yaml trains (bf16 weights and
+    autocast, fp32 routers, chunked CE), activation checkpointing as asked, two steps (the first warms the
+    allocator and creates Adam's state). Private memory (RssAnon, freed heap returned first) at the first
+    layer's input and at each layer's output in the last step's forward: what the forward keeps per layer;
+    and the peak of RssAnon while training (20 ms sampler) against RssAnon after loading."""
+    import torch
+    from transformers import TrainerCallback
+
+    from router_tune.training.trainer import RouterTrainer
+
+    torch.set_num_threads(2)
+    config = harness.recipe(
+        None, model_name_or_path=str(args.model), model_dtype="bfloat16", output_dir=str(args.run_dir),
+        max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=1, learning_rate=0.5,
+        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_steps=1000, seed=0, use_cpu=True,
+        bf16=True, activation_checkpointing=bool(args.checkpointing),
+    )  # fmt: skip
+    from datasets import load_from_disk
+
+    marks: list[int] = []
+
+    def mark(*_) -> None:
+        release_free_memory()
+        marks.append(rss_parts()["anon"])
+
+    class StepStart(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            marks.clear()  # the forward's marks come first; a checkpointed layer's recompute adds more later
+
+    trainer = RouterTrainer(
+        args=config, train_dataset=load_from_disk(str(args.data)), source_names=["random"], callbacks=[StepStart()]
+    )
+    layers = trainer.model.get_decoder().layers
+    layers[0].register_forward_pre_hook(mark)
+    for layer in layers:
+        layer.register_forward_hook(mark)
+    release_free_memory()
+    after_load = rss_parts()["anon"]
+    peak = PeakRss(lambda: rss_parts().get("anon", 0)).start()
+    trainer.train()
+    forward = marks[: len(layers) + 1]
+    return {
+        "seq": args.seq,
+        "checkpointing": bool(args.checkpointing),
+        "layers": len(layers),
+        "anon_after_load": after_load,
+        "peak_anon_train": peak.stop(),
+        "kept_per_layer": [b - a for a, b in zip(forward, forward[1:])],
+        "steps": trainer.state.global_step,
+    }
+
+
 def peak_worker(args) -> dict:
     import torch
 
@@ -208,7 +272,8 @@ def peak_worker(args) -> dict:
     return {"threads": 2, "size": 2048, "flops": result}
 
 
-PARTS = {"export": export_worker, "peak": peak_worker}  # --child NAME; a configuration's name: `worker`
+# --child NAME: one of these parts, or a configuration's rank (`worker`)
+PARTS = {"export": export_worker, "peak": peak_worker, "activations": activation_worker}
 
 
 # ---- the parent: one configuration at a time ----------------------------------------------
@@ -294,10 +359,11 @@ def measure_config(name: str, args, work: Path) -> dict:
     return result
 
 
-def measure_part(name: str, cmd: list[str], args) -> dict:
-    """One part (baseline, export, peak) in a fresh watched process: the JSON line it prints last."""
+def measure_part(name: str, cmd: list[str], args, min_available: float = 0) -> dict:
+    """One part (baseline, export, peak, an activations run) in a fresh watched process: the JSON line it
+    prints last."""
     log = args.work / f"{name}.log"
-    result = watch(cmd, harness.child_env(2), log, args.timeout)
+    result = watch(cmd, harness.child_env(2), log, args.timeout, min_available)
     if result["exit_code"] != 0:
         raise SystemExit(f"exit {result['exit_code']}; see {log}")
     return json.loads(log.read_text().strip().splitlines()[-1])
@@ -322,6 +388,23 @@ def measure_export(args) -> dict:
     result["export_bytes"] = checkpoint_bytes(export_dir)
     shutil.rmtree(export_dir, ignore_errors=True)
     return result
+
+
+def measure_peak(args) -> dict:
+    return measure_part("peak", harness.module_cmd("bench_scale", "--child", "peak"), args)
+
+
+def measure_activations(args) -> dict:
+    vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
+    prov, runs = harness.provenance(), []  # the commit measured, before anything is written
+    for seq in args.activation_seqs:
+        blocks = harness.make_random_blocks(args.work / f"blocks-{seq}", vocab=vocab, seq=seq, n_blocks=2)
+        for checkpointing in (0, 1):
+            cmd = harness.module_cmd("bench_scale", "--child", "activations")
+            cmd += harness.flags(model=args.model, data=blocks, seq=seq, checkpointing=checkpointing)
+            cmd += harness.flags(run_dir=args.work / "run-activations")
+            runs.append(measure_part(f"activations-{seq}-{checkpointing}", cmd, args, args.min_available_gb * GB))
+    return {"provenance": prov, "runs": runs}
 
 
 # ---- figures ------------------------------------------------------------------------------
@@ -435,7 +518,39 @@ def analyse(data: dict) -> dict:
         if name in cfg:
             speed[f"{name}_tokens_per_s"] = cfg[name]["ranks"][0]["tokens_per_s"]
     out["speed"] = speed
+    if data.get("activations"):
+        out["activations"] = activation_figures(data["activations"])
     out["projection"] = project(data, out)
+    return out
+
+
+def activation_figures(act: dict) -> dict:
+    """Per checkpointing setting, from the 1-process runs: what the forward keeps per decoder layer (the mean
+    over layers of RssAnon's rise across a layer) and the rest of a step's peak above RssAnon after loading
+    (head and chunked CE, one layer's backward, the recompute of one layer with checkpointing), each as a
+    line in the tokens T through the two longest sequences measured, evaluated at the recipe's 1 x 2048."""
+    out = {}
+    for ckpt in (False, True):
+        runs = sorted((r for r in act["runs"] if r["checkpointing"] == ckpt), key=lambda r: r["seq"])
+        rows = []
+        for r in runs:
+            kept = sum(r["kept_per_layer"]) / r["layers"]
+            peak = r["peak_anon_train"] - r["anon_after_load"]
+            rows.append({"seq": r["seq"], "kept_per_layer": kept, "rest": peak - r["layers"] * kept, "peak": peak})
+        first, last = rows[-2] if len(rows) > 1 else None, rows[-1]
+
+        def at(key: str, tokens: int, first=first, last=last) -> float:  # through the two points (0 with one)
+            if first is None:
+                return last[key] * tokens / last["seq"]
+            slope = (last[key] - first[key]) / (last["seq"] - first["seq"])
+            return last[key] + slope * (tokens - last["seq"])
+
+        out["on" if ckpt else "off"] = {
+            "runs": rows,
+            "kept_per_layer_per_token": at("kept_per_layer", RECIPE_TOKENS) / RECIPE_TOKENS,
+            "rest_per_token": at("rest", RECIPE_TOKENS) / RECIPE_TOKENS,
+            "at_recipe": REAL_LAYERS * at("kept_per_layer", RECIPE_TOKENS) + at("rest", RECIPE_TOKENS),
+        }
     return out
 
 
@@ -445,21 +560,32 @@ def project(data: dict, figures: dict) -> dict:
     layers = a["layers"]
     real = a["outside_layers_bytes"] + REAL_LAYERS * a["layer_bytes"]
     act_per_layer = figures["activations_bytes"] / layers
-    activations = REAL_LAYERS * act_per_layer
+    # the measured per-token figures at the recipe's micro-batch when there are any, else the 1 x seq run's
+    measured = figures.get("activations")
+    activations = {k: measured[k]["at_recipe"] if measured else REAL_LAYERS * act_per_layer for k in ("on", "off")}
     byte_scale = real / a["model_bytes"]
     rows = {}
     for name, world, gpu_gb in (("single", 1, 141), ("fsdp2", 8, 80), ("zero3", 8, 80)):
         gathered = gathered_layers(name, REAL_LAYERS) * a["layer_bytes"] if world > 1 else 0
-        memory = real / world + gathered + activations
+        fixed = OVERHEADS["CUDA context"] + (OVERHEADS["NCCL buffers"] if world > 1 else 0)
+        tensors = {k: real / world + gathered + v for k, v in activations.items()}
+        memory = tensors["on"]  # the recipes' setting: activation checkpointing on
         row = {
             "gpus": world,
             "gpu_gb": gpu_gb,
             "weights_per_gpu": real / world,
             "gathered_unit": gathered,
-            "activations": activations,
-            "memory_per_gpu": memory,
-            "fits": memory <= gpu_gb * GB * 0.9,  # 10% left for the CUDA context and the allocator
+            "activations": activations["on"],
+            "activations_no_checkpointing": activations["off"],
+            "fixed_overheads": fixed,
+            "tensors_per_gpu": memory,
+            **{
+                f"memory_per_gpu{suffix}": tensors[k] * (1 + FRAGMENTATION) + fixed
+                for k, suffix in (("on", ""), ("off", "_no_checkpointing"))
+            },
         }
+        row["fits"] = row["memory_per_gpu"] <= gpu_gb * GB
+        row["fits_no_checkpointing"] = row["memory_per_gpu_no_checkpointing"] <= gpu_gb * GB
         if name in figures["startup"]:
             row["startup_from"] = name
             s = figures["startup"][name]
@@ -477,7 +603,8 @@ def project(data: dict, figures: dict) -> dict:
         so_far = figures["failed"].get(name, {}).get("per_rank_so_far")
         if world > 1 and (done or so_far):
             row["ratio_from"], row["ratio_is_lower_bound"] = name, not done
-            row["memory_per_gpu_times_measured_ratio"] = memory * max(x["ratio_anon"] for x in done or so_far)
+            ratio = max(x["ratio_anon"] for x in done or so_far)  # on the tensors; the overheads are assumed
+            row["memory_per_gpu_times_measured_ratio"] = memory * ratio * (1 + FRAGMENTATION) + fixed
         rows[name] = row
     return {"real_model_bytes": real, "activations_per_layer": act_per_layer, "byte_scale": byte_scale, "rows": rows}
 
@@ -632,27 +759,64 @@ def render(data: dict) -> str:
     for name in ("fsdp2", "zero3"):
         if s.get(f"{name}_tokens_per_s"):
             lines.append(f"{name} (2 ranks x 1 thread): {s[f'{name}_tokens_per_s']:.1f} tokens/s.")
-    pj = f["projection"]
+    pj, acts = f["projection"], f.get("activations")
+    lines += ["", f"## Projection to the real model ({REAL_LAYERS} layers, {gb(pj['real_model_bytes'])} GB bf16)\n"]
+    if acts:
+        act = data["activations"]
+        lines += [
+            f"Activations, measured ({describe(act['provenance'])}): one process (2 threads), RouterTrainer as "
+            "recipes/raiden-16x3b.yaml trains (bf16 weights and autocast, fp32 routers, chunked CE), one micro-batch "
+            f"of 1 x T random tokens on this {a['layers']}-layer model, two steps, activation checkpointing off and "
+            "on. kept = the rise of private memory (RssAnon, freed heap returned first) across a decoder layer in "
+            "the last step's forward, mean over the layers: what the forward keeps per layer until backward; "
+            "rest = the step's peak of RssAnon above RssAnon after loading, minus the layers' kept: the head and "
+            "chunked CE, one layer's backward and, with checkpointing, one layer's recompute. Each is taken as "
+            f"a line in T through the two longest T and read at the recipes' micro-batch, 1 x {RECIPE_TOKENS} "
+            f"(block_size, per_device_train_batch_size 1); activations at {REAL_LAYERS} layers = {REAL_LAYERS} x "
+            "kept + rest. This assumes attention memory linear in T (SDPA's fused kernels on CPU and GPU; "
+            "eager attention would add T^2 scores per head) and a GPU keeping the same tensors as the CPU.\n",
+            "| checkpointing | T | kept per layer, MB | rest, MB | step peak, MB | per token at 2048: kept per "
+            f"layer, KB | rest, KB | activations at {REAL_LAYERS} layers x 1 x {RECIPE_TOKENS}, GB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for key in ("off", "on"):
+            x = acts[key]
+            for i, r in enumerate(x["runs"]):
+                tail = (
+                    f"{x['kept_per_layer_per_token'] / 1e3:.1f} | {x['rest_per_token'] / 1e3:.1f} | "
+                    f"{gb(x['at_recipe'])}"
+                    if i == len(x["runs"]) - 1
+                    else " | | "
+                )
+                lines.append(
+                    f"| {key} | {r['seq']} | {r['kept_per_layer'] / 1e6:.1f} | {r['rest'] / 1e6:.1f} | "
+                    f"{r['peak'] / 1e6:.1f} | {tail} |"
+                )
+        lines.append("")
     lines += [
-        "",
-        f"## Projection to the real model ({REAL_LAYERS} layers, {gb(pj['real_model_bytes'])} GB bf16)\n",
-        f"Computed, not measured: weights = the bytes outside the layers + {REAL_LAYERS} x one layer's bytes (from "
-        "the safetensors headers here); per GPU = weights / GPUs + k x one decoder layer gathered (k = 3 FSDP2, "
-        f"2 ZeRO-3, as in the 2-rank prediction; {gb(a['layer_bytes'])} GB each; none on one GPU) + activations = "
-        f"{REAL_LAYERS} x the measured activations per "
-        f"layer ({gb(pj['activations_per_layer'])} GB per layer for one micro-batch of 1 x {data['seq']} tokens: the "
-        "1-process activation figure divided by its layers, the head's share included), the same formula as "
-        "the 2-rank prediction above, without the host process's own RSS. 'x measured ratio' multiplies by the "
-        "worst anon measured / predicted ratio at 2 ranks (GPU memory holds tensors, not file pages). Start-up: "
-        "load, fingerprints and prepare scaled by "
-        f"the bytes ({pj['byte_scale']:.2f}x), the probe by the layers, from the configuration measured here "
-        "(single for 1 GPU, the 2-rank runs for 8 GPUs: no credit taken for more ranks reading in parallel, "
-        "and this machine's disk and page cache, not a GPU host's).\n",
-        "| setting | weights per GPU | gathered | activations | memory per GPU | x measured ratio | fits "
-        "(90% of the GPU) | start-up s (load + fingerprints + probe + prepare) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Memory per GPU, computed: weights = the bytes outside the layers + {REAL_LAYERS} x one layer's bytes "
+        "(the safetensors headers here), divided by the GPUs; + k x one decoder layer gathered (k = 3 FSDP2, "
+        f"2 ZeRO-3, as in the 2-rank prediction; {gb(a['layer_bytes'])} GB each; none on one GPU); + activations "
+        + (
+            f"at 1 x {RECIPE_TOKENS} as above (each GPU trains its own micro-batch)"
+            if acts
+            else f"= {REAL_LAYERS} x {gb(pj['activations_per_layer'])} GB per layer measured at 1 x {data['seq']}"
+        )
+        + f"; then x {1 + FRAGMENTATION:.2f} for the caching allocator's fragmentation and + the fixed overheads. "
+        "Stated assumptions, not measured (no GPU here): "
+        + ", ".join(f"{k} {gb(v)} GB" for k, v in OVERHEADS.items())
+        + f" (several GPUs only), fragmentation {FRAGMENTATION:.0%} of the tensors. 'x measured ratio' multiplies "
+        "the tensors by the worst anon measured / predicted ratio at 2 ranks first. Start-up: load, fingerprints "
+        f"and prepare scaled by the bytes ({pj['byte_scale']:.2f}x), the probe by the layers, from the "
+        "configuration measured here (single for 1 GPU, the 2-rank runs for 8 GPUs: no credit taken for more "
+        "ranks reading in parallel, and this machine's disk and page cache, not a GPU host's).\n",
+        "| setting | weights per GPU | gathered | activations, checkpointing on / off | fixed overheads | memory per "
+        "GPU, checkpointing on (recipes) | x measured ratio | fits | checkpointing off | fits | start-up s (load + "
+        "fingerprints + probe + prepare) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     labels = {"single": "1 x 141 GB, bf16, 1 process", "fsdp2": "8 x 80 GB, FSDP2", "zero3": "8 x 80 GB, ZeRO-3"}
+    yes = lambda b: "yes" if b else "no"  # noqa: E731
     for name, r in pj["rows"].items():
         st = r.get("startup_seconds")
         stext = f"{r['startup_total']:.0f} ({' + '.join(f'{v:.0f}' for v in st.values())})" if st else "not measured"
@@ -661,9 +825,10 @@ def render(data: dict) -> str:
         corrected = r.get("memory_per_gpu_times_measured_ratio")
         corrected = (">= " if r.get("ratio_is_lower_bound") else "") + gb(corrected) if corrected else None
         lines.append(
-            f"| {labels[name]} | {gb(r['weights_per_gpu'])} | {gb(r['gathered_unit'])} | {gb(r['activations'])} | "
-            f"{gb(r['memory_per_gpu'])} | {corrected or '-'} | {'yes' if r['fits'] else 'no'} | "
-            f"{stext} |"
+            f"| {labels[name]} | {gb(r['weights_per_gpu'])} | {gb(r['gathered_unit'])} | {gb(r['activations'])} / "
+            f"{gb(r['activations_no_checkpointing'])} | {gb(r['fixed_overheads'])} | {gb(r['memory_per_gpu'])} | "
+            f"{corrected or '-'} | {yes(r['fits'])} | {gb(r['memory_per_gpu_no_checkpointing'])} | "
+            f"{yes(r['fits_no_checkpointing'])} | {stext} |"
         )
     lines.append("")
     return "\n".join(lines) + "\n"
@@ -677,8 +842,16 @@ def add_args(parser) -> None:
     parser.add_argument(
         "--configs",
         nargs="+",
-        default=["single", "fsdp2", "zero3", "baseline", "export", "peak"],
-        help=f"any of {', '.join(CONFIGS)}, baseline, export, peak",
+        default=["single", "fsdp2", "zero3", "baseline", "export", "peak", "activations"],
+        help=f"any of {', '.join(CONFIGS)}, baseline, export, peak, activations",
+    )
+    parser.add_argument(
+        "--activation-seqs", type=int, nargs="+", default=[256, 512], help="tokens per micro-batch, activations"
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="measure --configs only and put them into OUT/scale.json beside its other measurements",
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     parser.add_argument(
@@ -690,6 +863,7 @@ def add_args(parser) -> None:
         action="store_true",
         help="recompute the figures and the markdown from OUT/scale.json's measurements, without measuring",
     )
+    parser.add_argument("--checkpointing", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--export-dir", type=Path, help=argparse.SUPPRESS)
@@ -705,6 +879,7 @@ def run(args) -> dict:
     prov = harness.provenance()  # before anything is written
     if args.smoke:  # Raiden's layout at toy widths, one step after the warm-up of every configuration
         args.seq, args.steps, args.model = 16, 2, args.work / "tiny-scale-model"
+        args.activation_seqs = [16, 32]
         shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
         if not args.model.is_dir():
             from scripts.make_scale_model import RAIDEN, write_checkpoint
@@ -717,6 +892,15 @@ def run(args) -> dict:
     shutil.rmtree(args.work / "blocks", ignore_errors=True)
     config = json.loads((args.model / "config.json").read_text())
     harness.make_random_blocks(args.work / "blocks", vocab=config["vocab_size"], seq=args.seq, n_blocks=4 * args.steps)
+    if args.update:  # the other measurements stand; each part measured here records its own commit
+        data = json.loads((args.out / "scale.json").read_text())
+        for name in args.configs:
+            part = {"activations": measure_activations, "peak": measure_peak}.get(name)
+            if part is None:
+                raise SystemExit(f"--update measures activations or peak, not {name}")
+            data[name] = part(args)
+        data["figures"], data["reanalysed"] = analyse(data), harness.provenance()
+        return data
     data = {
         "provenance": prov,
         "steps": args.steps,
@@ -736,7 +920,9 @@ def run(args) -> dict:
             data["export"] = measure_export(args)
             print(f"export: {data['export']['seconds']:.1f} s, {data['export']['peak_rss_process'] / GB:.2f} GB")
         elif name == "peak":
-            data["peak"] = measure_part("peak", harness.module_cmd("bench_scale", "--child", "peak"), args)
+            data["peak"] = measure_peak(args)
+        elif name == "activations":
+            data["activations"] = measure_activations(args)
     data["figures"] = analyse(data)
     data["wall_s"] = time.perf_counter() - start
     data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " + (

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 PREFIX = "REPORT "
+# launched CPU ranks: accelerate on gloo, one thread each (two ranks share the 2 cores), wandb offline
+CPU_RANKS_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 
 
 def print_report(report: dict) -> None:
@@ -28,3 +31,10 @@ def read_reports(stdout: str) -> list[dict]:
     """The reports in a launch's captured stdout, by rank."""
     reports = (json.loads(line[len(PREFIX) :]) for line in stdout.splitlines() if line.startswith(PREFIX))
     return sorted(reports, key=lambda r: r["rank"])
+
+
+def run_and_read_reports(cmd: list[str], timeout: int, env: dict | None = None) -> list[dict]:
+    """Run a launch (or one process) of a test script to the end and return its ranks' reports."""
+    proc = subprocess.run(cmd, env=env or CPU_RANKS_ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return read_reports(proc.stdout)

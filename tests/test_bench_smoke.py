@@ -20,7 +20,7 @@ BENCHMARKS = {  # module: (output name, extra arguments)
     "saturated_demo": ("saturated", []),
     "bench_quality": ("quality", []),
     "bench_quant": ("quant", []),
-    "bench_scale": ("scale", ["--configs", "single", "fsdp2", "zero3", "baseline", "export", "peak"]),
+    "bench_scale": ("scale", ["--configs", "single", "fsdp2", "zero3", "baseline", "export", "peak", "activations"]),
 }
 
 

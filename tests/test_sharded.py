@@ -7,7 +7,6 @@ routers as the uninterrupted run."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -29,18 +28,16 @@ from router_tune.model.routers import (
 )
 from router_tune.training import sharding
 from tests.cli_runs import free_port
-from tests.rank_reports import read_reports
+from tests.rank_reports import CPU_RANKS_ENV, run_and_read_reports
 from tests.trainers import make_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "fsdp_script.py"
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+ENV = CPU_RANKS_ENV
 
 
 def _run(cmd: list[str]) -> list[dict]:
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return read_reports(proc.stdout)
+    return run_and_read_reports(cmd, timeout=400)
 
 
 def _two_ranks(model_dir, out, steps, resume=None, mixed_precision="no", settings=()) -> list[dict]:

@@ -242,6 +242,28 @@ def test_saturated_routers_are_rescaled_keeping_their_ranking(mixtral_saturated,
         torch.testing.assert_close(ratio, torch.full_like(ratio, ratio.flatten()[0].item()))  # one factor per layer
 
 
+def test_auto_rescale_brings_confident_routers_down_and_never_up(mixtral_legacy, tmp_path):
+    """auto: a layer whose logits spread 2.5 (std over experts, mean over tokens) though not saturated
+    (top-1 < 0.9) comes down to 1; a layer spreading 0.3 keeps its weights bit for bit."""
+    from router_tune.model.loading import load_moe
+    from router_tune.training.rescale import measure_routers, rescale_routers
+
+    model, info = load_moe(mixtral_legacy)
+    batch = {"input_ids": torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))}
+    for ref, target in zip(info.routers, (2.5, 0.3)):  # scale each gate to the spread asked
+        std = measure_routers(model, batch)[info.routers.index(ref)]["logit_std"]
+        with torch.no_grad():
+            ref.module.weight.mul_(target / std)
+    before = measure_routers(model, batch)
+    assert before[0]["top1"] < 0.9 and before[0]["logit_std"] > 2.0 and before[1]["logit_std"] < 0.5, before
+    kept = info.routers[1].module.weight.detach().clone()
+
+    changes = rescale_routers(model, info, batch, "auto")
+    assert [c["layer"] for c in changes] == [info.routers[0].layer]
+    assert measure_routers(model, batch)[0]["logit_std"] == pytest.approx(1.0, rel=0.02)
+    assert torch.equal(info.routers[1].module.weight, kept)
+
+
 def test_activation_checkpointing_gives_the_same_routers(mixtral_legacy, tmp_path):
     """Frozen embeddings + recomputed activations must still send gradients to every router."""
     data = text_blocks(mixtral_legacy, 8)
@@ -333,7 +355,7 @@ def test_router_gradient_modes_train_routers_only_under_checkpointing(mode, mixt
             assert torch.equal(runs[mode][name].detach(), tensor), f"frozen {name} changed"
 
 
-def test_rescale_probe_only_where_stored_weights_can_saturate(mixtral_legacy, mixtral_saturated, monkeypatch):
+def test_rescale_probe_only_where_stored_weights_can_spread(mixtral_legacy, mixtral_saturated, monkeypatch):
     """auto: the weight bound flags mergekit-random gates and clears small (std 0.02) ones, whose
     probe (a forward through the whole model) is then skipped."""
     from router_tune.model.loading import load_moe
@@ -341,8 +363,8 @@ def test_rescale_probe_only_where_stored_weights_can_saturate(mixtral_legacy, mi
 
     sane, sane_info = load_moe(mixtral_legacy)
     saturated, saturated_info = load_moe(mixtral_saturated)
-    assert rescale.may_saturate(sane, sane_info) == [False, False]
-    assert rescale.may_saturate(saturated, saturated_info) == [True, True]
+    assert rescale.may_spread_beyond(sane, sane_info, 1.0) == [False, False]
+    assert rescale.may_spread_beyond(saturated, saturated_info, 1.0) == [True, True]
 
     def no_probe(*args):
         raise AssertionError("probe ran although no router can saturate")

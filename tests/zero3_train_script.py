@@ -32,6 +32,8 @@ report = {
     "layer_local_numel": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in frozen),
     "layer_numel": sum(getattr(p, "ds_numel", p.numel()) for p in frozen),
     "router_rescaling": trainer.router_rescaling,
+    "router_input_l1": trainer.router_input_l1["measured"],
+    "router_adam_rates": list(trainer.run_info()["router_adam_rates"].values()),
     "step": trainer.state.global_step,
     "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
 }

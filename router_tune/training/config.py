@@ -144,18 +144,21 @@ class RouterTuneConfig(TrainingArguments):
     router_rescale: str = field(
         default="auto",
         metadata={
-            "help": "Rescale saturated routers before training (their softmax gives no gradient): "
-            "auto (layers whose mean top-1 probability exceeds 0.9, to a logit std of "
-            "1), off, or a number: every layer to that logit std."
+            "help": "Rescale overconfident routers before training, keeping their ranking of experts (a merge "
+            "tool's gates were never trained: their confidence is no information, and it slows training, down to "
+            "no gradient at all when saturated): auto (every layer whose logits' std over the experts exceeds 1, "
+            "down to 1; never up), off (e.g. for routers trained before), or a number: every layer to that std."
         },
     )
     router_lr_scale: str = field(
         default="input",
         metadata={
-            "help": "input: learning_rate is in logit units and each layer's routers get learning_rate / s, with "
-            "s = sqrt(2/pi) * ||g||_1 from the norm weight g before the router (Adam moves a logit by up to "
-            "rate * ||input||_1 per step, so a raw rate does not transfer across widths). none: learning_rate "
-            "is Adam's rate for every router.",
+            "help": "input: learning_rate is in logit units and each layer's routers get learning_rate / s, s the "
+            "mean L1 norm of the router's input measured on the first 8 training blocks (Adam moves a logit "
+            "by up to rate * ||input||_1 per step, so a raw rate does not transfer across widths). predicted: "
+            "the same with s = sqrt(2/pi) * ||g||_1 from the norm weight g before the router (no forward pass; "
+            "off on real pretrained models, whose hidden states are not Gaussian). none: learning_rate is "
+            "Adam's rate for every router.",
             "choices": list(LR_SCALES),
         },
     )
@@ -212,10 +215,10 @@ class RouterTuneConfig(TrainingArguments):
         },
     )
     ce_chunk_tokens: int = field(
-        default=4096,
+        default=256,
         metadata={
             "help": "Tokens per chunk of the LM cross-entropy, so the full logits tensor is never "
-            "held (0 = no chunking)."
+            "held: the loss's peak is one chunk of fp32 logits, chunk x vocab x 4 bytes (0 = no chunking)."
         },
     )
     max_nonfinite_steps: int = field(
@@ -239,9 +242,9 @@ class RouterTuneConfig(TrainingArguments):
     learning_rate: float = field(
         default=1.0,
         metadata={
-            "help": "Peak learning rate. With router_lr_scale input (the default) in logit units: about how far "
-            "one step can move a token's router logits, the same on any width (each layer's Adam rate is "
-            "this / s, s the expected L1 norm of the router's input). With router_lr_scale none, Adam's rate."
+            "help": "Peak learning rate. With router_lr_scale input (the default) or predicted in logit units: about "
+            "how far one step can move a token's router logits, the same on any width (each layer's Adam rate "
+            "is this / s, s the L1 norm of the router's input). With router_lr_scale none, Adam's rate."
         },
     )
     lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
@@ -286,12 +289,12 @@ class RouterTuneConfig(TrainingArguments):
                 f"`aux_loss_reduce` must be one of {', '.join(REDUCE_MODES)}, got {self.aux_loss_reduce!r}."
             )
         if self.router_lr_scale not in LR_SCALES:
-            problems.append(f"`router_lr_scale` must be input or none, got {self.router_lr_scale!r}.")
-        elif self.router_lr_scale == "input" and self.learning_rate < MIN_LOGIT_LR:
+            problems.append(f"`router_lr_scale` must be one of {', '.join(LR_SCALES)}, got {self.router_lr_scale!r}.")
+        elif self.router_lr_scale != "none" and self.learning_rate < MIN_LOGIT_LR:
             problems.append(
-                f"`learning_rate` {self.learning_rate:g} is read in logit units (router_lr_scale: input, the "
-                f"default), where {self.learning_rate:g} barely moves a router (the default is 1.0). If it is an "
-                "Adam rate from an older recipe, add `router_lr_scale: none`; else raise it."
+                f"`learning_rate` {self.learning_rate:g} is read in logit units (router_lr_scale: "
+                f"{self.router_lr_scale}), where {self.learning_rate:g} barely moves a router (the default is "
+                "1.0). If it is an Adam rate from an older recipe, add `router_lr_scale: none`; else raise it."
             )
         elif self.router_lr_scale == "none" and self.learning_rate > MAX_RAW_LR:
             problems.append(

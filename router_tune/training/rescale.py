@@ -1,13 +1,21 @@
-"""Rescale saturated routers before training.
+"""Rescale overconfident routers before training.
 
-mergekit's `random` gates are torch.randn rows (norm ~ sqrt(H)); against RMS-normalised
-hidden states their logits are tens of units apart, so the softmax is one-hot: the top-1
-probability is ~1, d softmax / d logits = p(1 - p) ~ 0, and neither the LM loss nor the
-balancing loss can move the router (they get ~1e-6 of the gradient a soft router gets).
-Dividing a router's weight by a constant keeps its ranking of experts (the same top-k, so
-the model's outputs change only through the mixing weights) and brings the softmax back
-into the range where it learns. We pick the constant per layer so that the logits' standard
-deviation over real tokens becomes `target_std`.
+A merge tool's gates were never trained, so how confident they are carries no information, and
+confidence slows router training down. mergekit's `random` gates are torch.randn rows (norm ~
+sqrt(H)); against RMS-normalised hidden states their logits are units to tens of units apart.
+At the far end the softmax is one-hot: the top-1 probability is ~1, d softmax / d logits =
+p(1 - p) ~ 0, and neither the LM loss nor the balancing loss can move the router (they get ~1e-6
+of the gradient a soft router gets). Short of that, the router must still travel the whole
+spread before its ranking changes: on the real SmolLM2 merge (scripts/make_real_moe.py) the
+`random` gates spread 1.7-8.9 logits (top-1 0.68-0.97), only 2 of 30 layers were saturated, and 60
+steps closed 62% of the gap to oracle routing when only those were rescaled, 84% when every layer
+was (docs/real-weights.md).
+
+Dividing a router's weight by a constant keeps its ranking of experts (the same top-k, so the
+model's outputs change only through the mixing weights) and brings the softmax into the range
+where it learns. `auto` takes every layer whose logits spread more than DEFAULT_TARGET_STD (their
+standard deviation over the experts, averaged over real tokens) down to it, and never up: gates
+that spread less (mergekit's `hidden` gates, 0.1-0.8 there) are left as they are.
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ from router_tune.model.routers import (
     router_logits_on,
     router_state_dict,
 )
-from router_tune.routing.inspection import SATURATED_TOP1  # the threshold `inspect` calls saturated
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +55,18 @@ def measure_routers(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[di
 
 
 @torch.no_grad()
-def may_saturate(model: nn.Module, info: MoeInfo) -> list[bool]:
-    """Per MoE layer, whether its stored weights allow a saturated softmax (mean top-1 above
-    SATURATED_TOP1), without a forward pass.
+def may_spread_beyond(model: nn.Module, info: MoeInfo, target_std: float) -> list[bool]:
+    """Per MoE layer, whether its stored weights allow a logit standard deviation above `target_std` on
+    some input, without a forward pass.
 
     The router sees the RMS-normalised hidden state times the norm weight g: a vector of norm
-    sqrt(H) before g. So two experts' logits differ by at most ||(w_e - w_f) * g|| * sqrt(H)
-    (Cauchy-Schwarz), and with a largest gap D the top-1 probability is at most
-    1 / (1 + (E - 1) exp(-D)). A layer whose bound stays at or below SATURATED_TOP1 cannot be
-    saturated on any input and needs no probe; a layer without a readable norm is probed."""
+    sqrt(H) before g. So two experts' logits differ by at most D = max ||(w_e - w_f) * g|| * sqrt(H)
+    (Cauchy-Schwarz), and E values within a range D have a (sample) standard deviation of at most
+    D * sqrt(E / (4 (E - 1))) (half of them at each end). A layer whose bound stays at or below
+    `target_std` needs no probe; a layer without a readable norm is probed."""
     weights = router_state_dict(model)  # whole fp32 tensors, gathered when sharded
-    limit = math.log(SATURATED_TOP1 / (1 - SATURATED_TOP1) * (info.num_experts - 1))
+    experts = info.num_experts
+    spread = math.sqrt(experts / (4 * (experts - 1))) if experts > 1 else 0.0
     flags = []
     for ref in info.routers:
         norm = router_input_norm_weight(model, ref.layer)
@@ -67,7 +75,7 @@ def may_saturate(model: nn.Module, info: MoeInfo) -> list[bool]:
             continue
         w = weights[ref.param_names[0]] * norm
         gap = torch.cdist(w, w).max().item() * math.sqrt(w.shape[1])
-        flags.append(gap > limit)
+        flags.append(gap * spread > target_std)
     return flags
 
 
@@ -75,27 +83,29 @@ def may_saturate(model: nn.Module, info: MoeInfo) -> list[bool]:
 def rescale_routers(model: nn.Module, info: MoeInfo, batch: dict[str, torch.Tensor], mode: str) -> list[dict]:
     """Apply `router_rescale` (auto | off | a target logit std) and report what was done.
 
-    auto rescales only the layers whose mean top-1 probability exceeds SATURATED_TOP1, to a
-    logit std of 1.0, and skips the probe (a forward pass through the whole model) when no
-    layer's stored weights allow saturation (`may_saturate`); a number rescales every layer to that std.
+    auto brings every layer whose logit std exceeds DEFAULT_TARGET_STD down to it (never up), and skips
+    the probe (a forward pass through the whole model) when no layer's stored weights allow that
+    (`may_spread_beyond`); a number rescales every layer to that std, up or down.
     All ranks call it with the same batch when the model is sharded (collectives; a ZeRO-3 model only
     once DeepSpeed's engine exists: its forward gathers the parameters).
     """
     if mode == "off":
         return []
-    candidates = may_saturate(model, info) if mode == "auto" else [True] * len(info.routers)
-    if not any(candidates):
-        logger.info("router rescaling (auto): no router can saturate (weight bound), probe skipped")
-        return []
     target = DEFAULT_TARGET_STD if mode == "auto" else float(mode)
+    candidates = may_spread_beyond(model, info, target) if mode == "auto" else [True] * len(info.routers)
+    if not any(candidates):
+        logger.info("router rescaling (auto): no router can spread beyond a logit std of %g (weight bound)", target)
+        return []
     before = measure_routers(model, batch)
     changes, weights = [], router_state_dict(model)
     for ref, m, candidate in zip(info.routers, before, candidates):
-        if not candidate or (mode == "auto" and m["top1"] <= SATURATED_TOP1):
+        if not candidate or (mode == "auto" and m["logit_std"] <= target):
             continue
         factor = target / max(m["logit_std"], 1e-6)
         weights[ref.param_names[0]] *= factor
-        changes.append({"layer": ref.layer, "factor": factor, "top1_before": m["top1"]})
+        changes.append(
+            {"layer": ref.layer, "factor": factor, "top1_before": m["top1"], "logit_std_before": m["logit_std"]}
+        )
     if changes:
         # written back as a state dict: plain, FSDP2 and ZeRO-3 parameters (and DeepSpeed's fp32 masters)
         load_router_state_dict(model, weights)
@@ -107,7 +117,8 @@ def rescale_routers(model: nn.Module, info: MoeInfo, batch: dict[str, torch.Tens
             "router rescaling (%s): %s",
             mode,
             "; ".join(
-                f"layer {c['layer']} x{c['factor']:.3g} (top-1 {c['top1_before']:.2f} -> {c['top1_after']:.2f})"
+                f"layer {c['layer']} x{c['factor']:.3g} (logit std {c['logit_std_before']:.2g} -> {target:g}, "
+                f"top-1 {c['top1_before']:.2f} -> {c['top1_after']:.2f})"
                 for c in changes
             ),
         )

@@ -4,20 +4,22 @@ Adam moves every weight by about its learning rate per step, whatever the gradie
 logit z = w . h therefore moves by up to lr * ||h||_1 per step: one rate is 25 times stronger on
 Raiden's routers (3200 inputs) than on the demo's (128), and it scales with the norm weight g in
 front of the router (h = g * x / rms(x)). muP makes the same observation for Adam on any matrix
-that reads a hidden state (rate ~ 1 / fan-in). So with `router_lr_scale: input` the recipe's
-`learning_rate` is in logit units, and each layer's routing parameters get
+that reads a hidden state (rate ~ 1 / fan-in). So the recipe's `learning_rate` is in logit units,
+and each layer's routing parameters get learning_rate / s, s the L1 norm of what the router reads:
 
-    learning_rate / s,   s = sqrt(2 / pi) * ||g||_1,
+- `input` (the default): s measured, the mean L1 norm of the router's input over the real tokens of
+  the first PROBE_BLOCKS training blocks (`measure_router_input_l1`: forwards at start-up in
+  micro-batches, on every backend, the same on every rank, whatever the batch split).
+- `predicted`: s = sqrt(2 / pi) * ||g||_1, the expected L1 norm when x / rms(x) has unit-variance
+  Gaussian-like entries, read from the checkpoint without a forward pass (a layer without a readable
+  norm weight falls back to g = 1, s = sqrt(2 / pi) * H). It holds on models trained here (the demo:
+  within 10%), not on real pretrained ones: a few hidden dimensions are very large, x / rms(x)
+  concentrates its mass there, and SmolLM2-135M's routers read 0.46-0.77 of the prediction, so its
+  routers learned at half to three quarters of the intended rate.
+- `none`: Adam's rate as given.
 
-the expected L1 norm of the router's input when x / rms(x) has unit-variance Gaussian-like entries.
-No forward pass is needed: g is in the checkpoint. A layer without a readable norm weight falls back
-to g = 1 (s = sqrt(2 / pi) * H). `router_lr_scale: none` keeps Adam's rate as given.
-
-Real pretrained models are not Gaussian inside: a few hidden dimensions are very large, so x / rms(x)
-concentrates its mass there and the measured L1 norm is below s (SmolLM2-135M: 0.46-0.77 of s, per
-layer). `measure_router_input_l1` measures it on the first training blocks; the trainer records it
-beside s and each layer's Adam rate (run_info.json `router_lr`, and the training log), so a model on
-which the rule is off shows by how much.
+Both norms and each layer's Adam rate are recorded side by side (run_info.json `router_input_l1`,
+`router_adam_rates`, and the training log).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from router_tune.errors import RouterTuneError
 from router_tune.model.loading import MoeInfo
 from router_tune.model.routers import lm_head_as_identity, router_input_norm_weight
 
-LR_SCALES = ("input", "none")
+LR_SCALES = ("input", "predicted", "none")
 # E|x| for x ~ N(0, 1): the mean magnitude of one RMS-normalised input entry.
 MEAN_ABS_GAUSSIAN = math.sqrt(2.0 / math.pi)
 
@@ -48,13 +50,14 @@ def router_input_scales(model: nn.Module, info: MoeInfo) -> list[float]:
 
 
 def router_param_groups(
-    model: nn.Module, info: MoeInfo, learning_rate: float, weight_decay: float, lr_scale: str
+    model: nn.Module, info: MoeInfo, learning_rate: float, weight_decay: float, scales: list[float] | None
 ) -> list[dict]:
-    """Optimizer parameter groups, one per MoE layer, each with its own `lr` (see the module docstring).
+    """Optimizer parameter groups, one per MoE layer, each with the rate learning_rate / its scale (the
+    router-input L1 norm, see the module docstring; None: learning_rate for every layer).
 
     Every trainable parameter of `model` must be a routing parameter of some layer (names matched by
     suffix, so wrapper prefixes such as DDP's `module.` do not matter)."""
-    scales = router_input_scales(model, info) if lr_scale == "input" else [1.0] * len(info.routers)
+    scales = scales or [1.0] * len(info.routers)
     groups = {ref.layer: [] for ref in info.routers}
     suffixes = [(name, ref.layer) for ref in info.routers for name in ref.param_names]
     for name, param in model.named_parameters():
@@ -71,21 +74,27 @@ def router_param_groups(
     ]
 
 
+# The router-input probe reads this many training blocks, whatever the batch size, accumulation or
+# world size: the rates must not depend on how a step is split (a run of 4 x 2 blocks must train as 1 x 8).
+PROBE_BLOCKS = 8
+
+
 @torch.no_grad()
-def measure_router_input_l1(model: nn.Module, info: MoeInfo, batch: dict[str, torch.Tensor]) -> list[float]:
+def measure_router_input_l1(model: nn.Module, info: MoeInfo, batches: list[dict[str, torch.Tensor]]) -> list[float]:
     """Per MoE layer (in `info.routers` order): the mean L1 norm of the router's input over the real
-    tokens of `batch` (one eval-mode forward, the LM head skipped; the training flag is restored).
-    All ranks call it with the same batch when the model is sharded (the forward gathers parameters)."""
+    tokens of `batches` (collated micro-batches of the first PROBE_BLOCKS training blocks: eval-mode
+    forwards, the LM head skipped, the training flag restored). In a distributed run every rank calls
+    it (a sharded forward gathers parameters) and every rank gets rank 0's figures: the rates they set
+    must be equal, or replicas would drift apart."""
     device = model.get_input_embeddings().weight.device
-    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
-    mask = batch.get("token_mask", batch.get("attention_mask"))
-    keep = mask.reshape(-1).bool().to(device) if mask is not None else None
-    sums: dict[int, torch.Tensor] = {}
+    sums = {ref.layer: torch.zeros((), dtype=torch.float64) for ref in info.routers}
+    tokens = 0
+    keep = None
 
     def record(layer: int):
         def hook(_module, args):
             l1 = args[0].detach().float().abs().sum(-1).reshape(-1)
-            sums[layer] = (l1[keep] if keep is not None else l1).mean()
+            sums[layer] += (l1[keep] if keep is not None else l1).sum().double().cpu()
 
         return hook
 
@@ -94,12 +103,24 @@ def measure_router_input_l1(model: nn.Module, info: MoeInfo, batch: dict[str, to
     model.eval()
     try:
         with lm_head_as_identity(model):
-            model(**inputs, use_cache=False)
+            for batch in batches:
+                inputs = {
+                    k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")
+                }
+                mask = batch.get("token_mask", batch.get("attention_mask"))
+                keep = mask.reshape(-1).bool().to(device) if mask is not None else None
+                tokens += int(keep.sum()) if keep is not None else batch["input_ids"].numel()
+                model(**inputs, use_cache=False)
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return [float(sums[ref.layer]) for ref in info.routers]
+    measured = [float(sums[ref.layer]) / tokens for ref in info.routers]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [measured]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        measured = shared[0]
+    return measured
 
 
 def describe_router_lrs(layers: list[int], rates: list[float], predicted: list[float], measured: list[float]) -> str:

@@ -13,6 +13,13 @@ with the MoE blocks as ZeRO-3 leaf modules (`prepare_zero3`). On a CPU (`DS_ACCE
 gloo) accelerate needs one push: its `PartialState` finds no GPU backend, initialises DeepSpeed's
 process group with backend None and then counts one process on every rank
 (`configure_process_group`); `check_wrapped` stops a run that did not get ZeRO-3 over every process.
+
+Hybrid sharding (HSDP: replicate across nodes, shard within a node) is accelerate's own
+`parallelism_config` (`dp_replicate_size` x `dp_shard_size`), which `accelerate launch` passes on as
+PARALLELISM_CONFIG_* variables; router_tune hands the sizes to transformers' load-time sharding
+(`DistributedConfig(dp_replicate_size=..., fsdp_size=...)`: a 2-D ("dp_replicate", "fsdp") mesh,
+consecutive ranks in one shard group, so a node's GPUs shard and only the gradient all-reduce between
+replicas crosses nodes). `fsdp_mesh_sizes` reads and checks them.
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ def check_request(args) -> str | None:
         )
     if backend is None and world_size() > 1:
         check_data_parallel(args)
+    if backend == "fsdp":
+        fsdp_mesh_sizes()  # a bad replicate / shard size stops here, before any weight is read
     if backend == "deepspeed" and (args.use_cpu or _env_true("ACCELERATE_USE_CPU")):
         raise RouterTuneError(
             "this run asks for DeepSpeed on CPU with `use_cpu` (or ACCELERATE_USE_CPU=1, `use_cpu: true` in "
@@ -90,8 +99,9 @@ def check_data_parallel(args) -> None:
 
 
 def configure_process_group(args) -> None:
-    """Make accelerate run DeepSpeed over gloo on a machine without a GPU (called by the config's
-    `__post_init__`, before TrainingArguments set up their devices; a no-op anywhere else).
+    """Make accelerate run DeepSpeed over gloo on a machine without a GPU, and leave an FSDP2 run's hybrid
+    sharding sizes to transformers (called by the config's `__post_init__`, before TrainingArguments set
+    up their devices; a no-op anywhere else).
 
     accelerate drops a DeepSpeed request when `cpu=True` (`use_cpu`, `ACCELERATE_USE_CPU`):
     `elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not cpu` in
@@ -102,6 +112,13 @@ def configure_process_group(args) -> None:
     would train on the whole batch). A `PartialState(backend="gloo")` made first, and
     `use_configured_state`, give accelerate the real world; `check_wrapped` verifies it.
     """
+    if requested_backend(args) == "fsdp":
+        # Hybrid sharding's sizes are for transformers' load-time mesh (`load_kwargs`), which then owns
+        # placement and gradient reduction (Trainer's `is_distributed_loading_by_transformers`), as with a
+        # plain `DistributedConfig(dp_replicate_size=...)`. Left on, accelerate would build a second mesh
+        # of its own and, on a CPU (MULTI_CPU), refuse to start ("ParallelismConfig is only compatible
+        # DistributedType.FSDP ..."). The PARALLELISM_CONFIG_* sizes stay for `fsdp_mesh_sizes`.
+        os.environ.pop("ACCELERATE_USE_PARALLELISM_CONFIG", None)
     if requested_backend(args) != "deepspeed" or torch.cuda.is_available() or world_size() < 2:
         return
     if args.use_cpu or _env_true("ACCELERATE_USE_CPU"):
@@ -145,7 +162,57 @@ def load_kwargs(args, backend: str | None) -> dict:
     from transformers.distributed import DistributedConfig
 
     bf16 = bool(getattr(args, "bf16", False)) or os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16"
-    return {"distributed_config": DistributedConfig(fsdp_size=world_size(), fsdp_mixed_precision=bf16)}
+    replicas, shards = fsdp_mesh_sizes()
+    config = DistributedConfig(fsdp_size=shards, dp_replicate_size=replicas, fsdp_mixed_precision=bf16)
+    return {"distributed_config": config}
+
+
+_PARALLELISM = "PARALLELISM_CONFIG_"
+
+
+def fsdp_mesh_sizes() -> tuple[int, int]:
+    """(replicas, shards per replica) of the FSDP2 mesh: (1, world) for plain FSDP2; for hybrid sharding
+    accelerate's `parallelism_config` sizes (`dp_replicate_size`, `dp_shard_size`), as `accelerate launch`
+    exports them. Every rank is a data-parallel rank either way (each reads its own micro-batches);
+    replicas x shards must be the world, and router_tune uses no other parallel dimension (tensor, context,
+    sequence: the routers and their statistics assume whole sequences and whole layers on each rank)."""
+    world = world_size()
+
+    def size(name: str) -> int:
+        value = os.environ.get(_PARALLELISM + name, "1") or "1"
+        try:
+            return int(value)
+        except ValueError:
+            raise RouterTuneError(f"{_PARALLELISM}{name}={value!r} is not a whole number.") from None
+
+    replicas, shards = size("DP_REPLICATE_SIZE"), size("DP_SHARD_SIZE")
+    others = {n.lower(): size(n) for n in ("TP_SIZE", "CP_SIZE", "SP_SIZE") if size(n) != 1}
+    where = "the accelerate config's parallelism_config (or --parallelism_config_* launch flags)"
+    if others:
+        raise RouterTuneError(
+            f"{where} asks for {others}: router_tune trains routers on whole sequences and whole layers per rank, "
+            "with FSDP2 or hybrid sharding only. Keep parallelism_config_dp_replicate_size and _dp_shard_size."
+        )
+    if replicas < 1 or shards < 1:
+        raise RouterTuneError(f"{where}: dp_replicate_size {replicas} and dp_shard_size {shards} must be >= 1.")
+    if replicas == 1 and shards == 1:
+        return 1, world  # no parallelism_config: plain FSDP2 over every rank
+    if world % replicas:
+        raise RouterTuneError(
+            f"{where}: dp_replicate_size {replicas} does not divide the {world} processes; for hybrid sharding "
+            "it is the number of machines and each machine runs the same number of processes."
+        )
+    if replicas * shards != world:
+        raise RouterTuneError(
+            f"{where}: dp_replicate_size {replicas} x dp_shard_size {shards} = {replicas * shards}, but the run has "
+            f"{world} processes; set dp_shard_size to {world // replicas} (processes per replica)."
+        )
+    if shards == 1:
+        raise RouterTuneError(
+            f"{where}: dp_shard_size 1 replicates the whole model on every process and shards nothing; for plain data "
+            "parallelism use recipes/accelerate/ddp.yaml."
+        )
+    return replicas, shards
 
 
 def check_sharded(model: nn.Module, backend: str | None) -> None:

@@ -43,6 +43,7 @@ from router_tune.losses import balancing as losses
 from router_tune.losses.lm_loss import next_token_loss_sum
 from router_tune.model.fingerprints import FORMAT as FINGERPRINT_FORMAT
 from router_tune.model.fingerprints import fingerprints_of
+from router_tune.model.frozen_experts import save_less_for_frozen_experts
 from router_tune.model.loading import describe_moe, load_moe
 from router_tune.model.quantize import check_quantization, quantize_model
 from router_tune.model.routers import (
@@ -60,6 +61,7 @@ from router_tune.training.preparation import ModelSource, load_run_tokenizer, mo
 from router_tune.training.rescale import rescale_routers
 from router_tune.training.router_gradient import RouterGradient
 from router_tune.training.router_lr import (
+    PROBE_BLOCKS,
     describe_router_lrs,
     measure_router_input_l1,
     router_input_scales,
@@ -135,7 +137,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
         self._prepare_model(model, args, timer)
         self._prepare_rescaling(model, args, first_blocks, data_collator)
         timer.lap("rescale probe")
-        self._probe_router_inputs(model, first_blocks, data_collator)
+        self._probe_router_inputs(model, args, data.first_blocks(train_dataset, PROBE_BLOCKS), data_collator)
         timer.lap("router input probe")
         self.startup_seconds = timer.report()
         if args.device.type == "cpu":
@@ -203,6 +205,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
         warn_identical_experts(self.fingerprints, self.moe)
         routers_to_fp32(model, jitter=args.router_jitter)
         self.param_counts = freeze_all_but_routers(model)
+        save_less_for_frozen_experts(model)  # the experts are frozen now: keep less of them for backward
         if self.backend == "deepspeed":  # partitioned later, by accelerator.prepare in train()
             prepare_zero3(model, architecture_for(model.config).block_class())
         # after fingerprinting and counting, which describe the real weights (export checks them)
@@ -229,12 +232,30 @@ class RouterTrainer(TrainerOverrides, Trainer):
         else:
             self.router_rescaling = rescale_routers(model, self.moe, collate(first_blocks), args.router_rescale)
 
-    def _probe_router_inputs(self, model, first_blocks: list[dict], collate) -> None:
-        """The router-input L1 norms the logit-unit learning rate assumes, and what they measure on the first
-        training blocks (a ZeRO-3 model runs forward only inside its engine: not measured there)."""
+    def _probe_router_inputs(self, model, args, blocks: list[dict], collate) -> None:
+        """The router-input L1 norms behind the logit-unit learning rate (training/router_lr.py): predicted
+        from the norm weights, and measured on the first training blocks (after `router_rescale`, which
+        changes the mixing below), in micro-batches of the training batch size. A ZeRO-3 model runs forward
+        only inside its engine: measured in `create_scheduler`, which then sets the rates."""
         self.router_input_l1 = {"predicted": router_input_scales(model, self.moe), "measured": None}
-        if first_blocks and self.backend != "deepspeed":
-            self.router_input_l1["measured"] = measure_router_input_l1(model, self.moe, collate(first_blocks))
+        size = max(1, args.per_device_train_batch_size)
+        batches = [collate(blocks[i : i + size]) for i in range(0, len(blocks), size)]
+        self._router_input_batches = None
+        if not batches:
+            return
+        if self.backend == "deepspeed":
+            self._router_input_batches = batches
+        else:
+            self.router_input_l1["measured"] = measure_router_input_l1(model, self.moe, batches)
+
+    def _router_lr_scales(self) -> list[float] | None:
+        """Each MoE layer's divisor of learning_rate, as `router_lr_scale` asks (None: no scaling)."""
+        mode = self.args.router_lr_scale
+        if mode == "none":
+            return None
+        if mode == "input" and self.router_input_l1["measured"]:
+            return self.router_input_l1["measured"]
+        return self.router_input_l1["predicted"]  # `predicted`, or a ZeRO-3 run until its engine measured
 
     def _prepare_run_state(self, args) -> None:
         """Per-run state: routing statistics and telemetry, the loss window, the step's global counts, and
@@ -336,24 +357,46 @@ class RouterTrainer(TrainerOverrides, Trainer):
             model = self.model if model is None else model
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             groups = router_param_groups(
-                model, self.moe, self.args.learning_rate, self.args.weight_decay, self.args.router_lr_scale
+                model, self.moe, self.args.learning_rate, self.args.weight_decay, self._router_lr_scales()
             )
             self.optimizer_cls_and_kwargs = (cls, {**kwargs, "params": groups})
-            # logs report the recipe's learning_rate (logit units), not the first layer's Adam rate
-            self._lr_log_factor = self.args.learning_rate / groups[0]["lr"]
-            if self.router_input_l1["measured"] and self.is_world_process_zero():
-                logger.info(
-                    "router learning rates (learning_rate %g in logit units, router_lr_scale %s):\n%s",
-                    self.args.learning_rate,
-                    self.args.router_lr_scale,
-                    describe_router_lrs(
-                        self.moe.moe_layers,
-                        [g["lr"] for g in groups],
-                        self.router_input_l1["predicted"],
-                        self.router_input_l1["measured"],
-                    ),
-                )
+            self._log_router_lrs(groups)
         return self.skip_nonfinite_steps(super().create_optimizer(model))
+
+    def _log_router_lrs(self, groups: list[dict]) -> None:
+        # logs report the recipe's learning_rate (logit units), not the first layer's Adam rate
+        self._lr_log_factor = self.args.learning_rate / groups[0]["lr"]
+        if self.router_input_l1["measured"] and self.is_world_process_zero():
+            logger.info(
+                "router learning rates (learning_rate %g in logit units, router_lr_scale %s):\n%s",
+                self.args.learning_rate,
+                self.args.router_lr_scale,
+                describe_router_lrs(
+                    self.moe.moe_layers,
+                    [g["lr"] for g in groups],
+                    self.router_input_l1["predicted"],
+                    self.router_input_l1["measured"],
+                ),
+            )
+
+    def _measure_router_inputs_in_engine(self, optimizer) -> None:
+        """ZeRO-3: the router-input probe, run now that the engine's forward gathers the partitions, and the
+        optimizer's per-layer rates set from it before the scheduler reads them."""
+        batches = [
+            {k: v.to(self.args.device) for k, v in b.items() if torch.is_tensor(v)} for b in self._router_input_batches
+        ]
+        self._router_input_batches = None
+        self.router_input_l1["measured"] = measure_router_input_l1(self.model, self.moe, batches)
+        scales = self._router_lr_scales()
+        if scales is None:
+            return
+        scale_of = dict(zip(self.moe.moe_layers, scales))
+        for group in optimizer.param_groups:
+            if "layer" in group:  # ours (router_param_groups); a scheduler made earlier left initial_lr
+                group["lr"] = self.args.learning_rate / scale_of[group["layer"]]
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["lr"]
+        self._log_router_lrs(optimizer.param_groups)
 
     # ---- logging ---------------------------------------------------------------------------
 
@@ -442,17 +485,20 @@ class RouterTrainer(TrainerOverrides, Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The stock scheduler; under DeepSpeed, also the first call after `accelerator.prepare` made the
-        engine, and before any checkpoint is loaded or step taken: `router_rescale` probes the routers now
-        (the engine's forward gathers the partitions), and the engine's checkpoint load is made non-strict
-        (`patch_deepspeed_resume`)."""
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        engine, and before any checkpoint is loaded or step taken: `router_rescale` probes the routers and
+        the router-input probe sets the per-layer rates now (the engine's forward gathers the partitions),
+        and the engine's checkpoint load is made non-strict (`patch_deepspeed_resume`)."""
         engine = getattr(getattr(self.accelerator, "deepspeed_engine_wrapped", None), "engine", None)
+        if engine is not None:
+            if self._rescale_batch is not None:
+                batch = {k: v.to(self.args.device) for k, v in self._rescale_batch.items() if torch.is_tensor(v)}
+                self._rescale_batch = None
+                self.router_rescaling = rescale_routers(self.model, self.moe, batch, self.args.router_rescale)
+            if self._router_input_batches is not None:
+                self._measure_router_inputs_in_engine(optimizer or self.optimizer)
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
         if engine is None:
             return scheduler
-        if self._rescale_batch is not None:
-            batch = {k: v.to(self.args.device) for k, v in self._rescale_batch.items() if torch.is_tensor(v)}
-            self._rescale_batch = None
-            self.router_rescaling = rescale_routers(self.model, self.moe, batch, self.args.router_rescale)
         self.patch_deepspeed_resume(engine)
         return scheduler
 

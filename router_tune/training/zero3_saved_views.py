@@ -18,6 +18,12 @@ weights that are parameters themselves (`nn.Linear.weight`: the saved tensor is 
 data it swaps), not for views of them, and torch has nothing for it, hence the hand-written hooks.
 Forward values and gradients are unchanged (the same bytes in the same layout); the tests compare
 them bit for bit and measure the memory.
+
+Inside a layer under non-reentrant activation checkpointing these hooks are not called (checkpointing's
+own hooks are the innermost), and that is harmless: the checkpointed forward saves no views, only the
+layer's input, and DeepSpeed keeps the parameters a backward-time recompute gathers attributed to the
+running backward module (`update_recompute_parameters`), so they are gathered once until its backward
+ends. tests/test_zero3.py measures both (docs/distributed.md).
 """
 
 from __future__ import annotations
