@@ -313,29 +313,36 @@ def routing(model, heldout: dict[str, torch.Tensor], top_k: int) -> dict:
 # ---------------------------------------------------------------- merge
 
 
-def merge(work: Path, experts: dict[str, list[str]] | None = None, gate_mode: str = "hidden") -> Path:
-    """Run mergekit-moe as a user would, from the work dir so the YAML holds relative paths.
+def merge(
+    work: Path,
+    experts: dict[str, list[str]] | None = None,
+    gate_mode: str = "hidden",
+    *,
+    dtype: str = "float32",
+    yml: str = "mergekit_moe.yml",
+    out: str = "merged",
+) -> Path:
+    """`mergekit-moe YML OUT` as a user runs it, from the work dir so the YAML holds relative paths; WORK/OUT.
     `experts`: {name under work/experts: positive prompts}, in merge order (default: the demo's)."""
     experts = experts or {d: POSITIVE_PROMPTS[d] for d in DOMAINS}
     config = {
         "base_model": "base",
         "architecture": "mixtral",
         "gate_mode": gate_mode,
-        "dtype": "float32",
+        "dtype": dtype,
         "experts_per_token": 2,
         "experts": [{"source_model": f"experts/{name}", "positive_prompts": p} for name, p in experts.items()],
     }
-    (work / "mergekit_moe.yml").write_text(yaml.safe_dump(config, sort_keys=False, width=100), encoding="utf-8")
-    merged = work / "merged"
-    shutil.rmtree(merged, ignore_errors=True)
+    (work / yml).write_text(yaml.safe_dump(config, sort_keys=False, width=100), encoding="utf-8")
+    shutil.rmtree(work / out, ignore_errors=True)
     cli = Path(sys.executable).parent / "mergekit-moe"
     if not cli.exists():
         sys.exit("mergekit-moe not found next to this Python: pip install -e '.[dev]' (mergekit==0.1.5)")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(THREADS))
-    cmd = [str(cli), "mergekit_moe.yml", "merged", "--device", "cpu", "--lazy-unpickle", "--random-seed", str(SEED)]
+    cmd = [str(cli), yml, out, "--device", "cpu", "--lazy-unpickle", "--random-seed", str(SEED)]
     log("$ mergekit-moe " + " ".join(cmd[1:]))
     subprocess.run(cmd, cwd=work, env=env, check=True)
-    return merged
+    return work / out
 
 
 def save_legacy(merged: Path, out: Path, tokenizer_dir: Path, heldout: torch.Tensor):
