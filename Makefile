@@ -7,7 +7,7 @@ LOCK := requirements-lock.txt
 LATEST := .venv-latest
 TORCH := torch==2.13.0
 
-.PHONY: setup test test-slow test-latest lock latest-venv lint demo demo-real bench bench-real bench-quality bench-quant bench-scale clean
+.PHONY: setup test test-slow test-latest lock latest-venv lint demo demo-real bench bench-real bench-quality bench-balance bench-quant bench-scale clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,12 @@ bench: $(STAMP)
 # (scripts.make_second_moe) on first use. CPU hours on 2 cores.
 bench-quality: $(STAMP)
 	$(PY) -m scripts.bench_quality --steps 500 --overload 1.0 --switch 0.3 --out bench
+
+# The balance / quality frontier (issue 24): gap closed against worst-layer max-load / mean, within and across
+# twin experts, of the exported model, for Switch 0.01-0.3, the overload loss and loss-free balancing with and
+# without its fade, on the demo and second merges (bench/balance.md, .json, .png). Resumable. CPU hours on 2 cores.
+bench-balance: $(STAMP)
+	$(PY) -m scripts.bench_balance --out bench
 
 # quantize none / nf4 / int8: demo routing quality, memory and speed on the Raiden-shaped scale model
 # (builds build/scale-model first, ~6 GB); writes bench/quant.json and bench/quant.md

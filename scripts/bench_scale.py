@@ -400,10 +400,15 @@ def measure_activations(args) -> dict:
     for seq in args.activation_seqs:
         blocks = harness.make_random_blocks(args.work / f"blocks-{seq}", vocab=vocab, seq=seq, n_blocks=2)
         for checkpointing in (0, 1):
-            cmd = harness.module_cmd("bench_scale", "--child", "activations")
-            cmd += harness.flags(model=args.model, data=blocks, seq=seq, checkpointing=checkpointing)
-            cmd += harness.flags(run_dir=args.work / "run-activations")
-            runs.append(measure_part(f"activations-{seq}-{checkpointing}", cmd, args, args.min_available_gb * GB))
+            name = f"activations-{seq}-{checkpointing}"
+            done = args.work / f"{name}.json"
+            if not done.exists():  # else measured by an earlier call on this work directory: resumed
+                cmd = harness.module_cmd("bench_scale", "--child", "activations")
+                cmd += harness.flags(model=args.model, data=blocks, seq=seq, checkpointing=checkpointing)
+                cmd += harness.flags(run_dir=args.work / "run-activations")
+                result = measure_part(name, cmd, args, args.min_available_gb * GB)
+                done.write_text(json.dumps(result, indent=2) + "\n")
+            runs.append(json.loads(done.read_text()))
     return {"provenance": prov, "runs": runs}
 
 

@@ -57,6 +57,12 @@ def mixtral_identical_tied(models_root):
 
 
 @pytest.fixture(scope="session")
+def mixtral_twins(models_root):
+    """Two pairs of twin experts (one bit-identical, one near-identical) beside two distinct experts."""
+    return factories.mixtral_twins(models_root / "mixtral-twins")
+
+
+@pytest.fixture(scope="session")
 def mixtral_saturated(models_root):
     """Gates drawn with torch.randn as mergekit's `random` mode does: saturated softmax."""
     return factories.mixtral(models_root / "mixtral-saturated", gate_init="random")

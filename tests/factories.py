@@ -115,6 +115,32 @@ def mixtral(
     return _save(model, out, fused)
 
 
+TWINS = {3: 0, 4: 1}  # mixtral_twins: expert -> the expert it is a (near-)copy of
+
+
+def mixtral_twins(out: Path, seed: int = 0) -> Path:
+    """A Mixtral with 6 experts per layer and two pairs of twins: expert 3 is a bit-identical copy of expert 0,
+    expert 4 is expert 1 plus noise of 0.1% of its weights' std (a fine-tune that barely moved), experts 2 and 5
+    are distinct (independently drawn). Groups per layer: [[0, 3], [1, 4], [2], [5]]."""
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        **COMMON,
+        intermediate_size=64,
+        num_local_experts=6,
+        num_experts_per_tok=TOP_K,
+        vocab_size=320,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = MixtralForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for weights in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                weights[3] = weights[0]
+                weights[4] = weights[1] + 1e-3 * weights[1].std() * torch.randn_like(weights[1])
+    return _save(model, out)
+
+
 def qwen2_moe(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = Qwen2MoeConfig(
@@ -205,6 +231,7 @@ def with_remote_code(model_dir: Path) -> Path:
 
 __all__ = [
     "mixtral",
+    "mixtral_twins",
     "qwen2_moe",
     "qwen3_moe",
     "dense_llama",

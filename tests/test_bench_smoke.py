@@ -19,6 +19,7 @@ BENCHMARKS = {  # module: (output name, extra arguments)
     "compare_balancing": ("balancing", []),
     "saturated_demo": ("saturated", []),
     "bench_quality": ("quality", []),
+    "bench_balance": ("balance", []),
     "bench_quant": ("quant", []),
     "bench_scale": ("scale", ["--configs", "single", "fsdp2", "zero3", "baseline", "export", "peak", "activations"]),
 }
@@ -28,7 +29,8 @@ BENCHMARKS = {  # module: (output name, extra arguments)
 @pytest.mark.parametrize("module", list(BENCHMARKS))
 def test_benchmark_smoke(module, tmp_path):
     name, extra = BENCHMARKS[module]
-    work = ["--work" if module in ("bench_quant", "bench_scale") else "--work-dir", str(tmp_path / "work")]
+    work_flag = "--work" if module in ("bench_quant", "bench_scale", "bench_balance") else "--work-dir"
+    work = [work_flag, str(tmp_path / "work")]
     cmd = [sys.executable, "-m", f"scripts.{module}", "--smoke", "--out", str(tmp_path / "out"), *work, *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)

@@ -101,7 +101,9 @@ def test_summary_metrics_match_numpy_formulas():
     assert scalars["routing/L1/lse"] == pytest.approx(lse_sum[0] / tokens, rel=1e-5)
     assert scalars["routing/mean/cv"] == pytest.approx(np.mean(cv))
     assert scalars["routing/total/dead"] == int(np.sum(s.dead))
-    assert {k.split("/")[1] for k in scalars} == {"L1", "L3", "L5", "mean", "total"}
+    assert scalars["routing/worst/max_load"] == pytest.approx(max(s.max_load))
+    assert scalars["routing/L3/maxvio"] == pytest.approx(s.max_load[1] - 1)
+    assert {k.split("/")[1] for k in scalars} == {"L1", "L3", "L5", "mean", "worst", "total"}
 
 
 def test_dead_experts_and_json_round_trip():

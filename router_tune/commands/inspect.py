@@ -66,6 +66,15 @@ def _size(n: int) -> str:
         n /= 1024
 
 
+def _twins_note(report: dict) -> str:
+    t = report["twins"]
+    found = t["description"] if t["method"] == "output cosine" else "bit-identical weights (no sample text routed)"
+    return (
+        f"twins: {found}; max/mean: busiest expert's share over the mean (MaxVio = max/mean - 1), "
+        "within: worst twin group, across: with each group's tokens split evenly among its members"
+    )
+
+
 def render_text(report: dict) -> str:
     """The aligned plain-text table printed by `router-tune inspect`."""
     m, p, mem = report["model"], report["parameters"], report["memory"]
@@ -97,7 +106,15 @@ def render_text(report: dict) -> str:
     ]
     width = max(len(k) for k, _ in head)
     lines = [f"{k:<{width}}  {v}" for k, v in head] + [""]
-    cols = ["layer", "router norm mean/min/max", "top-1 prob", "H(tok)", "load per expert", "identical experts"]
+    cols = [
+        "layer",
+        "router norm mean/min/max",
+        "top-1 prob",
+        "H(tok)",
+        "load per expert",
+        "max/mean all/within/across",
+    ]
+    cols += ["twins", "identical experts"]
     rows = []
     for ly in report["layers"]:
         n = ly["router_norm"]
@@ -108,6 +125,10 @@ def render_text(report: dict) -> str:
                 f"{ly['top1_prob']:.3f}" if "top1_prob" in ly else "-",
                 f"{ly['entropy']:.3f}" if "entropy" in ly else "-",
                 " ".join(f"{x:.2f}" for x in ly["load"]) if "load" in ly else "-",
+                f"{ly['max_load']:.2f} / {ly['within_max_load']:.2f} / {ly['across_max_load']:.2f}"
+                if "max_load" in ly
+                else "-",
+                "; ".join(",".join(map(str, g)) for g in ly["twin_groups"] if len(g) > 1) or "-",
                 "; ".join(",".join(map(str, g)) for g in ly["identical_experts"]) or "-",
             ]
         )
@@ -121,6 +142,7 @@ def render_text(report: dict) -> str:
         f"H(tok): mean entropy of each token's routing distribution in nats, as train and eval report it "
         f"(ln {m['num_experts']} = {math.log(m['num_experts']):.3f} = uniform, 0 = saturated); "
         "load: share of top-k slots",
+        _twins_note(report),
         "",
         "Findings",
     ]

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -34,6 +35,7 @@ from router_tune.model.loading import TORCH_DTYPES, describe_moe, load_moe
 from router_tune.model.quantize import check_quantization, quantize_model
 from router_tune.model.routers import deployed_routers, find_routers, lm_head_as_identity, load_router_state_dict
 from router_tune.routing.stats import RoutingStats, RoutingSummary
+from router_tune.routing.twins import CALIBRATION_TOKENS, ExpertTwins, measure_twins
 
 SAMPLES = Path(__file__).parent.parent / "assets" / "samples"
 DEFAULT_SAMPLES = [
@@ -56,6 +58,8 @@ class EvalResult:
         model: where the model came from (a path, hub id or run description).
         perplexity_fp32_routers: the perplexity with router logits computed in fp32 (as training
             does), measured when the model's dtype is not fp32; `perplexity` is the deployed one.
+        twins: the twin expert groups (routing/twins.py) measured on the first held-out tokens of every
+            source; `routing.expert_groups` holds the same groups, for the balance within and across them.
     """
 
     perplexity: dict[str, float]
@@ -65,14 +69,29 @@ class EvalResult:
     model: str = ""
     blocks: dict[str, int] = field(default_factory=dict)
     perplexity_fp32_routers: dict[str, float] | None = None
+    twins: ExpertTwins | None = None
 
     def balance(self) -> dict[str, float]:
-        """Routing means over MoE layers: max_load (1 = balanced), token entropy (nats), dead experts (sum)."""
+        """Routing means over MoE layers: max_load (1 = balanced), its MaxVio (max_load - 1), token entropy
+        (nats), dead experts (sum); with twin groups, max_load within and across them (means over layers)."""
         r = self.routing
+        grouped = r.group_balance() or {}
         return {
             "max_load": float(r.max_load.mean()),
+            "maxvio": float(r.maxvio().mean()),
+            **{key: float(values.mean()) for key, values in grouped.items()},
             "entropy": float(r.token_entropy.mean()),
             "dead": int(r.dead.sum()),
+        }
+
+    def layer_balance(self) -> dict[str, list[float]]:
+        """Per MoE layer: max_load, maxvio and (with twin groups) within_max_load and across_max_load."""
+        r = self.routing
+        grouped = r.group_balance() or {}
+        return {
+            "max_load": np.asarray(r.max_load, dtype=float).tolist(),
+            "maxvio": r.maxvio().tolist(),
+            **{key: values.tolist() for key, values in grouped.items()},
         }
 
     def to_dict(self) -> dict:
@@ -84,6 +103,8 @@ class EvalResult:
             "tokens": dict(self.tokens),
             "blocks": dict(self.blocks),
             "balance": self.balance(),
+            "layer_balance": self.layer_balance(),
+            "twins": self.twins.to_dict() if self.twins else None,
             "routing": self.routing.to_dict(),
             # the deployed model's figures are `perplexity`; these, with fp32 router logits, beside them
             **({"perplexity_fp32_routers": dict(self.perplexity_fp32_routers)} if self.perplexity_fp32_routers else {}),
@@ -99,6 +120,7 @@ class EvalResult:
             model=data.get("model", ""),
             blocks=dict(data.get("blocks") or {}),
             perplexity_fp32_routers=data.get("perplexity_fp32_routers"),
+            twins=ExpertTwins.from_dict(data["twins"]) if data.get("twins") else None,
         )
 
 
@@ -171,6 +193,8 @@ def evaluate_model(
         (s, eval_blocks[s][i : i + batch_size]) for s in sources for i in range(0, len(eval_blocks[s]), batch_size)
     ]
     with deployed_routers(model, stored_dtype):
+        twins = measure_twins(model, *calibration_batch(eval_blocks, device))
+        stats.expert_groups = twins.groups
         loss, tokens = held_out_loss(model, batches, sources, device, stats, progress)
     fp32_routers = None
     if (stored_dtype or info.dtype) != torch.float32:
@@ -184,7 +208,19 @@ def evaluate_model(
         model=label,
         blocks={s: len(b) for s, b in eval_blocks.items()},
         perplexity_fp32_routers=fp32_routers,
+        twins=twins,
     )
+
+
+def calibration_batch(eval_blocks: dict[str, list[dict]], device, tokens: int = CALIBRATION_TOKENS):
+    """The twin measurement's inputs and mask: the first `tokens / sources` positions of each source's
+    first block, so that every source is represented."""
+    firsts = [blocks[0] for blocks in eval_blocks.values() if blocks]
+    width = min(tokens // len(firsts) or 1, *(len(b["input_ids"]) for b in firsts))
+    keys = [k for k in ("input_ids", "position_ids", "token_mask", "attention_mask") if k in firsts[0]]
+    batch = {k: torch.as_tensor([list(b[k][:width]) for b in firsts], dtype=torch.long, device=device) for k in keys}
+    mask = batch.pop("token_mask", None)
+    return batch, mask if mask is not None else batch.get("attention_mask")
 
 
 def held_out_loss(model, batches, sources, device, stats: RoutingStats | None = None, progress: bool = False):

@@ -9,8 +9,10 @@ changes, per-layer routing before and after. report.json keys:
     lower_is_better [metric-name prefixes, read by model_card.py],
     <name>: EvalResult.to_dict() for each result (e.g. "before", "after"),
     comparison (two results only): baseline, candidate, perplexity/loss {source: {before, after,
-        delta, relative_change}}, balance {max_load|entropy|dead: {before, after, delta}},
-        routing {layers, max_load|entropy|dead: {before, after, delta} per layer},
+        delta, relative_change}}, balance {max_load|maxvio|within_max_load|across_max_load|entropy|dead:
+        {before, after, delta}}, routing {layers, max_load|maxvio|within_max_load|across_max_load|entropy|dead:
+        {before, after, delta} per layer} (within / across: balance inside and between groups of twin
+        experts, see routing/twins.py; present when both results have them),
     plus every key of `meta` (the trainer passes global_step).
 """
 
@@ -29,7 +31,7 @@ from router_tune.routing.plots import plot_source_expert, plot_usage_start_end, 
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 # Metric-name prefixes where a decrease is an improvement (model_card.py marks better / worse).
-LOWER_IS_BETTER = ("perplexity", "loss", "max_load", "dead")
+LOWER_IS_BETTER = ("perplexity", "loss", "max_load", "maxvio", "within_max_load", "across_max_load", "dead")
 # Per-layer routing metrics compared: RoutingSummary attribute -> report name.
 LAYER_METRICS = {"max_load": "max_load", "token_entropy": "entropy", "dead": "dead"}
 
@@ -69,13 +71,17 @@ def comparison(results: Mapping[str, EvalResult], baseline: str | None = None) -
     for attr, name in LAYER_METRICS.items():
         x, y = np.asarray(getattr(b.routing, attr)), np.asarray(getattr(a.routing, attr))
         routing[name] = {"before": x.tolist(), "after": y.tolist(), "delta": (y - x).tolist()}
+    lb, la = b.layer_balance(), a.layer_balance()
+    for name in (n for n in lb if n in la and n != "max_load"):
+        x, y = np.asarray(lb[name]), np.asarray(la[name])
+        routing[name] = {"before": x.tolist(), "after": y.tolist(), "delta": (y - x).tolist()}
     bb, ab = b.balance(), a.balance()
     return {
         "baseline": base,
         "candidate": cand,
         "perplexity": {s: _pair(b.perplexity[s], a.perplexity[s]) for s in b.perplexity},
         "loss": {s: _pair(b.loss[s], a.loss[s]) for s in b.loss},
-        "balance": {k: {"before": bb[k], "after": ab[k], "delta": ab[k] - bb[k]} for k in bb},
+        "balance": {k: {"before": bb[k], "after": ab[k], "delta": ab[k] - bb[k]} for k in bb if k in ab},
         "routing": routing,
     }
 
@@ -96,8 +102,15 @@ def _perplexity_rows(results: Mapping[str, EvalResult], base: str | None, cand: 
     return rows
 
 
+def _grouped(results: Mapping[str, EvalResult]) -> bool:
+    """Every result knows its twin groups: the layer table shows balance within and across them."""
+    return all(r.routing.expert_groups for r in results.values())
+
+
 def _layer_rows(results: Mapping[str, EvalResult]) -> list[list[str]]:
     first = next(iter(results.values()))
+    balance = {name: r.layer_balance() for name, r in results.items()}
+    grouped = ("within_max_load", "across_max_load") if _grouped(results) else ()
     rows = []
     for i, layer in enumerate(first.routing.layers):
         row = [f"L{layer}"]
@@ -106,12 +119,32 @@ def _layer_rows(results: Mapping[str, EvalResult]) -> list[list[str]]:
                 fmt.format(int(v) if attr == "dead" else float(v))
                 for v in (np.asarray(getattr(r.routing, attr))[i] for r in results.values())
             ]
+        for key in grouped:
+            row += [f"{balance[name][key][i]:.2f}" for name in results]
         rows.append(row)
     return rows
 
 
-def _layer_header(names: list[str]) -> list[str]:
-    return ["layer"] + [f"{metric} {n}" for metric in ("max/mean", "H(tok)", "dead") for n in names]
+def _layer_header(results: Mapping[str, EvalResult]) -> list[str]:
+    metrics = ["max/mean", "H(tok)", "dead"] + (["within twins", "across twins"] if _grouped(results) else [])
+    return ["layer"] + [f"{metric} {n}" for metric in metrics for n in results]
+
+
+def _twins_note(results: Mapping[str, EvalResult]) -> str:
+    """What the twin columns mean, and which experts are twins (from the first result)."""
+    first = next(iter(results.values()))
+    if not _grouped(results) or first.twins is None:
+        return ""
+    twins = [
+        f"L{layer} " + " ".join("{" + ",".join(map(str, g)) + "}" for g in groups if len(g) > 1)
+        for layer, groups in zip(first.routing.layers, first.routing.expert_groups)
+        if any(len(g) > 1 for g in groups)
+    ]
+    return (
+        f"twins: {first.twins.describe()}; {'; '.join(twins) if twins else 'none found'}. within twins: the worst "
+        "twin group's max/mean (1 = twins share evenly); across twins: max/mean with each group's tokens split "
+        "evenly among its members. MaxVio = max/mean - 1."
+    )
 
 
 def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
@@ -129,7 +162,7 @@ def _tables(results: Mapping[str, EvalResult], baseline: str | None, markdown: b
     ppl_header = ["source", "target tokens"] + names + (["delta", "change"] if base else [])
     return (
         _table(ppl_header, _perplexity_rows(results, base, cand), markdown),
-        _table(_layer_header(names), _layer_rows(results), markdown),
+        _table(_layer_header(results), _layer_rows(results), markdown),
     )
 
 
@@ -143,6 +176,7 @@ def format_comparison(results: Mapping[str, EvalResult], baseline: str | None = 
         + _fp32_routers_note(results)
         + "\n\nrouting per MoE layer\n"
         + layers
+        + (f"\n{note}" if (note := _twins_note(results)) else "")
     )
 
 
@@ -249,6 +283,7 @@ def _markdown(
         "dead: experts never selected.\n",
         layers,
         "",
+        *([_twins_note(results), ""] if _twins_note(results) else []),
     ]
     for name, result in results.items():
         parts += [

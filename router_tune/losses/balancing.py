@@ -86,16 +86,28 @@ def count_selections(
     return counts.view(num_groups, num_layers, num_experts)
 
 
-def selection_counts(router_logits: Sequence[Tensor], top_k: int, mask: Tensor | None = None) -> Tensor:
+def biased_top_k(logits: Tensor, top_k: int, bias: Tensor) -> Tensor:
+    """Indices [L, T, top_k] chosen by top-k of `logits + bias` (bias [L, E]): the experts a router with a
+    selection bias sends each token to (model/routers.py `set_selection_bias`, loss-free balancing)."""
+    return torch.topk(logits + bias.to(logits).unsqueeze(1), top_k, dim=-1).indices
+
+
+def selection_counts(
+    router_logits: Sequence[Tensor], top_k: int, mask: Tensor | None = None, bias: Tensor | None = None
+) -> Tensor:
     """Top-k selection counts [L, E] of one micro-batch (padding excluded), detached.
 
     Rows sum to (number of real tokens) * top_k. This is what the trainer sums over
     gradient-accumulation micro-batches and `all_reduce_counts` sums over ranks before passing
-    the result as `counts=` to `load_balancing_loss`.
+    the result as `counts=` to `load_balancing_loss`. `bias` [L, E]: the selection bias the
+    routers chose with (the counts are then those of the biased choice, `biased_top_k`).
     """
     logits, weight = stack_router_logits(router_logits, mask)
     with torch.no_grad():
-        selected = top_k_experts(torch.softmax(logits, dim=-1), top_k)
+        if bias is None:
+            selected = top_k_experts(torch.softmax(logits, dim=-1), top_k)
+        else:
+            selected = biased_top_k(logits, top_k, bias)
         return count_selections(selected, logits.shape[-1], weight)[0]
 
 
@@ -235,11 +247,29 @@ def router_z_loss(
     return per_layer.mean()
 
 
+def bias_distillation_loss(
+    router_logits: Sequence[Tensor], bias: Tensor, mask: Tensor | None = None, num_tokens: Tensor | float | None = None
+) -> Tensor:
+    """KL(softmax(logits + bias) || softmax(logits)), the biased distribution a fixed target: mean over layers
+    of the mean over real tokens. Its gradient on the logits is softmax(logits) - softmax(logits + bias), so
+    it moves each router toward choosing as the selection bias [L, E] makes it choose (the fade of
+    loss-free balancing, training/loss_free.py). `num_tokens` as in `router_z_loss`."""
+    logits, weight = stack_router_logits(router_logits, mask)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    with torch.no_grad():
+        target = torch.log_softmax(logits + bias.to(logits).unsqueeze(1), dim=-1)
+    kl = (target.exp() * (target - log_probs)).sum(dim=-1)
+    per_layer = (kl * weight).sum(dim=-1) / _token_count(weight, num_tokens).clamp_min(1.0)
+    return per_layer.mean()
+
+
 __all__ = [
+    "bias_distillation_loss",
     "load_balancing_loss",
     "overload_loss",
     "router_z_loss",
     "selection_counts",
+    "biased_top_k",
     "all_reduce_counts",
     "count_selections",
     "top_k_experts",

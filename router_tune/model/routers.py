@@ -118,10 +118,45 @@ def _fp32_subclass(cls: type) -> type:
                     x = x * torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
                 # under bf16 mixed precision, autocast would run the linear in bf16
                 with _no_autocast(x), _fp32_weight(self):
-                    return cls.forward(self, x)
+                    bias = getattr(self, "selection_bias", None)
+                    if bias is None or not self.training:
+                        return cls.forward(self, x)
+                    return _biased_selection(self, x, bias)
 
         _FP32_CLASSES[cls] = type(f"Fp32{cls.__name__}", (cls,), {"forward": forward, "fp32_router": True})
     return _FP32_CLASSES[cls]
+
+
+def _biased_selection(router: nn.Module, x: torch.Tensor, bias: torch.Tensor):
+    """The top-k router's forward (transformers' Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE routers compute
+    exactly this) with the experts chosen by top-k of `logits + bias` instead of the softmax: the bias
+    moves which experts a token goes to, never how much each counts. The mixing weights are the unbiased
+    softmax probabilities of the chosen experts, renormalised when the architecture renormalises."""
+    logits = nn.functional.linear(x.reshape(-1, router.weight.shape[-1]), router.weight)
+    probs = torch.softmax(logits.float(), dim=-1)
+    indices = torch.topk(logits.float() + bias, router.top_k, dim=-1).indices
+    weights = probs.gather(-1, indices)
+    if router.selection_normalizes:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return logits, weights.to(logits.dtype), indices
+
+
+def set_selection_bias(model: nn.Module, bias: torch.Tensor | None) -> None:
+    """Route training forwards with a per-expert bias [L, E] (one row per MoE layer) added to the router
+    logits to choose the top-k only (loss-free balancing, training/loss_free.py); None removes it.
+
+    Each router keeps a view of its row, so updating `bias` in place takes effect at the next forward. The
+    bias is not a parameter or buffer: no state dict, checkpoint, DDP broadcast or export sees it, and
+    eval-mode forwards ignore it. Needs `routers_to_fp32` first (its forward reads the bias)."""
+    refs = find_routers(model)
+    normalizes = architecture_for(model.config).normalizes_topk(model.config)
+    if bias is not None and tuple(bias.shape) != (len(refs), full_shape(refs[0].module.weight)[0]):
+        raise ValueError(f"selection bias of shape {list(bias.shape)} for {len(refs)} routers of this model")
+    for i, ref in enumerate(refs):
+        if not getattr(ref.module, "fp32_router", False):
+            raise RuntimeError("set_selection_bias needs routers_to_fp32(model) first")
+        ref.module.selection_bias = None if bias is None else bias[i]
+        ref.module.selection_normalizes = normalizes
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ from router_tune.model.fingerprints import expert_fingerprints, identical_expert
 from router_tune.model.loading import MoeInfo, load_moe
 from router_tune.model.memory import training_memory
 from router_tune.model.routers import router_logits_on, router_param_names
+from router_tune.routing.stats import group_balance
+from router_tune.routing.twins import measure_twins, twins_from_fingerprints
 
 DEFAULT_SAMPLE = Path(__file__).parent.parent / "assets" / "samples" / "inspect_sample.txt"
 BUILTIN_SAMPLE = (
@@ -90,23 +92,36 @@ def routing_report(
     router_names = set(router_param_names(model))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(model.get_parameter(n).numel() for n in router_names)
-    groups = identical_expert_groups(expert_fingerprints(model))
-    routing, sample = None, None
+    fingerprints = expert_fingerprints(model)
+    groups = identical_expert_groups(fingerprints)
+    routing, sample, twins = None, None, twins_from_fingerprints(fingerprints)
     if tokenizer is not None and text:
         ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
         routing = _route(model, ids, info)
         sample = {"source": text_source, "tokens": int(ids.shape[1])}
+        twins = measure_twins(model, {"input_ids": ids}, max_tokens=max_tokens)
+    if routing:
+        balance = group_balance([ly["load"] for ly in routing], twins.groups)
     layers = []
     for i, ref in enumerate(info.routers):
         norms = ref.module.weight.detach().float().norm(dim=1)
-        layers.append(
-            {
-                "layer": ref.layer,
-                "router_norm": {"mean": _r(norms.mean()), "min": _r(norms.min()), "max": _r(norms.max())},
-                "identical_experts": groups[i],
-                **(routing[i] if routing else {}),
-            }
-        )
+        layer = {
+            "layer": ref.layer,
+            "router_norm": {"mean": _r(norms.mean()), "min": _r(norms.min()), "max": _r(norms.max())},
+            "identical_experts": groups[i],
+            "twin_groups": twins.groups[i],
+            **({"expert_similarity": twins.similarity[i]} if twins.similarity else {}),
+        }
+        if routing:
+            max_load = max(routing[i]["load"]) * info.num_experts
+            layer.update(
+                routing[i],
+                max_load=_r(max_load),
+                maxvio=_r(max_load - 1.0),
+                within_max_load=_r(balance["within_max_load"][i]),
+                across_max_load=_r(balance["across_max_load"][i]),
+            )
+        layers.append(layer)
     report = {
         "model": {
             "source": info.source,
@@ -144,6 +159,13 @@ def routing_report(
         },
         "copied_gates": _copied_gates(info),
         "sample": sample,
+        # how twin_groups were found: output cosine on the sample tokens, or bit-identical weights without them
+        "twins": {
+            "method": twins.method,
+            "threshold": twins.threshold,
+            "tokens": twins.tokens,
+            "description": twins.describe(),
+        },  # fmt: skip
         "layers": layers,
     }
     report["findings"] = findings(report)
@@ -207,6 +229,17 @@ def findings(report: dict) -> list[str]:
                     f"layer {ly['layer']}: experts {', '.join(map(str, g))} are identical "
                     "(the router cannot tell them apart by their output)"
                 )
+    twin_layers: dict[tuple[int, ...], list[int]] = {}  # one line per group of twins, with its layers
+    for ly in layers:
+        for g in ly["twin_groups"]:
+            if len(g) > 1 and g not in ly["identical_experts"]:
+                twin_layers.setdefault(tuple(g), []).append(ly["layer"])
+    for g, where in twin_layers.items():
+        out.append(
+            f"experts {', '.join(map(str, g))} are twins in layer{'s' if len(where) > 1 else ''} "
+            f"{', '.join(map(str, where))} (their outputs on the sample text are far closer than the layer's "
+            "typical pair): choosing between them changes little, so their loads should be even"
+        )
     copied = report["copied_gates"]
     if copied and copied[0] == m["moe_layers"]:
         out.append(

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from router_tune.losses.balancing import count_selections, stack_router_logits, top_k_experts
+from router_tune.losses.balancing import biased_top_k, count_selections, stack_router_logits, top_k_experts
 
 _ARRAYS = (
     "load",
@@ -40,6 +40,38 @@ def _shares(counts: np.ndarray) -> np.ndarray:
     """Rows of counts divided by their sums over the last axis; rows with no count stay 0."""
     totals = counts.sum(axis=-1, keepdims=True)
     return np.divide(counts, totals, out=np.zeros_like(counts, dtype=np.float64), where=totals > 0)
+
+
+def group_balance(load: np.ndarray, groups: Sequence[Sequence[Sequence[int]]]) -> dict[str, np.ndarray]:
+    """Balance within and across groups of twin experts (routing/twins.py), per layer.
+
+    Args:
+        load: [L, E] shares of top-k selections (rows sum to 1, or 0 without tokens).
+        groups: per layer, a partition of the experts.
+
+    Returns:
+        `within_max_load` [L]: over the layer's groups of two or more experts, the largest
+            max-share / mean-share inside one group (1 = each group splits its tokens evenly; 1 also
+            when no group has two experts or received a token);
+        `across_max_load` [L]: max over groups of the group's share per member, over the mean share
+            1/E: the max-load / mean the layer would have if every group split its tokens evenly
+            (1 = balanced across groups). 0 for a layer without tokens, like `max_load`.
+    """
+    load = np.asarray(load, dtype=np.float64)
+    num_layers, num_experts = load.shape
+    if len(groups) != num_layers:
+        raise ValueError(f"{len(groups)} layers of expert groups for {num_layers} layers of load")
+    within, across = np.ones(num_layers), np.zeros(num_layers)
+    for i, layer_groups in enumerate(groups):
+        members = sorted(e for g in layer_groups for e in g)
+        if members != list(range(num_experts)):
+            raise ValueError(f"the expert groups of layer {i} are not a partition of the {num_experts} experts")
+        for g in layer_groups:
+            share = load[i, list(g)]
+            if len(g) > 1 and share.sum() > 0:
+                within[i] = max(within[i], share.max() / share.mean())
+            across[i] = max(across[i], share.sum() / len(g) * num_experts)
+    return {"within_max_load": within, "across_max_load": across}
 
 
 @dataclass
@@ -64,6 +96,9 @@ class RoutingSummary:
         source_load: [S, E] `source_layer_load` averaged over layers. Rows of sources with
             tokens sum to 1; rows of sources without tokens in the window are all zeros (never
             NaN, so the summary stays valid JSON), recognisable by `source_tokens == 0`.
+        expert_groups: per layer, the twin groups of experts (routing/twins.py), a partition of
+            the experts; empty when unknown. With them, `group_balance()` and the scalars add the
+            balance within and across groups.
     """
 
     layers: list[int]
@@ -82,6 +117,15 @@ class RoutingSummary:
     source_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
     source_load: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     source_layer_load: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0)))
+    expert_groups: list = field(default_factory=list)
+
+    def maxvio(self) -> np.ndarray:
+        """[L] MaxVio (arXiv 2408.15664): max-load / mean - 1 (0 = balanced; 0 for a layer without tokens)."""
+        return np.clip(np.asarray(self.max_load, dtype=np.float64) - 1.0, 0.0, None)
+
+    def group_balance(self) -> dict[str, np.ndarray] | None:
+        """`group_balance` of this window's load over `expert_groups`; None when the groups are unknown."""
+        return group_balance(self.load, self.expert_groups) if self.expert_groups else None
 
     def to_dict(self) -> dict:
         """Plain lists and numbers (json.dumps-able)."""
@@ -97,13 +141,21 @@ class RoutingSummary:
     def scalars(self, prefix: str = "routing") -> dict[str, float]:
         """Flat metrics for a logger: per layer (labelled by the model's layer index) and means."""
         out: dict[str, float] = {}
+        maxvio, grouped = self.maxvio(), self.group_balance() or {}
         for i, layer in enumerate(self.layers):
             out[f"{prefix}/L{layer}/max_load"] = float(self.max_load[i])
             out[f"{prefix}/L{layer}/entropy"] = float(self.token_entropy[i])
             out[f"{prefix}/L{layer}/dead"] = int(self.dead[i])
             out[f"{prefix}/L{layer}/cv"] = float(self.cv[i])
             out[f"{prefix}/L{layer}/lse"] = float(self.mean_lse[i])
+            out[f"{prefix}/L{layer}/maxvio"] = float(maxvio[i])
+            for key, values in grouped.items():
+                out[f"{prefix}/L{layer}/{key}"] = float(values[i])
         out[f"{prefix}/mean/max_load"] = float(np.mean(self.max_load))
+        out[f"{prefix}/mean/maxvio"] = float(np.mean(maxvio))
+        out[f"{prefix}/worst/max_load"] = float(np.max(self.max_load))
+        for key, values in grouped.items():
+            out[f"{prefix}/worst/{key}"] = float(np.max(values))
         out[f"{prefix}/mean/entropy"] = float(np.mean(self.token_entropy))
         out[f"{prefix}/mean/cv"] = float(np.mean(self.cv))
         out[f"{prefix}/total/dead"] = int(np.sum(self.dead))
@@ -119,6 +171,8 @@ class RoutingStats:
         device: where the accumulators live. None: the device of the first logits passed to
             `update` (so the trainer need not know it up front).
         layer_ids: the model's MoE layer indices, used as labels in the summary (default 0..L-1).
+        expert_groups: per layer, the twin groups of experts (routing/twins.py) the summaries report
+            balance within and across; settable later (`stats.expert_groups = ...`).
 
     Sums are kept in float64 (float32 on MPS, which has no float64) so long windows stay exact.
     """
@@ -131,12 +185,14 @@ class RoutingStats:
         sources: Sequence[str] = (),
         device: torch.device | str | None = None,
         layer_ids: Sequence[int] | None = None,
+        expert_groups: Sequence | None = None,
     ):
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.sources = list(sources)
         self.layer_ids = list(range(num_layers)) if layer_ids is None else [int(i) for i in layer_ids]
         if len(self.layer_ids) != num_layers:
             raise ValueError(f"layer_ids has {len(self.layer_ids)} entries for {num_layers} layers")
+        self.expert_groups = list(expert_groups or [])  # twin groups per layer, passed to every summary
         self._device_fixed = device is not None
         self._allocate(torch.device(device) if device is not None else torch.device("cpu"))
 
@@ -174,10 +230,16 @@ class RoutingStats:
 
     @torch.no_grad()
     def update(
-        self, router_logits: Sequence[Tensor], mask: Tensor | None = None, source_ids: Tensor | None = None
+        self,
+        router_logits: Sequence[Tensor],
+        mask: Tensor | None = None,
+        source_ids: Tensor | None = None,
+        selection_bias: Tensor | None = None,
     ) -> None:
         """Add one micro-batch. router_logits: tuple of [T, E] per layer (detached here);
-        mask: [T] 1 = real token; source_ids: LongTensor [T] of indices into `sources`."""
+        mask: [T] 1 = real token; source_ids: LongTensor [T] of indices into `sources`;
+        selection_bias: [L, E] the bias the routers chose their top-k with (loss-free balancing), so
+        the loads are those of the experts the tokens actually went to."""
         if self._reduced:
             raise RuntimeError(
                 "RoutingStats.update after reduce(): the sums are already global; call reset() to start a new window"
@@ -195,7 +257,10 @@ class RoutingStats:
             self._device_fixed = True
         logits, weight = logits.to(self.device), weight.to(self.device)
         probs = torch.softmax(logits, dim=-1)
-        selected = top_k_experts(probs, self.top_k)
+        if selection_bias is None:
+            selected = top_k_experts(probs, self.top_k)
+        else:
+            selected = biased_top_k(logits, self.top_k, selection_bias.to(self.device))
         acc = self._acc
         acc["counts"] += count_selections(selected, self.num_experts, weight)[0]
         acc["prob_sum"] += torch.einsum("lte,t->le", probs, weight)
@@ -258,7 +323,8 @@ class RoutingStats:
             source_tokens=np.rint(acc["source_tokens"]).astype(np.int64),
             source_load=source_layer_load.mean(axis=1),
             source_layer_load=source_layer_load,
+            expert_groups=[[list(g) for g in layer] for layer in self.expert_groups],
         )
 
 
-__all__ = ["RoutingStats", "RoutingSummary"]
+__all__ = ["RoutingStats", "RoutingSummary", "group_balance"]

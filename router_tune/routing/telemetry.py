@@ -176,23 +176,45 @@ class RoutingTelemetry:
 
 
 def format_routing_table(summary: RoutingSummary, top: int = 3) -> str:
-    """A compact per-layer table for the console: max/mean load, entropies, cv, dead, top experts."""
+    """A compact per-layer table for the console: max/mean load (and, with twin groups, within and across
+    them), entropies, cv, dead, top experts."""
     num_experts = summary.num_experts
+    grouped = summary.group_balance()
+    twin_head = f" {'within':>6} {'across':>6}" if grouped else ""
     lines = [
         f"routing over {summary.tokens:,} tokens: {num_experts} experts, top-{summary.top_k}",
-        f"{'layer':>6} {'max/mean':>8} {'H(tok)':>7} {'H(mean)':>7} {'cv':>6} {'dead':>5}  top experts (share)",
+        f"{'layer':>6} {'max/mean':>8}{twin_head} {'H(tok)':>7} {'H(mean)':>7} {'cv':>6} {'dead':>5}  "
+        "top experts (share)",
     ]
+
+    def twin_cells(index=None) -> str:
+        if not grouped:
+            return ""
+        within, across = grouped["within_max_load"], grouped["across_max_load"]
+        pick = (lambda v: v[index]) if index is not None else np.mean
+        return f" {pick(within):6.2f} {pick(across):6.2f}"
+
     for i, layer in enumerate(summary.layers):
         order = np.argsort(-np.asarray(summary.load[i]), kind="stable")[:top]
         tops = "  ".join(f"e{e} {100 * summary.load[i][e]:.0f}%" for e in order)
         lines.append(
-            f"{'L' + str(layer):>6} {summary.max_load[i]:8.2f} {summary.token_entropy[i]:7.3f} "
+            f"{'L' + str(layer):>6} {summary.max_load[i]:8.2f}{twin_cells(i)} {summary.token_entropy[i]:7.3f} "
             f"{summary.mean_entropy[i]:7.3f} {summary.cv[i]:6.2f} {int(summary.dead[i]):5d}  {tops}"
         )
     lines.append(
-        f"{'mean':>6} {np.mean(summary.max_load):8.2f} {np.mean(summary.token_entropy):7.3f} "
+        f"{'mean':>6} {np.mean(summary.max_load):8.2f}{twin_cells()} {np.mean(summary.token_entropy):7.3f} "
         f"{np.mean(summary.mean_entropy):7.3f} {np.mean(summary.cv):6.2f} {int(np.sum(summary.dead)):5d}"
     )
+    if grouped:
+        twins = [
+            f"L{layer} " + " ".join("{" + ",".join(map(str, g)) + "}" for g in groups if len(g) > 1)
+            for layer, groups in zip(summary.layers, summary.expert_groups)
+            if any(len(g) > 1 for g in groups)
+        ]
+        lines.append(
+            f"twin experts: {'; '.join(twins) or 'none'}; within: worst twin group's max/mean, across: max/mean "
+            "with each group's tokens split evenly; MaxVio = max/mean - 1"
+        )
     lines.append(
         f"balanced: max/mean 1.00, cv 0, H(mean) = ln {num_experts} = {np.log(num_experts):.3f} nats; "
         f"H(tok) near 0 = saturated router"

@@ -22,6 +22,7 @@ from transformers.trainer_utils import SchedulerType
 from router_tune.errors import RouterTuneError
 from router_tune.training.checkpoints import check_resume_value
 from router_tune.training.global_batch import REDUCE_MODES
+from router_tune.training.loss_free import BALANCING_MODES
 from router_tune.training.router_lr import LR_SCALES
 from router_tune.training.sharding import configure_process_group
 
@@ -102,6 +103,40 @@ class RouterTuneConfig(TrainingArguments):
             "help": "Weight of the load-balancing loss (Switch form per layer, E * sum_i f_i P_i with f the "
             "share of top-k choices and P the mean probability of expert i; 1.0 = perfectly balanced). Larger "
             "values even out expert loads at some cost in perplexity; 0 = off."
+        },
+    )
+    balancing: str = field(
+        default="switch",
+        metadata={
+            "help": "How expert loads are balanced. switch: the load-balancing loss (router_aux_loss_coef). "
+            "loss_free: no balancing loss; a per-expert bias added to each router's logits only to choose the "
+            "top-k (the mixing weights stay the unbiased softmax), moved after every optimizer step by "
+            "loss_free_rate against the step's expert loads over the whole global batch (arXiv 2408.15664). "
+            "The bias is training state: kept in checkpoints, never evaluated or exported. both: the two together.",
+            "choices": list(BALANCING_MODES),
+        },
+    )
+    loss_free_rate: float = field(
+        default=0.001,
+        metadata={
+            "help": "balancing loss_free / both: the selection bias change per optimizer step, in logit units: "
+            "b_i += rate * sign(mean load - load of expert i)."
+        },
+    )
+    loss_free_fade: float = field(
+        default=0.25,
+        metadata={
+            "help": "balancing loss_free / both: the last share of the steps over which the selection bias the "
+            "routers choose with fades linearly to zero while loss_free_distill_coef teaches the router weights "
+            "the biased choice, so that the exported model (which has no bias) keeps the balance. 0 = no fade: "
+            "the export routes without the balance the bias gave."
+        },
+    )
+    loss_free_distill_coef: float = field(
+        default=1.0,
+        metadata={
+            "help": "balancing loss_free / both, during the fade: the weight of KL(softmax(logits + bias) || "
+            "softmax(logits)) per router, which pulls each router's own choice toward the biased one."
         },
     )
     aux_loss_scope: str = field(
@@ -284,6 +319,14 @@ class RouterTuneConfig(TrainingArguments):
                 f"`router_overload_threshold` must be >= 1.0 (1.0 = every expert over the mean load is "
                 f"overloaded), got {self.router_overload_threshold}."
             )
+        if self.balancing not in BALANCING_MODES:
+            problems.append(f"`balancing` must be one of {', '.join(BALANCING_MODES)}, got {self.balancing!r}.")
+        if not self.loss_free_rate > 0:
+            problems.append(f"`loss_free_rate` must be > 0 (the bias step in logit units), got {self.loss_free_rate}.")
+        if not 0.0 <= self.loss_free_fade <= 1.0:
+            problems.append(f"`loss_free_fade` is a share of the steps in [0, 1], got {self.loss_free_fade}.")
+        if self.loss_free_distill_coef < 0:
+            problems.append(f"`loss_free_distill_coef` must be >= 0, got {self.loss_free_distill_coef}.")
         if self.aux_loss_reduce not in REDUCE_MODES:
             problems.append(
                 f"`aux_loss_reduce` must be one of {', '.join(REDUCE_MODES)}, got {self.aux_loss_reduce!r}."

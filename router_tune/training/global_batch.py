@@ -15,6 +15,10 @@ The balancing loss's f comes from expert counts:
   loss of an accumulated, multi-rank step equals one big batch's exactly; the first step has
   no previous counts and uses uniform f, whose balancing gradient is zero;
 - `micro`: the micro-batch's own counts.
+
+With loss-free balancing (training/loss_free.py) the routers choose with a selection bias: the counts
+are those of the biased choice, and `end_step` returns the step's counts over all its micro-batches
+and ranks, whatever the mode, for the bias update.
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ def real_tokens(batch: dict) -> torch.Tensor:
 class GlobalBatch:
     """Per-step token count and expert counts for the balancing and z losses (see module doc)."""
 
-    def __init__(self, reduce: str, top_k: int, across_ranks: bool):
+    def __init__(self, reduce: str, top_k: int, across_ranks: bool, step_counts: bool = False):
         if reduce not in REDUCE_MODES:
             raise ValueError(f"aux_loss_reduce must be one of {REDUCE_MODES}, got {reduce!r}")
         self.reduce, self.top_k, self.across_ranks = reduce, top_k, across_ranks
+        self.step_counts = step_counts  # end_step returns the step's counts (loss-free balancing)
         self.tokens: torch.Tensor | None = None  # real tokens of the current step, all ranks
         self.running: torch.Tensor | None = None  # `global`: counts of this step so far, all ranks
         self.local: torch.Tensor | None = None  # `global_prev`: this step's counts on this rank
@@ -58,11 +63,15 @@ class GlobalBatch:
         self.tokens = tokens
         self.running = None
 
-    def counts_for(self, router_logits, mask) -> torch.Tensor | None:
-        """The counts f is computed from for this micro-batch (None: the micro-batch's own)."""
-        if self.reduce == "micro":
+    def counts_for(self, router_logits, mask, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The counts f is computed from for this micro-batch (None: the micro-batch's own). `bias`: the
+        selection bias [L, E] the routers chose with (loss-free balancing)."""
+        if self.reduce == "micro" and not self.step_counts:
             return None
-        counts = selection_counts(router_logits, self.top_k, mask)
+        counts = selection_counts(router_logits, self.top_k, mask, bias)
+        if self.reduce == "micro":
+            self.local = counts if self.local is None else self.local + counts
+            return counts
         if self.reduce == "global":
             counts = all_reduce_counts(counts)
             self.running = counts if self.running is None else self.running + counts
@@ -72,11 +81,19 @@ class GlobalBatch:
             return torch.ones_like(counts)  # uniform f: balancing gradient zero until counts exist
         return self.previous.to(counts.device)
 
-    def end_step(self) -> None:
-        """After the optimizer step (every rank): this step's counts become the previous ones."""
+    def end_step(self) -> torch.Tensor | None:
+        """At the optimizer step (every rank): this step's counts become the previous ones. Returns the
+        step's counts over all micro-batches and ranks when built with `step_counts` (else None)."""
         if self.reduce == "global_prev" and self.local is not None:
             self.previous = all_reduce_counts(self.local)
             self.local = None
+            return self.previous if self.step_counts else None
+        if not self.step_counts:
+            return None
+        if self.reduce == "global":
+            return self.running
+        counts, self.local = self.local, None
+        return all_reduce_counts(counts) if counts is not None else None
 
     def state(self) -> list | None:
         """What a checkpoint must keep for an exact resume (`global_prev`: the counts of the last step)."""

@@ -54,9 +54,11 @@ from router_tune.model.routers import (
 )
 from router_tune.routing.stats import RoutingStats
 from router_tune.routing.telemetry import RoutingTelemetry, format_routing_table, tensorboard_writer
+from router_tune.routing.twins import measure_twins, twins_from_fingerprints
 from router_tune.training.checkpoints import shared_resume
 from router_tune.training.config import RouterTuneConfig
-from router_tune.training.global_batch import GlobalBatch
+from router_tune.training.global_batch import GlobalBatch, routing_mask
+from router_tune.training.loss_free import LossFreeBalancing
 from router_tune.training.preparation import ModelSource, load_run_tokenizer, model_source, training_data
 from router_tune.training.rescale import rescale_routers
 from router_tune.training.router_gradient import RouterGradient
@@ -139,6 +141,8 @@ class RouterTrainer(TrainerOverrides, Trainer):
         timer.lap("rescale probe")
         self._probe_router_inputs(model, args, data.first_blocks(train_dataset, PROBE_BLOCKS), data_collator)
         timer.lap("router input probe")
+        self._measure_twins(model, first_blocks, data_collator)
+        timer.lap("twin experts")
         self.startup_seconds = timer.report()
         if args.device.type == "cpu":
             args.dataloader_pin_memory = False  # no accelerator to pin for: torch warns on every dataloader
@@ -248,6 +252,18 @@ class RouterTrainer(TrainerOverrides, Trainer):
         else:
             self.router_input_l1["measured"] = measure_router_input_l1(model, self.moe, batches)
 
+    def _measure_twins(self, model, first_blocks: list[dict], collate) -> None:
+        """The twin expert groups the routing logs report balance within and across (routing/twins.py):
+        measured on the first training micro-batch by rank 0; from the weights' fingerprints (bit-identical
+        experts only) when the experts are sharded and cannot run one by one, or without training blocks."""
+        if self.backend is not None or not first_blocks:
+            self.twins = twins_from_fingerprints(self.fingerprints)
+            return
+        device = model.get_input_embeddings().weight.device  # where the model was loaded (as rescale.py)
+        batch = {k: v.to(device) for k, v in collate(first_blocks).items()}
+        inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+        self.twins = on_main_process(measure_twins, model, inputs, routing_mask(batch))
+
     def _router_lr_scales(self) -> list[float] | None:
         """Each MoE layer's divisor of learning_rate, as `router_lr_scale` asks (None: no scaling)."""
         mode = self.args.router_lr_scale
@@ -266,11 +282,21 @@ class RouterTrainer(TrainerOverrides, Trainer):
             self.moe.top_k,
             sources=self.source_names,
             layer_ids=self.moe.moe_layers,
+            expert_groups=self.twins.groups,
         )
         self.telemetry = RoutingTelemetry(args.output_dir, args.report_to)
         self._window = LossWindow(overload=bool(args.router_overload_loss_coef))
+        # loss-free balancing: the routers' selection bias, moved after every optimizer step (loss_free.py)
+        self.loss_free = (
+            LossFreeBalancing(self.model, args.loss_free_rate, args.device, fade=args.loss_free_fade)
+            if args.balancing != "switch"
+            else None
+        )
         self.global_batch = GlobalBatch(
-            args.aux_loss_reduce, self.moe.top_k, across_ranks=args.average_tokens_across_devices
+            args.aux_loss_reduce,
+            self.moe.top_k,
+            across_ranks=args.average_tokens_across_devices,
+            step_counts=self.loss_free is not None,
         )
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
@@ -307,20 +333,23 @@ class RouterTrainer(TrainerOverrides, Trainer):
         mask = mask.reshape(-1) if mask is not None else None
 
         targets = (labels[:, 1:] != data.IGNORE_INDEX).sum()
+        # the routers chose their top-k with it: counts and statistics follow the tokens where they went
+        bias = self.loss_free.applied if self.loss_free is not None and model.training else None
         in_step = model.training and num_items_in_batch is not None and self.global_batch.tokens is not None
         if in_step:
             # Every term is normalised by the whole step's (all micro-batches, all ranks) token counts;
             # DDP averages gradients over ranks, so `scale` undoes that average.
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             step_targets, step_tokens = num_items_in_batch, self.global_batch.tokens
-            counts = self.global_batch.counts_for(router_logits, mask)
+            counts = self.global_batch.counts_for(router_logits, mask, bias)
         else:  # evaluation, or a caller outside the training loop: this micro-batch alone
             scale, step_targets, step_tokens, counts = 1, targets, None, None
         lm = ce_sum / torch.as_tensor(step_targets, device=ce_sum.device).clamp_min(1)
         aux = losses.load_balancing_loss(
             router_logits, self.moe.top_k, mask, self.args.aux_loss_scope, counts, num_tokens=step_tokens
         )
-        balancing = self.args.router_aux_loss_coef * aux
+        # balancing loss_free: the Switch loss is still computed (and logged), not trained with
+        balancing = (self.args.router_aux_loss_coef if self.args.balancing != "loss_free" else 0.0) * aux
         overload = None
         if self.args.router_overload_loss_coef:
             overload = losses.overload_loss(
@@ -334,21 +363,41 @@ class RouterTrainer(TrainerOverrides, Trainer):
             balancing = balancing + self.args.router_overload_loss_coef * overload
         z = losses.router_z_loss(router_logits, mask, num_tokens=step_tokens)
         loss = (lm + balancing + self.args.router_z_loss_coef * z) * scale
+        lf = self.loss_free
+        if in_step and lf is not None and lf.fading(self.state.global_step, self.state.max_steps):
+            # the fade: the router weights learn the biased choice the selection bias is leaving them
+            distill = losses.bias_distillation_loss(router_logits, lf.bias, mask, num_tokens=step_tokens)
+            loss = loss + self.args.loss_free_distill_coef * distill * scale
 
         if model.training:
             self._window.add(ce_sum.detach(), targets, aux.detach(), z.detach(), overload, whole=not in_step)
             if self.args.routing_log_every:
                 with_sources = source_id is not None and self.source_names
                 tokens = source_id.repeat_interleave(labels.shape[1]) if with_sources else None
-                self.routing_stats.update(router_logits, mask, tokens)
+                self.routing_stats.update(router_logits, mask, tokens, selection_bias=bias)
         return (loss, outputs) if return_outputs else loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The stock step batches, plus the step's real-token count for the z and balancing losses."""
+        """The stock step batches, plus the step's real-token count for the z and balancing losses (called
+        once per optimizer step, before its micro-batches)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self.global_batch.begin_step(batch_samples, device)
         self._window.steps += 1
+        if self.loss_free is not None:  # the bias this step's routers choose with (faded near the end)
+            self.loss_free.set_step(self.state.global_step, self.state.max_steps)
         return batch_samples, num_items_in_batch
+
+    def balancing_step(self, counts: torch.Tensor | None) -> None:
+        """After an optimizer step that was taken: loss-free balancing moves its bias against the step's
+        expert counts (all micro-batches and ranks: `GlobalBatch.end_step`)."""
+        if self.loss_free is not None and counts is not None:
+            self.loss_free.update(counts)
+
+    def load_balancing_state(self, meta: dict) -> None:
+        """On resume: the balancing state a checkpoint's router_tune.json keeps (global_prev counts, bias)."""
+        self.global_batch.load_state(meta.get("balance_counts"), self.args.device)
+        if self.loss_free is not None:
+            self.loss_free.load_state(meta.get("selection_bias"))
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
@@ -438,6 +487,10 @@ class RouterTrainer(TrainerOverrides, Trainer):
             )
         else:
             scalars = summary.scalars()
+        if self.loss_free is not None:  # how far the selection bias has moved: max - min per layer
+            spread = (self.loss_free.bias.max(dim=-1).values - self.loss_free.bias.min(dim=-1).values).tolist()
+            scalars.update({f"routing/L{layer}/bias_spread": v for layer, v in zip(self.moe.moe_layers, spread)})
+            scalars["routing/bias_scale"] = self.loss_free.scale
         self.log(scalars)
 
     # ---- run description (written with every checkpoint, see TrainerOverrides._save) ---------
@@ -463,6 +516,8 @@ class RouterTrainer(TrainerOverrides, Trainer):
             "global_step": self.state.global_step,
             "nonfinite_steps": self.nonfinite_steps,
             "router_rescaling": self.router_rescaling,
+            # the expert groups the routing logs report balance within and across
+            "twins": {k: v for k, v in self.twins.to_dict().items() if k != "similarity"},
             # each layer's peak Adam rate (router_lr_scale input: learning_rate / the input's L1 scale)
             "router_adam_rates": {
                 group.get("layer", i): group.get("initial_lr", group["lr"])
@@ -481,6 +536,8 @@ class RouterTrainer(TrainerOverrides, Trainer):
             "recipe": self.args.public_dict(),
             # aux_loss_reduce global_prev: the last step's expert counts, which the next step balances with
             "balance_counts": self.global_batch.state(),
+            # balancing loss_free / both: the selection bias [MoE layer][expert] after this step (training state)
+            "selection_bias": self.loss_free.state() if self.loss_free is not None else None,
         }
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):

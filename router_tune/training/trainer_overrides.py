@@ -110,7 +110,8 @@ def _problems_once() -> tuple[str, ...]:
 
 class TrainerOverrides:
     """The private `transformers.Trainer` overrides of RouterTrainer (`class RouterTrainer(TrainerOverrides,
-    Trainer)`). Expects of the trainer: `run_info()`, `sharded`, `global_batch`, `nonfinite_steps`."""
+    Trainer)`). Expects of the trainer: `run_info()`, `sharded`, `global_batch`, `nonfinite_steps`,
+    `load_balancing_state(meta)` and `balancing_step(counts)`."""
 
     def _init_trainer(self, model, args, **kwargs) -> None:
         """`Trainer.__init__`. The stock Trainer refuses checkpoints of a model sharded at load time because it
@@ -199,7 +200,7 @@ class TrainerOverrides:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         trained = read_trained_routers(resume_from_checkpoint)
         load_router_state_dict(self.accelerator.unwrap_model(model or self.model), trained.tensors)
-        self.global_batch.load_state(trained.meta.get("balance_counts"), self.args.device)
+        self.load_balancing_state(trained.meta)
 
     # ---- patches of objects the Trainer builds ---------------------------------------------
 
@@ -214,7 +215,7 @@ class TrainerOverrides:
         kwargs["load_module_strict"] = False  # the module part holds the routers only
         result = load(checkpoint, **kwargs)
         trained = read_trained_routers(checkpoint)
-        self.global_batch.load_state(trained.meta.get("balance_counts"), self.args.device)
+        self.load_balancing_state(trained.meta)
         return result
 
     def skip_nonfinite_steps(self, optimizer):
@@ -227,11 +228,13 @@ class TrainerOverrides:
         inner_step = optimizer.step
 
         def step(*args, **kwargs):
-            self.global_batch.end_step()
+            counts = self.global_batch.end_step()
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             if grads and finite_gradients(grads, partitioned=self.is_deepspeed_enabled):
                 self._nonfinite_in_a_row = 0
-                return inner_step(*args, **kwargs)
+                result = inner_step(*args, **kwargs)
+                self.balancing_step(counts)  # a skipped step leaves the balancing bias too
+                return result
             self.nonfinite_steps += 1
             self._nonfinite_in_a_row += 1
             if self._nonfinite_in_a_row >= self.args.max_nonfinite_steps:

@@ -1,0 +1,102 @@
+"""Loss-free balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3, arXiv 2412.19437), and its fade
+into the router weights for a bias-less export.
+
+Each MoE layer's router gets a per-expert bias b that is added to its logits only to choose the top-k
+experts; the mixing weights stay the unbiased softmax probabilities, so the bias changes where tokens
+go, not how an expert's output counts, and it adds no gradient. After every optimizer step the bias
+moves against the step's load, counted over the whole global batch (every micro-batch, every rank):
+
+    b_i += u * sign(mean_load - load_i)        (u = `loss_free_rate`)
+
+An overloaded expert's bias falls and an idle one's rises, by u per step, until the loads even out.
+The bias acts on logits, so `topk(logits + b)` is `topk(p * exp(b))`: a proportional change of each
+expert's softmax score.
+
+The fade. Mixtral, Qwen-MoE and OLMoE routers have no bias, and their input (an RMSNorm output) has no
+constant channel to fold one into, so an exported model would route without the balance the bias gave.
+Over the last `loss_free_fade` of the steps the bias the routers choose with is scaled from 1 down to 0,
+while `bias_distillation_loss` pulls each router's own softmax toward the biased one, softmax(logits + b):
+the weights learn to make the balanced choice themselves. The bias keeps moving against the loads all
+along, so as the routers take over it shrinks back by itself; what is left at the last step is the
+balance the weights could not learn, and the exported model is what `eval` measures.
+
+The bias is training state: it lives beside the routers (`model.routers.set_selection_bias`; they hold
+views of `applied`, the faded bias), is kept in every checkpoint's router_tune.json (`selection_bias`)
+for an exact resume, and never reaches an evaluation (eval-mode forwards ignore it) or an export (it is
+not a router tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from router_tune.architectures.base import full_shape
+from router_tune.model.routers import find_routers, set_selection_bias
+
+BALANCING_MODES = ("switch", "loss_free", "both")
+
+
+def fade_scale(step: int, max_steps: int, fade: float) -> float:
+    """The share of the bias the routers choose with at optimizer step `step` (0-based): 1 before the
+    last `fade` of `max_steps`, then falling linearly to 1 / fade_steps at the last step."""
+    fade_steps = round(fade * max_steps)
+    if fade_steps <= 0 or max_steps <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (max_steps - step) / fade_steps))
+
+
+class LossFreeBalancing:
+    """The selection bias of every MoE layer's router, its update rule and its fade (see the module doc).
+
+    Args:
+        model: the MoE, routers already in fp32 (`routers_to_fp32`).
+        rate: u, the bias change per optimizer step, in logit units.
+        device: where the bias lives (the routers' compute device).
+        fade: the last share of the steps over which the routers' bias fades to zero (0: never).
+    """
+
+    def __init__(self, model: nn.Module, rate: float, device: torch.device | str, fade: float = 0.0):
+        if rate <= 0:
+            raise ValueError(f"loss_free_rate must be > 0, got {rate}")
+        if not 0.0 <= fade <= 1.0:
+            raise ValueError(f"loss_free_fade is a share of the steps in [0, 1], got {fade}")
+        self.rate, self.fade = float(rate), float(fade)
+        refs = find_routers(model)
+        num_experts = full_shape(refs[0].module.weight)[0]  # a ZeRO-3 partition is empty locally
+        self.bias = torch.zeros(len(refs), num_experts, dtype=torch.float32, device=device)
+        self.applied = torch.zeros_like(self.bias)  # scale x bias: what the routers choose with
+        self.scale = 1.0
+        set_selection_bias(model, self.applied)
+
+    def fading(self, step: int, max_steps: int) -> bool:
+        """Whether optimizer step `step` is in the fade (the distillation term is trained)."""
+        fade_steps = round(self.fade * max_steps)
+        return fade_steps > 0 and step >= max_steps - fade_steps
+
+    def set_step(self, step: int, max_steps: int) -> None:
+        """The routers choose with the bias as faded for optimizer step `step` (0-based)."""
+        self.scale = fade_scale(step, max_steps, self.fade)
+        self.applied.copy_(self.bias * self.scale)
+
+    @torch.no_grad()
+    def update(self, counts: torch.Tensor) -> None:
+        """One step of b_i += u * sign(mean_load - load_i), per layer, from the step's global counts [L, E]."""
+        counts = counts.to(device=self.bias.device, dtype=torch.float32)
+        self.bias += self.rate * torch.sign(counts.mean(dim=-1, keepdim=True) - counts)
+
+    def state(self) -> list[list[float]]:
+        """The bias as nested lists (exact: float32 values round-trip through JSON's doubles)."""
+        return self.bias.cpu().tolist()
+
+    def load_state(self, values: list[list[float]] | None) -> None:
+        """Restore a checkpoint's bias in place; None: a run without it. `set_step` then applies it."""
+        if values is None:
+            return
+        loaded = torch.tensor(values, dtype=torch.float32)
+        if loaded.shape != self.bias.shape:
+            raise ValueError(f"selection bias of shape {list(loaded.shape)} for routers of {list(self.bias.shape)}")
+        self.bias.copy_(loaded)
+
+
+__all__ = ["BALANCING_MODES", "LossFreeBalancing", "fade_scale"]
