@@ -30,14 +30,14 @@ EVAL_BLOCKS = 16  # per source: 4 x 16 x 256 tokens, a few seconds per evaluatio
 MARKS = (0.75, 0.90)
 
 
-def models(names: list[str]) -> dict[str, tuple[Path, dict, dict | None]]:
+def models(names: list[str], work: Path = ROOT / "build" / "quality") -> dict[str, tuple[Path, dict, dict | None]]:
     """{name: (model dir, oracle expert per source, each expert's near-twin or None)}, building what is missing."""
     out = {}
     for name in names:
         if name == "demo-hidden":
             out[name] = (harness.DEMO, DEMO_ORACLE, None)
         elif name == "demo-random":
-            path = ROOT / "build" / "quality" / "demo-random"
+            path = work / "demo-random"
             if not path.exists():
                 saturated_demo.random_gate_variant(path)
             out[name] = (path, DEMO_ORACLE, None)
@@ -272,6 +272,7 @@ def add_args(parser) -> None:
         help="also run, per model, sparse mode with the Switch balancing loss at router_aux_loss_coef COEF",
     )  # fmt: skip
     parser.add_argument("--no-cost", dest="cost", action="store_false")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "build" / "quality", help="runs, random-gate demo")
 
 
 def run(args) -> dict:
@@ -287,9 +288,8 @@ def run(args) -> dict:
         "report_steps": [s for s in (50, 150, 500) if s <= args.steps],
         "runs": {},
     }
-    work = ROOT / "build" / "quality"
     args.out.mkdir(parents=True, exist_ok=True)
-    merges = models(args.models)
+    merges = models(args.models, args.work_dir)
     # (key, model, router gradient mode, settings replaced): every mode per model, then each variant
     # (sparse mode with some settings replaced) per model.
     plan = [
@@ -305,7 +305,7 @@ def run(args) -> dict:
     for key, name, mode, overrides in plan:
         model_dir, oracle_map, twins = merges[name]
         result["runs"][key] = run_one(
-            model_dir, oracle_map, mode, args.steps, args.eval_every, work / "runs", twins, **overrides
+            model_dir, oracle_map, mode, args.steps, args.eval_every, args.work_dir / "runs", twins, **overrides
         )
         print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
         (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
