@@ -1,13 +1,8 @@
 """router_tune against the plain transformers baseline, side by side, on this machine (docs/benchmarks.md).
 
-    make bench                                  # = python -m scripts.bench --out bench  (< 20 min, 2 cores)
-    python -m scripts.bench --quick             # ~3 min: main case, 1 repeat, no export
-    python -m scripts.bench --device cuda --dtype bfloat16 --cases train   # on a GPU: adds MFU
-
-Every measured run is a fresh `scripts.bench_train` process; the two trainers alternate (the order flips
-every repeat), >= 3 repeats, medians with [min-max]. Cases: train (random Mixtral h512, 4/8/16 experts,
-seq 256/512/1024, the demo on real text), checkpoint, export (scripts.bench_export), data, telemetry.
-Writes OUT/results.json and OUT/results.md.
+make bench                                  # = python -m scripts.bench --out bench  (< 20 min, 2 cores)
+python -m scripts.bench --quick             # ~3 min: main case, 1 repeat, no export
+python -m scripts.bench --device cuda --dtype bfloat16 --cases train   # on a GPU: adds MFU
 """
 
 from __future__ import annotations
@@ -104,19 +99,11 @@ def measure_training(variants: list[dict], args, after_round) -> list[dict]:
             shutil.rmtree(out, ignore_errors=True)
             t = time.perf_counter()
             cmd = bench_train.cmd(
-                impl=v["impl"],
-                model_dir=v["model"],
-                data=v["data"],
-                out_dir=out,
-                batch=v.get("batch", args.batch),
-                steps=args.steps,
-                warmup=args.warmup,
-                threads=args.threads,
-                routing_log_every=v.get("routing_log_every", args.routing_log_every),
-                logging_steps=args.logging_steps,
-                device=args.device,
+                impl=v["impl"], model_dir=v["model"], data=v["data"], out_dir=out, batch=v.get("batch", args.batch),
+                steps=args.steps, warmup=args.warmup, threads=args.threads, logging_steps=args.logging_steps,
+                routing_log_every=v.get("routing_log_every", args.routing_log_every), device=args.device,
                 dtype=args.dtype,
-            )
+            )  # fmt: skip
             result = harness.run_json(cmd, args.threads)
             result.update(case=v["case"], repeat=r, wall_s=time.perf_counter() - t, model=str(v["model"]))
             runs.append(result)

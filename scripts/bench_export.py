@@ -2,11 +2,9 @@
 
     python -m scripts.bench_export [--out bench] [--work-dir bench/work] [--repeats 3]   # OUT/export.json, .md
 
-A random bf16 Mixtral checkpoint of >= 1 GB in three shards (legacy layout, made once in the work dir)
-and a run directory of trained routers; then, each in a fresh process, `repeats` times, interleaved:
-`export` (fingerprint check + splice + verification), `splice` (`--no-verify`) and `reload_save`
-(`from_pretrained` + `load_router_state_dict` + `save_pretrained`): median seconds (imports excluded)
-and peak RSS (VmHWM). `scripts.bench` calls `measure(work_dir)`.
+On a random bf16 Mixtral of >= 1 GB in three shards and a run of trained routers, each method in a fresh
+process, `repeats` times, interleaved: `export` (fingerprint check + splice + verification), `splice`
+(`--no-verify`) and `reload_save` (`from_pretrained` + `load_router_state_dict` + `save_pretrained`).
 """
 
 from __future__ import annotations
@@ -71,8 +69,8 @@ def make_run(model_dir: Path, run_dir: Path) -> Path:
     return run_dir
 
 
-def child(method: str, work: Path) -> dict:
-    """One measured export, in this (fresh) process."""
+def child(args) -> dict:
+    """One measured export (`--child METHOD`), in this fresh process."""
     import torch
     from transformers import AutoModelForCausalLM  # imported before timing in both methods
 
@@ -81,6 +79,7 @@ def child(method: str, work: Path) -> dict:
     from router_tune.model.routers import load_router_state_dict
 
     torch.set_num_threads(2)
+    method, work = args.child, args.work_dir
     model_dir, run_dir, out_dir = work / "mixtral-random-bf16", work / "run", work / f"out-{method}"
     base_rss = harness.vm_hwm() / 2**20
     start = time.perf_counter()
@@ -144,14 +143,7 @@ def render(e: dict) -> str:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", type=Path, default=harness.ROOT / "bench" / "work")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
 
 
 if __name__ == "__main__":
-    import sys
-
-    if "--child" in sys.argv:  # one measured export in this fresh process
-        i = sys.argv.index("--child")
-        print(json.dumps(child(sys.argv[i + 1], Path(sys.argv[sys.argv.index("--work-dir") + 1]))))
-    else:
-        harness.main("export", __doc__, run, render, add_args)
+    harness.main("export", __doc__, run, render, add_args, child=child)

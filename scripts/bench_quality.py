@@ -1,15 +1,10 @@
 """make bench-quality   (python -m scripts.bench_quality [--steps 150] [--models ...] [--modes ...])
 
 How fast router training closes the gap to oracle routing, per model x gate kind x router gradient
-mode, with the shipped defaults (the recipe gives only the model and the data: the demo's four
-bundled sources, block 256, batch 8). Models: the embedded demo (`hidden` gates, and the same
-experts with mergekit `random` gates, scripts/saturated_demo.py) and the second frankenMoE of
-scripts.make_second_moe (built on demand). For each run, every --eval-every steps: mixed held-out
-perplexity, the share of the gap (untrained -> oracle) closed, per-layer max-load / mean and dead
-experts; tokens and training seconds (evaluation excluded) to 75% and 90% of the gap. Then the
-cost of each mode: forward and backward seconds per step on the demo, measured apart.
-
-Writes OUT/quality.json, .md and .png with the commit and whether the tree was clean.
+mode, with the shipped defaults (the recipe gives only the model and the data): the embedded demo with
+its `hidden` gates and with mergekit `random` gates, and scripts.make_second_moe's merge (built on
+demand). Every --eval-every steps: held-out perplexity, the share of the gap closed, max-load / mean and
+dead experts; then each mode's forward and backward seconds per step. Writes OUT/quality.json, .md, .png.
 """
 
 from __future__ import annotations
@@ -35,14 +30,14 @@ EVAL_BLOCKS = 16  # per source: 4 x 16 x 256 tokens, a few seconds per evaluatio
 MARKS = (0.75, 0.90)
 
 
-def models(names: list[str]) -> dict[str, tuple[Path, dict, dict | None]]:
+def models(names: list[str], work: Path = ROOT / "build" / "quality") -> dict[str, tuple[Path, dict, dict | None]]:
     """{name: (model dir, oracle expert per source, each expert's near-twin or None)}, building what is missing."""
     out = {}
     for name in names:
         if name == "demo-hidden":
             out[name] = (harness.DEMO, DEMO_ORACLE, None)
         elif name == "demo-random":
-            path = ROOT / "build" / "quality" / "demo-random"
+            path = work / "demo-random"
             if not path.exists():
                 saturated_demo.random_gate_variant(path)
             out[name] = (path, DEMO_ORACLE, None)
@@ -247,13 +242,8 @@ def write_plot(result: dict, path: Path) -> None:
         ax = fig.add_subplot(1, len(by_model), i + 1)
         for label, run in runs:
             points = run["points"]
-            ax.plot(
-                [p["tokens"] / 1e6 for p in points],
-                [100 * p["gap_closed"] for p in points],
-                marker="o",
-                ms=3,
-                label=label,
-            )
+            tokens, gaps = [p["tokens"] / 1e6 for p in points], [100 * p["gap_closed"] for p in points]
+            ax.plot(tokens, gaps, marker="o", ms=3, label=label)
         for mark in MARKS:
             ax.axhline(100 * mark, color="grey", lw=0.6, ls=":")
         ax.set(title=model, xlabel="training tokens (M)", ylabel="gap to oracle closed (%)", ylim=(0, 105))
@@ -282,6 +272,7 @@ def add_args(parser) -> None:
         help="also run, per model, sparse mode with the Switch balancing loss at router_aux_loss_coef COEF",
     )  # fmt: skip
     parser.add_argument("--no-cost", dest="cost", action="store_false")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "build" / "quality", help="runs, random-gate demo")
 
 
 def run(args) -> dict:
@@ -297,9 +288,8 @@ def run(args) -> dict:
         "report_steps": [s for s in (50, 150, 500) if s <= args.steps],
         "runs": {},
     }
-    work = ROOT / "build" / "quality"
     args.out.mkdir(parents=True, exist_ok=True)
-    merges = models(args.models)
+    merges = models(args.models, args.work_dir)
     # (key, model, router gradient mode, settings replaced): every mode per model, then each variant
     # (sparse mode with some settings replaced) per model.
     plan = [
@@ -315,7 +305,7 @@ def run(args) -> dict:
     for key, name, mode, overrides in plan:
         model_dir, oracle_map, twins = merges[name]
         result["runs"][key] = run_one(
-            model_dir, oracle_map, mode, args.steps, args.eval_every, work / "runs", twins, **overrides
+            model_dir, oracle_map, mode, args.steps, args.eval_every, args.work_dir / "runs", twins, **overrides
         )
         print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
         (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,28 +1,18 @@
-"""Quantized router training (quantize: none | nf4 | int8) measured on this machine.
+"""Quantized router training (quantize: none | nf4 | int8) measured on this machine (docs/quantized.md).
 
     make bench-quant                                  # both parts (~45 min on 2 CPU cores)
     python -m scripts.bench_quant --part demo         # routing quality on the demo frankenMoE
     python -m scripts.bench_quant --part scale        # memory and speed on the Raiden-shaped scale model
 
-demo   Train the demo recipe (recipes/demo.yaml, CPU) with each mode, export (the export splices the
-       trained routers into the original full-precision shards), and evaluate the exported model
-       against the source and oracle routing (`router-tune eval EXPORT --compare SOURCE --oracle ...`):
-       mixed held-out perplexity and the share of the gap to oracle routing closed. Target: each
-       quantized mode closes >= 90% of the gap the unquantized run closes. Tokens/s per mode from the
-       trainer's own runtime.
-scale  scripts.make_scale_model (Raiden's widths, 2 layers, bf16) trained for a few steps per mode,
-       each in a fresh process: bytes the frozen weights really hold (tensor storages counted once,
-       bitsandbytes' scales included), process RSS after loading, peak RSS during the training steps
-       (sampled every 20 ms), tokens/s; the memory plan (router_tune.model.memory) for the same settings
-       beside it, and its projection to 26 layers at recipes/raiden-16x3b-1gpu.yaml's batch settings.
-
-Results merge into OUT/quant.json (each part replaces its own key) and OUT/quant.md is rebuilt from it,
-with the commit and whether the tree was clean.
+demo: the demo recipe trained with each mode, exported (the trained routers spliced into the original
+full-precision shards) and evaluated against the source and oracle routing; target: each quantized mode
+closes >= 90% of the gap the unquantized run closes. scale: scripts.make_scale_model trained a few steps
+per mode, each in a fresh process: the bytes the frozen weights really hold, RSS, tokens/s, beside the
+memory plan and its projection to 26 layers. Each part replaces its own key of OUT/quant.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -223,9 +213,9 @@ def scale(work: Path, model_dir: Path, seq: int, steps: int, reuse: bool, modes:
 
 
 def measure_in_child(mode: str, model_dir: Path, seq: int, steps: int, work: Path, out: Path) -> dict:
-    """One mode in a fresh process, so its RSS figures are its own."""
-    cmd = harness.module_cmd("bench_quant", *harness.flags(measure_scale=mode, model=model_dir, seq=seq, steps=steps))
-    subprocess.run([*cmd, "--json", out, "--work", work], env=harness.child_env(), check=True, cwd=ROOT)
+    """One mode in a fresh process, so its RSS figures are its own; kept in `out` for --reuse."""
+    flags = harness.flags(child=mode, model=model_dir, seq=seq, steps=steps, work=work)
+    out.write_text(json.dumps(harness.run_json(harness.module_cmd("bench_quant", *flags), timeout=None)) + "\n")
     return {**json.loads(out.read_text()), "git": harness.provenance(OUTPUTS)}
 
 
@@ -234,6 +224,14 @@ def measure_in_child(mode: str, model_dir: Path, seq: int, steps: int, work: Pat
 
 def gib(b) -> str:
     return f"{b / 2**30:.2f}"
+
+
+def commits(modes: dict) -> str:
+    done = (
+        f"{m} {r['git']['commit'][:12]} ({'clean' if r['git']['clean'] else 'uncommitted changes'})"
+        for m, r in modes.items()
+    )
+    return f"Commits measured: {', '.join(done)}.\n"
 
 
 def render(data: dict) -> str:
@@ -247,12 +245,7 @@ def render(data: dict) -> str:
         steps = "/".join(sorted({str(r["steps"]) for r in d["modes"].values()})) + " steps"  # as the runs record
         lines += [
             f"## Demo routing quality ({d['recipe']}, {steps}, CPU; full-precision export evaluated)\n",
-            "Commits measured: "
-            + ", ".join(
-                f"{m} {r['git']['commit'][:12]} ({'clean' if r['git']['clean'] else 'uncommitted changes'})"
-                for m, r in d["modes"].items()
-            )
-            + ".\n",
+            commits(d["modes"]),
             "| mode | held-out ppl before | after | oracle | gap closed | vs none (target >= 0.90) | tokens/s | "
             "speed vs none |",
             "|---|---|---|---|---|---|---|---|",
@@ -270,12 +263,7 @@ def render(data: dict) -> str:
         lines += [
             f"## Memory and speed on the scale model ({s['model']}; {m0['seq_len']} tokens per step, "
             "activation checkpointing, CPU)\n",
-            "Commits measured: "
-            + ", ".join(
-                f"{m} {r['git']['commit'][:12]} ({'clean' if r['git']['clean'] else 'uncommitted changes'})"
-                for m, r in s["modes"].items()
-            )
-            + ".\n",
+            commits(s["modes"]),
             "Frozen weights: bytes the loaded model's tensors hold (storages counted once, bitsandbytes scales "
             "included, routers excluded). RSS in GiB. Plan: router_tune.model.memory for the same settings.\n",
             "| mode | frozen weights GiB | vs bf16 (nf4 target <= 0.30) | RSS after load | peak RSS loading | "
@@ -318,8 +306,6 @@ def add_args(parser) -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "build" / "scale-model")
     parser.add_argument("--seq", type=int, default=256, help="tokens per step on the scale model")
     parser.add_argument("--steps", type=int, default=4, help="training steps per mode on the scale model")
-    parser.add_argument("--measure-scale", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
 
 
 def run(args) -> dict:
@@ -341,14 +327,10 @@ def run(args) -> dict:
     return data
 
 
+def child(args) -> dict:
+    args.work.mkdir(parents=True, exist_ok=True)
+    return measure_scale(args.child, args.model, args.seq, args.steps, args.work / "scale-run")
+
+
 if __name__ == "__main__":
-    if "--measure-scale" in sys.argv:  # child process: one mode
-        parser = argparse.ArgumentParser()
-        add_args(parser)
-        a = parser.parse_args(sys.argv[1:])
-        a.work.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(
-            json.dumps(measure_scale(a.measure_scale, a.model, a.seq, a.steps, a.work / "scale-run")) + "\n"
-        )
-    else:
-        harness.main("quant", __doc__, run, render, add_args)
+    harness.main("quant", __doc__, run, render, add_args, child=child)

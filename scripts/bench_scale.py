@@ -1,30 +1,16 @@
 """Seed-model scale on this machine: memory per rank, start-up, checkpoints, export and speed on the
-Raiden-shaped scale model (scripts.make_scale_model: Raiden's widths, 2 layers, bf16, ~5.9 GB),
-and their projection to the real 26-layer model (issue 12, `make bench-scale`).
+Raiden-shaped scale model (scripts.make_scale_model), and their projection to the real 26-layer model.
 
-    make bench-scale                                # ~20 min on 2 CPU cores; writes bench/scale.json, bench/scale.md
+    make bench-scale                                # writes bench/scale.json, bench/scale.md
     python -m scripts.bench_scale --steps 2 --seq 128 --out bench
     python -m scripts.bench_scale --configs activations --update   # re-measure one part into bench/scale.json
 
-Every configuration runs in fresh processes, one configuration at a time, all with the same global
-batch (2 sequences of `--seq` random tokens per optimizer step) and `--steps` steps:
-  single   RouterTrainer, 1 process (2 threads), micro-batch 1 x seq, gradient accumulation 2
-  fsdp2    RouterTrainer, 2 gloo ranks (1 thread each), recipes/accelerate/cpu-fsdp2.yaml
-           (transformers' load-time FSDP2 sharding), micro-batch 1 x seq per rank
-  zero3    RouterTrainer, 2 gloo ranks (1 thread each), recipes/accelerate/cpu-deepspeed-zero3.yaml
-           (DS_ACCELERATOR=cpu), micro-batch 1 x seq per rank
-  baseline transformers.Trainer on the same model and batch (scripts.bench_train --impl baseline)
-  export   `router-tune export` of the single run's last checkpoint, verification on (in-process CLI)
-  peak     this machine's dense matmul FLOP/s, fp32 and bf16, at 2 threads (the denominator of MFU)
-  activations  RouterTrainer, 1 process (2 threads), one micro-batch of 1 x T for each T of
-           --activation-seqs, activation checkpointing off and on, as the Raiden recipes train (bf16,
-           chunked CE): private memory at each decoder layer's boundary in the forward and the peak of a
-           step, the per-token, per-layer figures the 26-layer projection scales from
-Each rank records its RSS after imports, the peak while loading (RouterTrainer construction), the RSS
-after loading, the peak while training (20 ms sampler), the kernel's peak (VmHWM) for the whole
-process, RouterTrainer.startup_seconds (load, fingerprints, rescale probe), the time `train()` takes
-to reach its first step (accelerator.prepare: DDP-free for FSDP2, deepspeed.initialize for ZeRO-3) and
-the step times (scripts.harness: the measurement helpers and the commit).
+Each configuration runs in fresh processes, one at a time, on the same global batch (2 x `--seq` random
+tokens per step): single (1 process), fsdp2 and zero3 (2 gloo ranks), baseline (transformers.Trainer),
+export (verified `router-tune export`), peak (matmul FLOP/s at 2 threads); activations: 1 process, one
+micro-batch of 1 x T for each T of --activation-seqs, activation checkpointing off and on, the per-token,
+per-layer figures the 26-layer projection scales from. What each records: docs/distributed.md ("Measured
+at seed-model scale") and the markdown this writes.
 """
 
 from __future__ import annotations
@@ -34,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import sys
 import threading
@@ -42,15 +27,20 @@ import time
 from pathlib import Path
 
 from scripts import bench_train, harness
-from scripts.harness import ROOT, PeakRss, checkpoint_bytes, describe, release_free_memory, rss, rss_parts, vm_hwm
+from scripts.harness import (
+    ROOT,
+    PeakRss,
+    checkpoint_bytes,
+    describe,
+    md_row,
+    release_free_memory,
+    rss,
+    rss_parts,
+    vm_hwm,
+)
 
-CONFIGS = ("single", "fsdp2", "zero3", "zero3-lean")
+CONFIGS = ("single", "fsdp2", "zero3")
 SHARDED = CONFIGS[1:]
-# zero3-lean: the shipped CPU ZeRO-3 config with DeepSpeed's look-ahead off, so that one MoE block is live at a
-# time: no prefetch of the next module's partitions, and no keeping gathered parameters for reuse. Not in the
-# default run: it did not change the peak (the excess over one gathered block was autograd's saved views of
-# the gathered experts, see router_tune/training/zero3_saved_views.py)
-ZERO3_LEAN = {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0}
 GB = 1e9
 # Decoder layers' worth of gathered weights a rank holds at its peak, besides its shard. Gathering costs
 # twice the unit on both backends: the flat all-gather output and the per-parameter tensors copied out of it
@@ -79,22 +69,10 @@ TARGETS = {"rss_vs_predicted": 0.15, "checkpoint_share": 0.01, "startup_share": 
 # ---- the model's bytes, from the safetensors headers (no weights read) --------------------
 
 
-def tensor_bytes(model_dir: Path) -> dict[str, int]:
-    """name -> bytes of every tensor in the checkpoint's safetensors files (headers only)."""
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                begin, end = info["data_offsets"]
-                out[name] = end - begin
-    return out
-
-
 def model_anatomy(model_dir: Path) -> dict:
-    sizes = tensor_bytes(model_dir)
+    from router_tune.io.shards import read_header
+
+    sizes = {n: t.nbytes for f in sorted(model_dir.glob("*.safetensors")) for n, t in read_header(f)[1].items()}
     config = json.loads((model_dir / "config.json").read_text())
     layers = config["num_hidden_layers"]
     per_layer = [sum(b for n, b in sizes.items() if n.startswith(f"model.layers.{i}.")) for i in range(layers)]
@@ -112,7 +90,7 @@ def model_anatomy(model_dir: Path) -> dict:
     }
 
 
-# ---- one rank of one configuration (a fresh process) --------------------------------------
+# ---- one rank of one configuration, or one part (a fresh process) -------------------------
 
 
 def worker(args) -> None:
@@ -124,8 +102,7 @@ def worker(args) -> None:
     after_imports, parts_after_imports = rss(), rss_parts()
     from datasets import load_from_disk
 
-    sharded = args.worker != "single"
-    zero3 = args.worker.startswith("zero3")
+    sharded, zero3 = args.child != "single", args.child == "zero3"
     if zero3:
         # ZeRO-3 partitions in DeepSpeed's compute dtype (zero.Init follows `bf16.enabled`). On a GPU a run is
         # `bf16: true`, so the partitions are bf16, like the checkpoint. TrainingArguments refuse bf16 on a
@@ -152,46 +129,41 @@ def worker(args) -> None:
         save_steps=args.steps,
         seed=0,
         data_seed=0,
-        use_cpu=args.worker == "single",  # fsdp2: ACCELERATE_USE_CPU=1; zero3: none (see its yaml)
+        use_cpu=args.child == "single",  # fsdp2: ACCELERATE_USE_CPU=1; zero3: none (see its yaml)
         bf16=zero3,
     )
     data = load_from_disk(str(args.data))
     clock = harness.step_clock()
-    step_ends = clock.times
     anon_peak = PeakRss(lambda: rss_parts().get("anon", 0)).start()  # private memory: tensors, heap (no file pages)
     load_peak = PeakRss().start()
     trainer = RouterTrainer(args=config, train_dataset=data, source_names=["random"], callbacks=[clock])
     peak_load = load_peak.stop()
     release_free_memory()
-    after_load, parts_after_load = rss(), rss_parts()
     rank = trainer.accelerator.process_index
-    loaded = {  # written now too: a configuration stopped while training still reports its start-up
-        "config": args.worker,
+    result = {  # written now too: a configuration stopped while training still reports its start-up
+        "config": args.child,
         "world": trainer.accelerator.num_processes,
         "rank": rank,
         "rss_after_imports": after_imports,
         "rss_parts_after_imports": parts_after_imports,
         "peak_rss_load": peak_load,
-        "rss_after_load": after_load,
-        "rss_parts_after_load": parts_after_load,
+        "rss_after_load": rss(),
+        "rss_parts_after_load": rss_parts(),
         "startup_seconds": dict(trainer.startup_seconds),
     }
-    Path(f"{args.json}.loaded{rank}.json").write_text(json.dumps(loaded, indent=2) + "\n")
+    Path(f"{args.json}.loaded{rank}.json").write_text(json.dumps(result, indent=2) + "\n")
     train_peak = PeakRss().start()
     done = threading.Event()
 
     def progress() -> None:  # the training peak so far, each second: a rank stopped for memory still reports it
         while not done.wait(1.0):
-            so_far = {"peak_rss_train": train_peak.peak, "peak_rss_anon": anon_peak.peak, "steps": len(step_ends)}
+            so_far = {"peak_rss_train": train_peak.peak, "peak_rss_anon": anon_peak.peak, "steps": len(clock.times)}
             Path(f"{args.json}.training{rank}.json").write_text(json.dumps(so_far) + "\n")
 
     threading.Thread(target=progress, daemon=True).start()
     train_call = time.perf_counter()
     trainer.train()
     done.set()
-    peak_train = train_peak.stop()
-    peak_anon = anon_peak.stop()
-
     local = full = 0  # parameter bytes this rank holds / the whole model's, after wrapping
     for p in trainer.model.parameters():
         if hasattr(p, "ds_tensor"):
@@ -201,35 +173,26 @@ def worker(args) -> None:
         local += (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
         full += p.numel() * p.element_size()
     tokens_per_step = 2 * args.seq  # global
-    result = {
-        "config": args.worker,
-        "world": trainer.accelerator.num_processes,
-        "rank": trainer.accelerator.process_index,
-        "distributed_type": str(trainer.accelerator.distributed_type),
-        "threads": torch.get_num_threads(),
-        "rss_after_imports": after_imports,
-        "rss_parts_after_imports": parts_after_imports,
-        "peak_rss_load": peak_load,
-        "rss_after_load": after_load,
-        "rss_parts_after_load": parts_after_load,
-        "rss_parts_end": rss_parts(),
-        "peak_rss_train": peak_train,
-        "peak_rss_process": vm_hwm(),
-        "peak_rss_anon": peak_anon,
-        "param_bytes_held": local,
-        "param_bytes_full": full,
-        "startup_seconds": {**trainer.startup_seconds, "prepare": clock.begin - train_call},
-        "step_seconds": [b - a for a, b in zip([clock.begin] + step_ends, step_ends)],
-        "tokens_per_s": clock.tokens_per_s(tokens_per_step),  # the first step (warm-up) is not timed
-        "tokens_per_s_incl_first": clock.tokens_per_s(tokens_per_step, warmup=0),
-        "steps": trainer.state.global_step,
-    }
-    out = Path(f"{args.json}.rank{result['rank']}.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result.update(
+        distributed_type=str(trainer.accelerator.distributed_type),
+        threads=torch.get_num_threads(),
+        rss_parts_end=rss_parts(),
+        peak_rss_train=train_peak.stop(),
+        peak_rss_process=vm_hwm(),
+        peak_rss_anon=anon_peak.stop(),
+        param_bytes_held=local,
+        param_bytes_full=full,
+        startup_seconds={**trainer.startup_seconds, "prepare": clock.begin - train_call},
+        step_seconds=[b - a for a, b in zip([clock.begin] + clock.times, clock.times)],
+        tokens_per_s=clock.tokens_per_s(tokens_per_step),  # the first step (warm-up) is not timed
+        tokens_per_s_incl_first=clock.tokens_per_s(tokens_per_step, warmup=0),
+        steps=trainer.state.global_step,
+    )
+    Path(f"{args.json}.rank{rank}.json").write_text(json.dumps(result, indent=2) + "\n")
     trainer.accelerator.end_training()  # process group down before exit: gloo aborts at teardown otherwise
 
 
-def export_worker(args) -> None:
+def export_worker(args) -> dict:
     """`router-tune export RUN --out DIR --force` (verification on) in this fresh process."""
     import torch  # noqa: F401  (imported before the baseline RSS, as bench_export does: the CLI imports lazily)
     import transformers  # noqa: F401
@@ -241,11 +204,14 @@ def export_worker(args) -> None:
     start = time.perf_counter()
     code = cli(["export", str(args.run_dir), "--out", str(args.export_dir), "--force"])
     seconds = time.perf_counter() - start
-    result = {"exit_code": code, "seconds": seconds, "rss_after_imports": after_imports, "peak_rss_process": vm_hwm()}
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        json.dumps(
+            {"exit_code": code, "seconds": seconds, "rss_after_imports": after_imports, "peak_rss_process": vm_hwm()}
+        )
+    )
 
 
-def activation_worker(args) -> None:
+def activation_worker(args) -> dict:
     """One micro-batch of 1 x seq through RouterTrainer as recipes/raiden-16x3b.yaml trains (bf16 weights and
     autocast, fp32 routers, chunked CE), activation checkpointing as asked, two steps (the first warms the
     allocator and creates Adam's state). Private memory (RssAnon, freed heap returned first) at the first
@@ -287,7 +253,7 @@ def activation_worker(args) -> None:
     peak = PeakRss(lambda: rss_parts().get("anon", 0)).start()
     trainer.train()
     forward = marks[: len(layers) + 1]
-    result = {
+    return {
         "seq": args.seq,
         "checkpointing": bool(args.checkpointing),
         "layers": len(layers),
@@ -296,15 +262,18 @@ def activation_worker(args) -> None:
         "kept_per_layer": [b - a for a, b in zip(forward, forward[1:])],
         "steps": trainer.state.global_step,
     }
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
-def peak_worker(args) -> None:
+def peak_worker(args) -> dict:
     import torch
 
     torch.set_num_threads(2)
     result = {d: harness.matmul_peak_flops(d) for d in ("float32", "bfloat16")}
-    Path(args.json).write_text(json.dumps({"threads": 2, "size": 2048, "flops": result}, indent=2) + "\n")
+    return {"threads": 2, "size": 2048, "flops": result}
+
+
+# --child NAME: one of these parts, or a configuration's rank (`worker`)
+PARTS = {"export": export_worker, "peak": peak_worker, "activations": activation_worker}
 
 
 # ---- the parent: one configuration at a time ----------------------------------------------
@@ -362,26 +331,18 @@ def measure_config(name: str, args, work: Path) -> dict:
     for old in work.glob(f"{name}.json.*.json"):
         old.unlink()
     me = harness.flags(model=args.model, data=work / "blocks", steps=args.steps, seq=args.seq, run_dir=run_dir)
-    me += ["--json", f"{stem}.json", "--worker", name]
+    me += ["--json", f"{stem}.json", "--child", name]
     if name == "single":
         cmd, env = [*harness.module_cmd("bench_scale"), *me], harness.child_env(2)
     else:
         yaml = "cpu-fsdp2.yaml" if name == "fsdp2" else "cpu-deepspeed-zero3.yaml"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{yaml}"]
+        cmd += ["--mixed_precision", "bf16"] if name == "zero3" else []  # bf16 partitions, as on a GPU (see worker)
         cmd += ["--main_process_port", str(harness.free_port()), "-m", "scripts.bench_scale", *me]
         env = harness.child_env(1, **({"ACCELERATE_USE_CPU": "1"} if name == "fsdp2" else {"DS_ACCELERATOR": "cpu"}))
-        if name.startswith("zero3"):  # bf16 partitions, as on a GPU (see worker)
-            extra = ["--mixed_precision", "bf16"]
-            if name == "zero3-lean":
-                ds = json.loads((ROOT / "recipes/accelerate/cpu-deepspeed-zero3.json").read_text())
-                ds["zero_optimization"].update(ZERO3_LEAN)
-                (work / "zero3-lean.json").write_text(json.dumps(ds, indent=2))
-                extra += ["--deepspeed_config_file", str(work / "zero3-lean.json")]
-            cmd[cmd.index("--main_process_port") : cmd.index("--main_process_port")] = extra
     result = watch(cmd, env, work / f"{name}.log", args.timeout, args.min_available_gb * GB)
     ranks = [json.loads(p.read_text()) for p in sorted(work.glob(f"{name}.json.rank*.json"))]
-    ckpt = run_dir / f"checkpoint-{args.steps}"
-    files = {str(f.relative_to(ckpt)): f.stat().st_size for f in ckpt.rglob("*") if f.is_file()}
+    files = harness.dir_files(run_dir / f"checkpoint-{args.steps}")
     result.update(ranks=ranks, checkpoint_bytes=sum(files.values()), checkpoint_files=files)
     if result["exit_code"] != 0 or not ranks:
         tail = (work / f"{name}.log").read_text(errors="replace").splitlines()[-40:]
@@ -398,60 +359,57 @@ def measure_config(name: str, args, work: Path) -> dict:
     return result
 
 
-def check(result: dict, log: Path) -> None:
+def measure_part(name: str, cmd: list[str], args, min_available: float = 0) -> dict:
+    """One part (baseline, export, peak, an activations run) in a fresh watched process: the JSON line it
+    prints last."""
+    log = args.work / f"{name}.log"
+    result = watch(cmd, harness.child_env(2), log, args.timeout, min_available)
     if result["exit_code"] != 0:
         raise SystemExit(f"exit {result['exit_code']}; see {log}")
+    return json.loads(log.read_text().strip().splitlines()[-1])
 
 
-def measure_baseline(args, work: Path) -> dict:
-    out = work / "run-baseline"
+def measure_baseline(args) -> dict:
+    out = args.work / "run-baseline"
     shutil.rmtree(out, ignore_errors=True)
     cmd = bench_train.cmd(
-        impl="baseline", model_dir=args.model, data=work / "blocks", out_dir=out, batch=1, grad_accum=2,
+        impl="baseline", model_dir=args.model, data=args.work / "blocks", out_dir=out, batch=1, grad_accum=2,
         steps=args.steps, warmup=1, threads=2, dtype="bfloat16", logging_steps=1,
     )  # fmt: skip
-    log = work / "baseline.log"
-    check(watch(cmd, harness.child_env(2), log, args.timeout), log)
-    result = json.loads(log.read_text().strip().splitlines()[-1])
+    result = measure_part("baseline", cmd, args)
     shutil.rmtree(out, ignore_errors=True)  # its checkpoint holds the whole model
     return result
 
 
-def measure_export(args, work: Path) -> dict:
-    export_dir = work / "export"
-    checkpoint = work / "run-single" / f"checkpoint-{args.steps}"
-    me = harness.module_cmd("bench_scale", "--export-worker", "--run-dir", checkpoint, "--export-dir", export_dir)
-    me += ["--json", str(work / "export.json")]
-    check(watch(me, harness.child_env(2), work / "export.log", args.timeout), work / "export.log")
-    result = json.loads((work / "export.json").read_text())
+def measure_export(args) -> dict:
+    export_dir, checkpoint = args.work / "export", args.work / "run-single" / f"checkpoint-{args.steps}"
+    cmd = harness.module_cmd("bench_scale", "--child", "export", "--run-dir", checkpoint, "--export-dir", export_dir)
+    result = measure_part("export", cmd, args)
     result["export_bytes"] = checkpoint_bytes(export_dir)
     shutil.rmtree(export_dir, ignore_errors=True)
     return result
 
 
-def measure_activations(args, work: Path) -> dict:
-    config = json.loads((args.model / "config.json").read_text())
+def measure_peak(args) -> dict:
+    return measure_part("peak", harness.module_cmd("bench_scale", "--child", "peak"), args)
+
+
+def measure_activations(args) -> dict:
+    vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     prov, runs = harness.provenance(), []  # the commit measured, before anything is written
     for seq in args.activation_seqs:
-        blocks = harness.make_random_blocks(work / f"blocks-{seq}", vocab=config["vocab_size"], seq=seq, n_blocks=2)
+        blocks = harness.make_random_blocks(args.work / f"blocks-{seq}", vocab=vocab, seq=seq, n_blocks=2)
         for checkpointing in (0, 1):
-            stem = work / f"activations-{seq}-{checkpointing}"
-            if Path(f"{stem}.json").exists():  # measured by an earlier call on this work directory: resumed
-                runs.append(json.loads(Path(f"{stem}.json").read_text()))
-                continue
-            me = harness.module_cmd("bench_scale", "--activation-worker", "--json", f"{stem}.json")
-            me += harness.flags(model=args.model, data=blocks, seq=seq, checkpointing=checkpointing)
-            me += harness.flags(run_dir=work / "run-activations")
-            check(watch(me, harness.child_env(2), stem.with_suffix(".log"), args.timeout, args.min_available_gb * GB),
-                  stem.with_suffix(".log"))  # fmt: skip
-            runs.append(json.loads(Path(f"{stem}.json").read_text()))
+            name = f"activations-{seq}-{checkpointing}"
+            done = args.work / f"{name}.json"
+            if not done.exists():  # else measured by an earlier call on this work directory: resumed
+                cmd = harness.module_cmd("bench_scale", "--child", "activations")
+                cmd += harness.flags(model=args.model, data=blocks, seq=seq, checkpointing=checkpointing)
+                cmd += harness.flags(run_dir=args.work / "run-activations")
+                result = measure_part(name, cmd, args, args.min_available_gb * GB)
+                done.write_text(json.dumps(result, indent=2) + "\n")
+            runs.append(json.loads(done.read_text()))
     return {"provenance": prov, "runs": runs}
-
-
-def measure_peak(args, work: Path) -> dict:
-    me = harness.module_cmd("bench_scale", "--peak-worker", "--json", work / "peak.json")
-    check(watch(me, harness.child_env(2), work / "peak.log", args.timeout), work / "peak.log")
-    return json.loads((work / "peak.json").read_text())
 
 
 # ---- figures ------------------------------------------------------------------------------
@@ -605,7 +563,6 @@ def project(data: dict, figures: dict) -> dict:
     """The 26-layer model from per-layer figures measured here (see the markdown for the formula)."""
     a = data["model"]
     layers = a["layers"]
-    cfg = {n: c for n, c in data["configs"].items() if not c.get("failed")}
     real = a["outside_layers_bytes"] + REAL_LAYERS * a["layer_bytes"]
     act_per_layer = figures["activations_bytes"] / layers
     # the measured per-token figures at the recipe's micro-batch when there are any, else the 1 x seq run's
@@ -614,7 +571,6 @@ def project(data: dict, figures: dict) -> dict:
     byte_scale = real / a["model_bytes"]
     rows = {}
     for name, world, gpu_gb in (("single", 1, 141), ("fsdp2", 8, 80), ("zero3", 8, 80)):
-        measured = next((m for m in (name, f"{name}-lean") if m in cfg), None)  # start-up: the run that finished
         gathered = gathered_layers(name, REAL_LAYERS) * a["layer_bytes"] if world > 1 else 0
         fixed = OVERHEADS["CUDA context"] + (OVERHEADS["NCCL buffers"] if world > 1 else 0)
         tensors = {k: real / world + gathered + v for k, v in activations.items()}
@@ -635,10 +591,9 @@ def project(data: dict, figures: dict) -> dict:
         }
         row["fits"] = row["memory_per_gpu"] <= gpu_gb * GB
         row["fits_no_checkpointing"] = row["memory_per_gpu_no_checkpointing"] <= gpu_gb * GB
-        measured = measured or next((m for m in (name, f"{name}-lean") if m in figures["startup"]), None)
-        if measured and measured in figures["startup"]:
-            row["startup_from"] = measured
-            s = figures["startup"][measured]
+        if name in figures["startup"]:
+            row["startup_from"] = name
+            s = figures["startup"][name]
             phases = {
                 "load": s["load"] * byte_scale,
                 "fingerprints": s.get("fingerprints", 0) * byte_scale,
@@ -649,20 +604,25 @@ def project(data: dict, figures: dict) -> dict:
             row["startup_seconds"] = phases
             row["startup_total"] = sum(phases.values())
         # the worst anon ratio of a finished 2-rank run of this backend, else a stopped one's (a lower bound)
-        for variant in (name, f"{name}-lean"):
-            done = figures.get(variant, {}).get("per_rank")
-            so_far = figures["failed"].get(variant, {}).get("per_rank_so_far")
-            if world > 1 and (done or so_far):
-                row["ratio_from"], row["ratio_is_lower_bound"] = variant, not done
-                ratio = max(x["ratio_anon"] for x in done or so_far)  # on the tensors; the overheads are assumed
-                row["memory_per_gpu_times_measured_ratio"] = memory * ratio * (1 + FRAGMENTATION) + fixed
-                break
+        done = figures.get(name, {}).get("per_rank")
+        so_far = figures["failed"].get(name, {}).get("per_rank_so_far")
+        if world > 1 and (done or so_far):
+            row["ratio_from"], row["ratio_is_lower_bound"] = name, not done
+            ratio = max(x["ratio_anon"] for x in done or so_far)  # on the tensors; the overheads are assumed
+            row["memory_per_gpu_times_measured_ratio"] = memory * ratio * (1 + FRAGMENTATION) + fixed
         rows[name] = row
     return {"real_model_bytes": real, "activations_per_layer": act_per_layer, "byte_scale": byte_scale, "rows": rows}
 
 
 def gb(b) -> str:
     return f"{b / GB:.2f}"
+
+
+def memory_row(label: str, r: dict, rank: int, cells: list[str]) -> str:
+    """A row of the memory table: the rank's RSS up to loading, then `cells`."""
+    parts = r["rss_parts_after_load"]
+    after_load = f"{gb(r['rss_after_load'])} ({gb(parts.get('anon', 0))} + {gb(parts.get('file', 0))})"
+    return md_row([label, rank, gb(r["rss_after_imports"]), gb(r["peak_rss_load"]), after_load, *cells])
 
 
 def render(data: dict) -> str:
@@ -713,48 +673,22 @@ def render(data: dict) -> str:
     for name, c in cfg.items():
         for r in c["ranks"]:
             pr = next((x for x in f.get(name, {}).get("per_rank", []) if x["rank"] == r["rank"]), None)
-            parts = r["rss_parts_after_load"]
-            cells = [
-                name,
-                r["rank"],
-                gb(r["rss_after_imports"]),
-                gb(r["peak_rss_load"]),
-                f"{gb(r['rss_after_load'])} ({gb(parts.get('anon', 0))} + {gb(parts.get('file', 0))})",
-                gb(r["peak_rss_train"]),
-                gb(r["peak_rss_process"]),
-                gb(pr["predicted"]) if pr else "-",
-                f"{pr['ratio']:.2f}" if pr else "-",
-                gb(r["peak_rss_anon"]),
-                gb(pr["predicted_anon"]) if pr else "-",
-                f"{pr['ratio_anon']:.2f}" if pr else "-",
-                f"{pr['vs_single']:.2f}" if pr else "1.00",
-                f"{pr['vs_single_anon']:.2f}" if pr else "1.00",
-            ]
-            lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+            cells = [gb(r["peak_rss_train"]), gb(r["peak_rss_process"])]
+            cells += [gb(pr["predicted"]), f"{pr['ratio']:.2f}"] if pr else ["-", "-"]
+            cells.append(gb(r["peak_rss_anon"]))
+            cells += [gb(pr["predicted_anon"]), f"{pr['ratio_anon']:.2f}"] if pr else ["-", "-"]
+            cells += [f"{pr['vs_single']:.2f}", f"{pr['vs_single_anon']:.2f}"] if pr else ["1.00", "1.00"]
+            lines.append(memory_row(name, r, r["rank"], cells))
     for name, x in f["failed"].items():
         why = x["stopped"] or f"exit {x['exit_code']}"
         loaded = {r["rank"]: r for r in x["loaded_ranks"]}
         for pr in x.get("per_rank_so_far", []):
-            r = loaded[pr["rank"]]
-            parts = r["rss_parts_after_load"]
             train = pr["peak_rss_train_so_far"]
-            cells = [
-                f"{name} (stopped: {why}, {pr['steps_done'] or 0} steps done; peaks so far)",
-                pr["rank"],
-                gb(r["rss_after_imports"]),
-                gb(r["peak_rss_load"]),
-                f"{gb(r['rss_after_load'])} ({gb(parts.get('anon', 0))} + {gb(parts.get('file', 0))})",
-                f">= {gb(train)}" if train else "-",
-                f">= {gb(pr['measured'])}",
-                gb(pr["predicted"]),
-                f">= {pr['ratio']:.2f}",
-                f">= {gb(pr['measured_anon'])}",
-                gb(pr["predicted_anon"]),
-                f">= {pr['ratio_anon']:.2f}",
-                f">= {pr['vs_single']:.2f}",
-                f">= {pr['vs_single_anon']:.2f}",
-            ]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+            cells = [f">= {gb(train)}" if train else "-", f">= {gb(pr['measured'])}", gb(pr["predicted"])]
+            cells += [f">= {pr['ratio']:.2f}", f">= {gb(pr['measured_anon'])}", gb(pr["predicted_anon"])]
+            cells += [f">= {pr[k]:.2f}" for k in ("ratio_anon", "vs_single", "vs_single_anon")]
+            label = f"{name} (stopped: {why}, {pr['steps_done'] or 0} steps done; peaks so far)"
+            lines.append(memory_row(label, loaded[pr["rank"]], pr["rank"], cells))
         if not x.get("per_rank_so_far"):
             peaks = " and ".join(gb(b) for b in x["sampled_peak_rss_ranks"])
             lines.append(f"| {name} | - | stopped ({why}) | sampled peaks: {peaks} |" + " |" * 10)
@@ -934,10 +868,6 @@ def add_args(parser) -> None:
         action="store_true",
         help="recompute the figures and the markdown from OUT/scale.json's measurements, without measuring",
     )
-    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
-    parser.add_argument("--export-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--peak-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--activation-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
@@ -973,7 +903,7 @@ def run(args) -> dict:
             part = {"activations": measure_activations, "peak": measure_peak}.get(name)
             if part is None:
                 raise SystemExit(f"--update measures activations or peak, not {name}")
-            data[name] = part(args, args.work)
+            data[name] = part(args)
         data["figures"], data["reanalysed"] = analyse(data), harness.provenance()
         return data
     data = {
@@ -989,15 +919,15 @@ def run(args) -> dict:
         if name in CONFIGS:
             data["configs"][name] = measure_config(name, args, args.work)
         elif name == "baseline":
-            data["baseline"] = measure_baseline(args, args.work)
+            data["baseline"] = measure_baseline(args)
             print(f"baseline: {data['baseline']['tokens_per_s']:.1f} tokens/s")
         elif name == "export":
-            data["export"] = measure_export(args, args.work)
+            data["export"] = measure_export(args)
             print(f"export: {data['export']['seconds']:.1f} s, {data['export']['peak_rss_process'] / GB:.2f} GB")
         elif name == "peak":
-            data["peak"] = measure_peak(args, args.work)
+            data["peak"] = measure_peak(args)
         elif name == "activations":
-            data["activations"] = measure_activations(args, args.work)
+            data["activations"] = measure_activations(args)
     data["figures"] = analyse(data)
     data["wall_s"] = time.perf_counter() - start
     data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " + (
@@ -1007,11 +937,4 @@ def run(args) -> dict:
 
 
 if __name__ == "__main__":
-    if {"--worker", "--export-worker", "--peak-worker", "--activation-worker"} & set(sys.argv):  # one part, here
-        parser = argparse.ArgumentParser()
-        add_args(parser)
-        a = parser.parse_args()
-        part = worker if a.worker else export_worker if a.export_worker else peak_worker
-        (activation_worker if a.activation_worker else part)(a)
-    else:
-        harness.main("scale", __doc__, run, render, add_args)
+    harness.main("scale", __doc__, run, render, add_args, child=lambda a: PARTS.get(a.child, worker)(a))

@@ -4,11 +4,7 @@
         --batch 4 --steps 8 --warmup 2 [--routing-log-every 10] [--device cpu] [--dtype float32] \
         [--set activation_checkpointing=true --set ce_chunk_tokens=4096 ...] [--fsdp-one-rank]
 
-`--set KEY=VALUE`: recipe keys of the router_tune run. `--fsdp-one-rank`: the model is sharded with FSDP2
-(bf16 MixedPrecisionPolicy) in a world of one process before RouterTrainer gets it. Prints one JSON line.
-The baseline is what a user writes without router_tune: `transformers.Trainer` on the same model, only
-`MixtralTopKRouter` parameters trainable, `output_router_logits=True`, the model's aux loss (0.01),
-labels = input_ids.
+Prints one JSON line. The baseline and what is timed: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -24,12 +20,8 @@ from scripts import harness
 
 
 def active_params(config) -> dict[str, int]:
-    """Parameters one token multiplies through (the N of 4N FLOPs per token), per part.
-
-    Per layer: attention q/k/v/o projections, the router [E, H], and top_k experts' MLPs (3 x H x I each).
-    Plus the LM head [V, H]. Not counted: the input embedding (a lookup), norms (O(H)), the other
-    E - top_k experts (never run for this token), and attention scores (O(seq) per token, not parameters).
-    """
+    """Parameters one token multiplies through (the N of 4N FLOPs per token), per part: per layer attention
+    q/k/v/o, the router [E, H] and top_k experts' MLPs (3 x H x I each), plus the LM head [V, H]."""
     h, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim

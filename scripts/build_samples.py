@@ -1,24 +1,11 @@
-"""python scripts/build_samples.py  [--out router_tune/assets/samples]
+"""python -m scripts.build_samples  [--out router_tune/assets/samples]
 
-Rebuild the bundled data samples from openly licensed text that installs on Debian 12:
-
-  redpajama/github_sample.jsonl        Python 3.11 standard library source  (PSF-2.0)
-  redpajama/python_docs_sample.jsonl   Python 3.11 docs, *.rst.txt sources   (PSF-2.0)
-  redpajama/book_sample.jsonl          King James Bible, one doc per chapter (public domain)
-  wizard_vicuna/wizard_vicuna_sample.json  chitchat-dataset dialogues       (MIT)
-  inspect_sample.txt                   a few KB of the four domains, for `router-tune inspect`
-  NOTICE                               sources, licences, transformations
-  LICENSE-PSF.txt, LICENSE-chitchat.txt  the licence texts the sources ask to keep
-
-Inputs: `apt-get install python3.11 python3.11-doc bible-kjv` and
-`pip install chitchat-dataset==0.9.0`. The files are in the upstream schemas
-(RedPajama-Data-1T-Sample: `text` + `meta` as a JSON string; wizard_vicuna_70k_unfiltered:
-`{"id", "conversations": [{"from": "human"|"gpt", "value"}]}`), so the real datasets and
-these samples go through the same loader.
-
-Deterministic: candidate lists are sorted, documents are picked in sha256(key) order until
-the domain's byte budget is full (a spread over the whole source with no RNG), and output
-records are sorted by key. Running it twice gives byte-identical files.
+Rebuild the bundled data samples from openly licensed text that installs on Debian 12 (`apt-get install
+python3.11 python3.11-doc bible-kjv`, `pip install chitchat-dataset==0.9.0`), in the upstream schemas
+(RedPajama-Data-1T-Sample, wizard_vicuna_70k_unfiltered) so the real datasets and these samples go
+through the same loader. Files, sources, licences and transformations: the NOTICE below, written with
+them. Deterministic: documents are picked in sha256(key) order until the domain's byte budget is full
+and written sorted by key, so running it twice gives byte-identical files.
 """
 
 from __future__ import annotations

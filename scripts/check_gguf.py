@@ -70,19 +70,8 @@ def main() -> int:
     tree = converter()
     outfile = args.outfile or Path(tempfile.mkdtemp()) / "model-f32.gguf"
     env = {"PYTHONPATH": f"{tree}:{tree / 'gguf-py'}", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    subprocess.run(
-        [
-            sys.executable,
-            str(tree / "convert_hf_to_gguf.py"),
-            str(args.model),
-            "--outfile",
-            str(outfile),
-            "--outtype",
-            "f32",
-        ],
-        check=True,
-        env=env,
-    )
+    cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(args.model), "--outfile", str(outfile)]
+    subprocess.run([*cmd, "--outtype", "f32"], check=True, env=env)
 
     sys.path.insert(0, str(tree / "gguf-py"))
     from gguf import GGUFReader

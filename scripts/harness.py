@@ -65,6 +65,11 @@ def judge(value: float | None, target: tuple[str, float]) -> str:
     return "PASS" if (value >= bound if op == ">=" else value <= bound) else "MISS"
 
 
+def md_row(cells) -> str:
+    """A markdown table row; an empty cell is written `| |`."""
+    return "|" + "".join(f" {c} |" if str(c) else " |" for c in cells)
+
+
 # ---- child processes ------------------------------------------------------------------------------
 
 
@@ -130,28 +135,25 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def proc_status_bytes(*keys: str) -> dict[str, int]:
+    """Fields of /proc/self/status given in kB (VmHWM, RssAnon, ...), in bytes; empty where there is none."""
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.is_file() else []
+    return {k: int(line.split()[1]) * 1024 for line in lines for k in keys if line.startswith(k + ":")}
+
+
 def vm_hwm() -> int:
     """This process's peak resident set so far, in bytes. VmHWM, not ru_maxrss: Linux carries ru_maxrss
     over exec from the parent, so a child would inherit the peak of the process that started it."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    if hwm := proc_status_bytes("VmHWM").get("VmHWM"):
+        return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def rss_parts() -> dict[str, int]:
     """This process's resident set by kind, in bytes: anon (heap, tensors), file (mapped files' pages, e.g.
     safetensors read through mmap: page cache, shared with every process mapping the file), shmem."""
-    parts = {}
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            for key in ("RssAnon", "RssFile", "RssShmem"):
-                if line.startswith(key + ":"):
-                    parts[key[3:].lower()] = int(line.split()[1]) * 1024
-    return parts
+    return {k[3:].lower(): v for k, v in proc_status_bytes("RssAnon", "RssFile", "RssShmem").items()}
 
 
 def release_free_memory() -> None:
@@ -359,15 +361,23 @@ def main(
     render: Callable[[dict], str],
     add_args: Callable[[argparse.ArgumentParser], None] = lambda p: None,
     argv: list[str] | None = None,
-) -> dict:
+    child: Callable[[argparse.Namespace], dict | None] | None = None,
+) -> dict | None:
     """Parse the benchmark's arguments, `run` it (or read OUT/NAME.json with --render), write OUT/NAME.json
-    and OUT/NAME.md, print the markdown. --smoke: one tiny step of every part, for the tests."""
+    and OUT/NAME.md, print the markdown. --smoke: one tiny step of every part, for the tests. --child PART:
+    one measured part in this fresh process (`child(args)`), whose JSON it prints as its last line."""
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench", help=f"writes {name}.json and {name}.md here")
     parser.add_argument("--smoke", action="store_true", help="one tiny step of every part (tests)")
     parser.add_argument("--render", action="store_true", help=f"rewrite {name}.md from {name}.json, measure nothing")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     add_args(parser)
     args = parser.parse_args(argv)
+    if args.child:
+        result = child(args)
+        if result is not None:
+            print(json.dumps(result))
+        return result
     path = args.out / f"{name}.json"
     if args.render:
         data = json.loads(path.read_text())

@@ -1,24 +1,12 @@
-"""nice -n 5 python scripts/make_demo_model.py  [--work build/demo-work] [--out router_tune/assets/demo-moe]
+"""nice -n 5 python -m scripts.make_demo_model  [--work build/demo-work] [--out router_tune/assets/demo-moe]
 
-Rebuild the embedded demo frankenMoE, the way users build theirs, from the bundled samples
-(`scripts/build_samples.py`), on CPU in under 15 minutes on 2 cores:
-
-  1. a SentencePiece BPE tokenizer with byte fallback (what llama.cpp's converter accepts),
-     saved as a transformers Llama tokenizer (tokenizer.model + tokenizer.json);
-  2. a tiny Llama base (4 layers, hidden 128) trained on the four domains mixed;
-  3. four domain experts fine-tuned from it, MLP weights only (mergekit-moe takes
-     everything but the MLPs from the base): Python code, Python docs, the King James
-     Bible, chit-chat rendered in the Vicuna v1.1 format;
-  4. merged by the real `mergekit-moe` CLI (gate_mode hidden, top-2, Mixtral), then
-     re-saved in the Mixtral legacy layout (block_sparse_moe.experts.E.w1/w2/w3) that
-     most hub frankenMoEs and llama.cpp use, with logits checked identical;
-  5. measured on held-out documents (`router_tune.data.is_heldout`, never trained on):
-     perplexity of the dense base, of every dense expert, of the merged MoE with its
-     untrained gates and of oracle routing (each domain scored by its own expert).
-
-Writes router_tune/assets/demo-moe/ (model, tokenizer, mergekit_moe.yml, figures.json,
-README.md); intermediate models stay in the work dir. Deterministic: fixed seeds, fixed
-data order, 2 threads (the thread count changes float summation order, hence the pin).
+Rebuild the embedded demo frankenMoE from the bundled samples, the way users build theirs: a
+SentencePiece BPE tokenizer (byte fallback, what llama.cpp's converter accepts), a tiny Llama base
+trained on the four domains mixed, four experts fine-tuned from it (MLP only) on one domain each,
+merged by the real `mergekit-moe` CLI (`hidden` gates, top-2), re-saved in the Mixtral legacy layout
+with its logits checked identical, and measured on held-out documents (`router_tune.data.is_heldout`):
+the dense base, each expert, the untrained merge and oracle routing (docs/results.md). Deterministic:
+fixed seeds and data order, 2 threads (the thread count changes float summation order, hence the pin).
 Needs the dev extra (`pip install -e .[dev]`: mergekit 0.1.5).
 """
 
@@ -40,11 +28,11 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
 from router_tune.data import chat_doc_key, is_heldout
+from router_tune.io.checkpoint import tensor_names
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "router_tune" / "assets" / "samples"
@@ -280,12 +268,27 @@ def mean_nll(model, blocks: torch.Tensor) -> tuple[float, int]:
     return total, count
 
 
-def perplexities(model, heldout: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per-domain held-out perplexity, and `mixed` over all domains' tokens pooled."""
-    sums = {d: mean_nll(model, heldout[d]) for d in DOMAINS}
+def pooled(sums: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """Perplexity per domain from (summed NLL, tokens), and `mixed` over all domains' tokens pooled."""
     out = {d: round(math.exp(s / n), 2) for d, (s, n) in sums.items()}
     out["mixed"] = round(math.exp(sum(s for s, _ in sums.values()) / sum(n for _, n in sums.values())), 2)
     return out
+
+
+def perplexities(model, heldout: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-domain held-out perplexity, and `mixed` over all domains' tokens pooled."""
+    return pooled({d: mean_nll(model, heldout[d]) for d in DOMAINS})
+
+
+def train_expert(work: Path, tokenizer, blocks: torch.Tensor, steps: int, name: str):
+    """A fine-tune of work/base on `blocks`, MLP weights only (mergekit-moe takes the rest from the base),
+    saved to work/experts/NAME."""
+    expert = LlamaForCausalLM.from_pretrained(work / "base", dtype=torch.float32)
+    mlp = [p for n, p in expert.named_parameters() if p.requires_grad_(".mlp." in n).requires_grad]
+    train(expert, blocks, mlp, steps, EXPERT_LR, f"expert {name}")
+    expert.save_pretrained(work / "experts" / name)
+    tokenizer.save_pretrained(work / "experts" / name)
+    return expert
 
 
 @torch.no_grad()
@@ -310,37 +313,36 @@ def routing(model, heldout: dict[str, torch.Tensor], top_k: int) -> dict:
 # ---------------------------------------------------------------- merge
 
 
-def merge(work: Path, experts: dict[str, list[str]] | None = None, gate_mode: str = "hidden") -> Path:
-    """Run mergekit-moe as a user would, from the work dir so the YAML holds relative paths.
+def merge(
+    work: Path,
+    experts: dict[str, list[str]] | None = None,
+    gate_mode: str = "hidden",
+    *,
+    dtype: str = "float32",
+    yml: str = "mergekit_moe.yml",
+    out: str = "merged",
+) -> Path:
+    """`mergekit-moe YML OUT` as a user runs it, from the work dir so the YAML holds relative paths; WORK/OUT.
     `experts`: {name under work/experts: positive prompts}, in merge order (default: the demo's)."""
     experts = experts or {d: POSITIVE_PROMPTS[d] for d in DOMAINS}
     config = {
         "base_model": "base",
         "architecture": "mixtral",
         "gate_mode": gate_mode,
-        "dtype": "float32",
+        "dtype": dtype,
         "experts_per_token": 2,
         "experts": [{"source_model": f"experts/{name}", "positive_prompts": p} for name, p in experts.items()],
     }
-    (work / "mergekit_moe.yml").write_text(yaml.safe_dump(config, sort_keys=False, width=100), encoding="utf-8")
-    merged = work / "merged"
-    shutil.rmtree(merged, ignore_errors=True)
+    (work / yml).write_text(yaml.safe_dump(config, sort_keys=False, width=100), encoding="utf-8")
+    shutil.rmtree(work / out, ignore_errors=True)
     cli = Path(sys.executable).parent / "mergekit-moe"
     if not cli.exists():
         sys.exit("mergekit-moe not found next to this Python: pip install -e '.[dev]' (mergekit==0.1.5)")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(THREADS))
-    cmd = [str(cli), "mergekit_moe.yml", "merged", "--device", "cpu", "--lazy-unpickle", "--random-seed", str(SEED)]
+    cmd = [str(cli), yml, out, "--device", "cpu", "--lazy-unpickle", "--random-seed", str(SEED)]
     log("$ mergekit-moe " + " ".join(cmd[1:]))
     subprocess.run(cmd, cwd=work, env=env, check=True)
-    return merged
-
-
-def tensor_names(model_dir: Path) -> list[str]:
-    names = []
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            names += list(st.keys())
-    return names
+    return work / out
 
 
 def save_legacy(merged: Path, out: Path, tokenizer_dir: Path, heldout: torch.Tensor):
@@ -449,15 +451,7 @@ def main() -> None:
 
     figures_experts = {}
     for d in DOMAINS:
-        expert = LlamaForCausalLM.from_pretrained(work / "base", dtype=torch.float32)
-        mlp = []
-        for name, p in expert.named_parameters():
-            p.requires_grad_(".mlp." in name)
-            if p.requires_grad:
-                mlp.append(p)
-        train(expert, train_blocks[d], mlp, args.expert_steps, EXPERT_LR, f"expert {d}")
-        expert.save_pretrained(work / "experts" / d)
-        tokenizer.save_pretrained(work / "experts" / d)
+        expert = train_expert(work, tokenizer, train_blocks[d], args.expert_steps, d)
         figures_experts[d] = perplexities(expert, heldout)
         log(f"expert {d}: {figures_experts[d]}")
     lap("experts")
@@ -475,13 +469,11 @@ def main() -> None:
     log(f"MoE, untrained hidden gates: {moe_ppl}")
     route = routing(moe, heldout, moe.config.num_experts_per_tok)
     log(f"routing of untrained gates: {route}")
-    oracle_sums = {
-        d: mean_nll(AutoModelForCausalLM.from_pretrained(work / "experts" / d, dtype=torch.float32), heldout[d])
-        for d in DOMAINS
-    }
-    oracle = {d: round(math.exp(s / n), 2) for d, (s, n) in oracle_sums.items()}
-    oracle["mixed"] = round(
-        math.exp(sum(s for s, _ in oracle_sums.values()) / sum(n for _, n in oracle_sums.values())), 2
+    oracle = pooled(
+        {
+            d: mean_nll(AutoModelForCausalLM.from_pretrained(work / "experts" / d, dtype=torch.float32), heldout[d])
+            for d in DOMAINS
+        }
     )
     log(f"oracle routing: {oracle}")
     lap("evaluation")

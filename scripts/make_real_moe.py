@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -36,10 +35,10 @@ import zipfile
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from scripts.make_demo_model import DOMAINS, SEED, THREADS, load_documents, log, mean_nll
+from scripts.make_demo_model import merge as demo_merge
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = REPO / "build" / "real"
@@ -260,7 +259,8 @@ def build_experts(work: Path, base_dir: Path, tokenizer) -> dict:
 
 
 def merge(work: Path, gate_mode: str, tokenizer) -> Path:
-    """mergekit-moe as a user runs it, from WORK so the YAML holds relative paths."""
+    """mergekit-moe as a user runs it (scripts.make_demo_model.merge), bf16, the chat prompts in the model's
+    template; the YAML kept beside the merge."""
     out = work / f"moe-{gate_mode}"
     if (out / "config.json").is_file():
         return out
@@ -269,27 +269,10 @@ def merge(work: Path, gate_mode: str, tokenizer) -> Path:
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in POSITIVE_PROMPTS["chat"]
     ]
-    config = {
-        "base_model": "base",
-        "architecture": "mixtral",
-        "gate_mode": gate_mode,
-        "dtype": "bfloat16",
-        "experts_per_token": 2,
-        "experts": [{"source_model": f"experts/{d}", "positive_prompts": prompts[d]} for d in DOMAINS],
-    }
-    yml = work / f"mergekit-{gate_mode}.yml"
-    yml.write_text(yaml.safe_dump(config, sort_keys=False, width=100), encoding="utf-8")
-    cli = Path(sys.executable).parent / "mergekit-moe"
-    if not cli.exists():
-        sys.exit("mergekit-moe not found next to this Python: pip install -e '.[dev]' (mergekit==0.1.5)")
-    tmp = work / f".moe-{gate_mode}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(THREADS))
-    cmd = [str(cli), yml.name, tmp.name, "--device", "cpu", "--lazy-unpickle", "--random-seed", str(SEED)]
-    log("$ mergekit-moe " + " ".join(cmd[1:]))
-    subprocess.run(cmd, cwd=work, env=env, check=True)
-    shutil.copy2(yml, tmp / "mergekit_moe.yml")
-    tmp.rename(out)
+    yml, tmp = f"mergekit-{gate_mode}.yml", f".moe-{gate_mode}.partial"
+    demo_merge(work, {d: prompts[d] for d in DOMAINS}, gate_mode, dtype="bfloat16", yml=yml, out=tmp)
+    shutil.copy2(work / yml, work / tmp / "mergekit_moe.yml")
+    (work / tmp).rename(out)
     return out
 
 

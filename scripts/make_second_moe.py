@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -64,16 +63,12 @@ def build(work: Path, out: Path, base_steps: int = BASE_STEPS, expert_steps: int
     for d in demo.DOMAINS:
         for half, texts in halves(docs[d]["train"]).items():
             name = f"{d}_{half}"
-            expert = LlamaForCausalLM.from_pretrained(work / "base", dtype=torch.float32)
-            mlp = [p for n, p in expert.named_parameters() if p.requires_grad_(".mlp." in n).requires_grad]
-            demo.train(expert, demo.to_blocks(tokenizer, texts), mlp, expert_steps, demo.EXPERT_LR, f"expert {name}")
-            expert.save_pretrained(work / "experts" / name)
-            tokenizer.save_pretrained(work / "experts" / name)
+            expert = demo.train_expert(work, tokenizer, demo.to_blocks(tokenizer, texts), expert_steps, name)
             nll = demo.mean_nll(expert, heldout[d])
             if d not in oracle_sums or nll[0] < oracle_sums[d][0]:
                 oracle_sums[d], oracle_experts[d] = nll, len(experts)
             experts[name] = demo.POSITIVE_PROMPTS[d]
-    figures = {"oracle_experts": oracle_experts, "oracle": _pooled(oracle_sums), "untrained": {}}
+    figures = {"oracle_experts": oracle_experts, "oracle": demo.pooled(oracle_sums), "untrained": {}}
     for gate_mode in ("random", "hidden"):
         merged = demo.merge(work, experts, gate_mode)
         staging = out / f"{gate_mode}.tmp"
@@ -84,12 +79,6 @@ def build(work: Path, out: Path, base_steps: int = BASE_STEPS, expert_steps: int
         shutil.rmtree(out / gate_mode, ignore_errors=True)
         staging.rename(out / gate_mode)
     return figures
-
-
-def _pooled(sums: dict[str, tuple[float, int]]) -> dict[str, float]:
-    out = {d: round(math.exp(s / n), 2) for d, (s, n) in sums.items()}
-    out["mixed"] = round(math.exp(sum(s for s, _ in sums.values()) / sum(n for _, n in sums.values())), 2)
-    return out
 
 
 def main() -> None:

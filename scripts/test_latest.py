@@ -24,21 +24,8 @@ from pathlib import Path
 from scripts.harness import ROOT, describe, provenance
 
 # The versions that have broken us before, shown first in the record.
-WATCHED = [
-    "torch",
-    "transformers",
-    "kernels",
-    "accelerate",
-    "datasets",
-    "peft",
-    "safetensors",
-    "tokenizers",
-    "huggingface-hub",
-    "wandb",
-    "deepspeed",
-    "bitsandbytes",
-    "mergekit",
-]
+WATCHED = ["torch", "transformers", "kernels", "accelerate", "datasets", "peft", "safetensors", "tokenizers"]
+WATCHED += ["huggingface-hub", "wandb", "deepspeed", "bitsandbytes", "mergekit"]
 SKIP = {"router-tune", "pip", "setuptools", "wheel"}
 LOCK_HEADER = """\
 # The versions `make setup` installs (pip constraints): the newest releases pyproject.toml allowed on
@@ -49,12 +36,8 @@ LOCK_HEADER = """\
 
 def installed(venv: Path) -> dict[str, str]:
     """name -> version of every distribution in the venv (router-tune itself and the venv's installers left out)."""
-    out = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "list", "--format", "json", "--exclude-editable"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    cmd = [str(venv / "bin" / "python"), "-m", "pip", "list", "--format", "json", "--exclude-editable"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return {d["name"].lower(): d["version"] for d in json.loads(out) if d["name"].lower() not in SKIP}
 
 
