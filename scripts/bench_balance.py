@@ -47,6 +47,14 @@ SETTINGS = {
     "loss_free": {"balancing": "loss_free", "loss_free_fade": 0.0},
     "loss_free+fade": {"balancing": "loss_free"},
     "both+fade": {"balancing": "both"},  # the Switch loss beside the selection bias and its fade
+    # the proportional update (the paper's softmax-gate variant), without and with the fade
+    "lf-prop=0.05": {
+        "balancing": "loss_free",
+        "loss_free_fade": 0.0,
+        "loss_free_update": "proportional",
+        "loss_free_rate": 0.05,
+    },
+    "lf-prop=0.05+fade": {"balancing": "loss_free", "loss_free_update": "proportional", "loss_free_rate": 0.05},
 }
 MERGES = ["demo-hidden", "demo-random", "second-hidden", "second-random"]
 

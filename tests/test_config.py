@@ -26,7 +26,7 @@ def test_unknown_recipe_key_names_closest(tmp_path):
         ("model_name_or_path: x\naux_loss_scope: global\n", "aux_loss_scope"),
         ("model_name_or_path: x\nrouter_z_loss_coef: -1\n", "router_z_loss_coef` must be >= 0"),
         ("- a\n- b\n", "must be a mapping"),
-        ("model_name_or_path: x\nrouter_gradient: dense_mixer\n", "router_gradient` must be sparse, dense or"),
+        ("model_name_or_path: x\nrouter_gradient: dense_mixer\n", "router_gradient` must be one of sparse, dense"),
         ("model_name_or_path: x\nrouter_gradient_steps: -5\n", "router_gradient_steps` must be >= 0"),
         ("model_name_or_path: x\nrouter_overload_threshold: 0.8\n", "router_overload_threshold` must be >= 1.0"),
         ("model_name_or_path: x\nrouter_overload_loss_coef: -1\n", "router_overload_loss_coef` must be >= 0"),

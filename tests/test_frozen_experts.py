@@ -82,3 +82,47 @@ def test_keeps_one_intermediate_vector_less_per_routed_token():
     pairs = BATCH * SEQ * config.num_experts_per_tok
     expected = (config.num_hidden_layers - 1) * pairs * config.intermediate_size * 4  # float32
     assert saved_activation_bytes(reference, ids) - saved_activation_bytes(saving, ids) == expected
+
+
+def test_bf16_saved_gate_up_halves_it_and_keeps_the_forward_exact():
+    """expert_saved_dtype bfloat16: gate_up kept in 2 bytes instead of 4 (every layer but the first, whose experts'
+    input needs no gradient), the same float32 logits, and router gradients within bfloat16 rounding."""
+    reference, saving = pair(gelu_mixtral())
+    narrow = copy.deepcopy(reference)
+    save_less_for_frozen_experts(narrow, torch.bfloat16)
+    ids = torch.randint(0, 320, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
+    config = reference.config
+    pairs = BATCH * SEQ * config.num_experts_per_tok
+    halved = (config.num_hidden_layers - 1) * pairs * 2 * config.intermediate_size * 2  # gate_up: 4 -> 2 bytes
+    assert saved_activation_bytes(saving, ids) - saved_activation_bytes(narrow, ids) == halved
+    logits, grads = router_grads(saving, ids)
+    logits_narrow, grads_narrow = router_grads(narrow, ids)
+    assert torch.equal(logits, logits_narrow)
+    for name, grad in grads.items():
+        if f"layers.{config.num_hidden_layers - 1}." in name:  # the last layer's: no expert above it to pass
+            torch.testing.assert_close(grads_narrow[name], grad, rtol=1e-6, atol=1e-9, msg=name)
+            continue
+        assert not torch.equal(grads_narrow[name], grad), name  # the rounded copy is what backward read
+        cosine = torch.nn.functional.cosine_similarity(grads_narrow[name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.999, (name, cosine)
+
+
+def test_expert_saved_dtype_auto_narrows_only_a_16_bit_checkpoint_computed_in_float32():
+    from router_tune.model.frozen_experts import expert_saved_dtype
+
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    assert expert_saved_dtype("auto", bf16, f32) == expert_saved_dtype("auto", f16, f32) == bf16
+    assert expert_saved_dtype("auto", f32, f32) is expert_saved_dtype("auto", None, f32) is None
+    assert expert_saved_dtype("auto", bf16, bf16) is expert_saved_dtype("compute", bf16, f32) is None
+    assert expert_saved_dtype("bfloat16", f32, f32) == bf16
+
+
+def test_the_trainer_keeps_a_bf16_checkpoints_gate_up_in_bf16(mixtral_bf16, tmp_path):
+    from tests.trainers import make_trainer
+
+    for setting, want in (("auto", torch.bfloat16), ("compute", None)):
+        trainer = make_trainer(
+            mixtral_bf16, tmp_path / setting, steps=1, model_dtype="float32", expert_saved_dtype=setting
+        )
+        experts = [m for m in trainer.model.modules() if hasattr(m, "saved_gate_up_dtype")]
+        assert experts and {m.saved_gate_up_dtype for m in experts} == {want}, setting

@@ -62,6 +62,19 @@ def test_update_moves_each_expert_against_its_load(mixtral_legacy):
     assert router.selection_bias.tolist() == balancing.bias[1].tolist()  # a view of `applied`
 
 
+def test_proportional_update_follows_the_relative_load_error(mixtral_legacy):
+    """b_i += u (mean - load_i) / mean: loads 30, 10, 20, 20 (mean 20) move by -0.5u, +0.5u, 0, 0; a layer
+    with no routed token does not move."""
+    model, _ = load_moe(mixtral_legacy, device_map="cpu", compute_device="cpu")
+    balancing = LossFreeBalancing(model, rate=0.1, device="cpu", update="proportional")
+    balancing.update(torch.tensor([[30.0, 10.0, 20.0, 20.0], [0.0, 0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(balancing.bias, torch.tensor([[-0.05, 0.05, 0.0, 0.0], [0.0] * 4]))
+    balancing.update(torch.tensor([[0.0, 80.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0]]))  # mean 20: errors 1, -3, 1, 1
+    torch.testing.assert_close(balancing.bias, torch.tensor([[0.05, -0.25, 0.1, 0.1], [0.0] * 4]))
+    with pytest.raises(ValueError, match="loss_free_update"):
+        LossFreeBalancing(model, rate=0.1, device="cpu", update="signum")
+
+
 def test_resume_restores_the_bias_and_the_switch_loss_is_not_trained(mixtral_legacy, tmp_path):
     """4 steps straight, and 2 + 2 resumed from checkpoint-2 with a 500x larger Switch coefficient: the same
     routers and bias, bit for bit (a lost bias routes steps 3-4 differently; a trained Switch loss moves them)."""

@@ -9,6 +9,7 @@ A recipe is a YAML file of `RouterTuneConfig` fields (ours below, plus every
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -22,7 +23,7 @@ from transformers.trainer_utils import SchedulerType
 from router_tune.errors import RouterTuneError
 from router_tune.training.checkpoints import check_resume_value
 from router_tune.training.global_batch import REDUCE_MODES
-from router_tune.training.loss_free import BALANCING_MODES
+from router_tune.training.loss_free import BALANCING_MODES, BIAS_UPDATES
 from router_tune.training.router_lr import LR_SCALES
 from router_tune.training.sharding import configure_process_group
 
@@ -119,8 +120,18 @@ class RouterTuneConfig(TrainingArguments):
     loss_free_rate: float = field(
         default=0.001,
         metadata={
-            "help": "balancing loss_free / both: the selection bias change per optimizer step, in logit units: "
-            "b_i += rate * sign(mean load - load of expert i)."
+            "help": "balancing loss_free / both: the selection bias change per optimizer step, in logit units, "
+            "as loss_free_update applies it."
+        },
+    )
+    loss_free_update: str = field(
+        default="sign",
+        metadata={
+            "help": "balancing loss_free / both: the bias update after each optimizer step. sign: b_i += rate * "
+            "sign(mean load - load of expert i), the paper's rule. proportional: b_i += rate * (mean load - load "
+            "of expert i) / mean load, a step that grows with the relative load error and shrinks as loads even "
+            "out (the paper's variant for softmax gates).",
+            "choices": list(BIAS_UPDATES),
         },
     )
     loss_free_fade: float = field(
@@ -222,7 +233,8 @@ class RouterTuneConfig(TrainingArguments):
         default="auto",
         metadata={
             "help": "Weights dtype for the frozen model: auto (as stored), bfloat16, float16, "
-            "float32. Routers always compute in float32."
+            "float32. Routers always compute in float32.",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
         },
     )
     use_hub_kernels: bool = field(
@@ -254,6 +266,17 @@ class RouterTuneConfig(TrainingArguments):
         metadata={
             "help": "Tokens per chunk of the LM cross-entropy, so the full logits tensor is never "
             "held: the loss's peak is one chunk of fp32 logits, chunk x vocab x 4 bytes (0 = no chunking)."
+        },
+    )
+    expert_saved_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "The dtype the frozen experts keep their gate_up output in for backward, the largest "
+            "activation of a MoE layer. compute: as computed. bfloat16: rounded to bfloat16 (the forward stays "
+            "exact; the gradient through the experts reads the rounded copy). auto: bfloat16 for a 16-bit "
+            "checkpoint computed in float32 (model_dtype auto on a CPU without native bfloat16, or float32 asked "
+            "for), as a bfloat16 run of it keeps them anyway; else compute.",
+            "choices": ["auto", "compute", "bfloat16"],
         },
     )
     max_nonfinite_steps: int = field(
@@ -295,7 +318,12 @@ class RouterTuneConfig(TrainingArguments):
         self.validate()
 
     def validate(self) -> None:
-        problems = []
+        own = inspect.get_annotations(RouterTuneConfig)  # our keys (transformers checks its own)
+        problems = [
+            f"`{f.name}` must be one of {', '.join(f.metadata['choices'])}, got {getattr(self, f.name)!r}."
+            for f in fields(self)
+            if f.name in own and "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]
+        ]
         if not self.model_name_or_path:
             problems.append("`model_name_or_path` is missing: set it to a merged MoE directory or hub id.")
         if self.block_size <= 1:
@@ -312,27 +340,19 @@ class RouterTuneConfig(TrainingArguments):
         for name in ("router_aux_loss_coef", "router_overload_loss_coef", "router_z_loss_coef", "router_jitter"):
             if getattr(self, name) < 0:
                 problems.append(f"`{name}` must be >= 0, got {getattr(self, name)}.")
-        if self.aux_loss_scope not in ("layer", "pooled"):
-            problems.append(f"`aux_loss_scope` must be layer or pooled, got {self.aux_loss_scope!r}.")
         if self.router_overload_threshold < 1.0:
             problems.append(
                 f"`router_overload_threshold` must be >= 1.0 (1.0 = every expert over the mean load is "
                 f"overloaded), got {self.router_overload_threshold}."
             )
-        if self.balancing not in BALANCING_MODES:
-            problems.append(f"`balancing` must be one of {', '.join(BALANCING_MODES)}, got {self.balancing!r}.")
         if not self.loss_free_rate > 0:
             problems.append(f"`loss_free_rate` must be > 0 (the bias step in logit units), got {self.loss_free_rate}.")
         if not 0.0 <= self.loss_free_fade <= 1.0:
             problems.append(f"`loss_free_fade` is a share of the steps in [0, 1], got {self.loss_free_fade}.")
         if self.loss_free_distill_coef < 0:
             problems.append(f"`loss_free_distill_coef` must be >= 0, got {self.loss_free_distill_coef}.")
-        if self.aux_loss_reduce not in REDUCE_MODES:
-            problems.append(
-                f"`aux_loss_reduce` must be one of {', '.join(REDUCE_MODES)}, got {self.aux_loss_reduce!r}."
-            )
         if self.router_lr_scale not in LR_SCALES:
-            problems.append(f"`router_lr_scale` must be one of {', '.join(LR_SCALES)}, got {self.router_lr_scale!r}.")
+            pass  # reported with the other keys outside their choices
         elif self.router_lr_scale != "none" and self.learning_rate < MIN_LOGIT_LR:
             problems.append(
                 f"`learning_rate` {self.learning_rate:g} is read in logit units (router_lr_scale: "
@@ -344,8 +364,6 @@ class RouterTuneConfig(TrainingArguments):
                 f"`learning_rate` {self.learning_rate:g} is Adam's raw rate here (router_lr_scale: none) and would "
                 "throw the routers around: values in logit units need `router_lr_scale: input` (the default)."
             )
-        if self.router_gradient not in ROUTER_GRADIENTS:
-            problems.append(f"`router_gradient` must be sparse, dense or default_moe, got {self.router_gradient!r}.")
         if self.router_gradient_steps < 0:
             problems.append(f"`router_gradient_steps` must be >= 0 (0 = every step), got {self.router_gradient_steps}.")
         if self.router_rescale not in ("auto", "off"):
@@ -356,11 +374,7 @@ class RouterTuneConfig(TrainingArguments):
                 problems.append(
                     f"`router_rescale` must be auto, off or a positive number, got {self.router_rescale!r}."
                 )
-        if self.model_dtype not in ("auto", "bfloat16", "float16", "float32"):
-            problems.append(f"`model_dtype` must be auto, bfloat16, float16 or float32, got {self.model_dtype!r}.")
-        if self.quantize not in ("none", "nf4", "int8"):
-            problems.append(f"`quantize` must be none, nf4 or int8, got {self.quantize!r}.")
-        elif self.quantize_head and self.quantize == "none":
+        if self.quantize_head and self.quantize == "none":
             problems.append("`quantize_head: true` needs `quantize: nf4` or `int8`.")
         if self.routing_log_every < 0:
             problems.append(f"`routing_log_every` must be >= 0 (0 = off), got {self.routing_log_every}.")

@@ -6,9 +6,12 @@ experts; the mixing weights stay the unbiased softmax probabilities, so the bias
 go, not how an expert's output counts, and it adds no gradient. After every optimizer step the bias
 moves against the step's load, counted over the whole global batch (every micro-batch, every rank):
 
-    b_i += u * sign(mean_load - load_i)        (u = `loss_free_rate`)
+    b_i += u * sign(mean_load - load_i)                    (u = `loss_free_rate`; `loss_free_update: sign`)
+    b_i += u * (mean_load - load_i) / mean_load            (`loss_free_update: proportional`)
 
-An overloaded expert's bias falls and an idle one's rises, by u per step, until the loads even out.
+An overloaded expert's bias falls and an idle one's rises until the loads even out: by u per step
+(sign), or by u times its relative load error (proportional: large steps while an expert is far off,
+small ones near balance; the paper's variant for softmax gates, which Mixtral-style routers are).
 The bias acts on logits, so `topk(logits + b)` is `topk(p * exp(b))`: a proportional change of each
 expert's softmax score.
 
@@ -35,6 +38,7 @@ from router_tune.architectures.base import full_shape
 from router_tune.model.routers import find_routers, set_selection_bias
 
 BALANCING_MODES = ("switch", "loss_free", "both")
+BIAS_UPDATES = ("sign", "proportional")
 
 
 def fade_steps(max_steps: int, fade: float) -> int:
@@ -59,11 +63,17 @@ class LossFreeBalancing:
         rate: u, the bias change per optimizer step, in logit units.
         device: where the bias lives (the routers' compute device).
         fade: the last share of the steps over which the routers' bias fades to zero (0: never).
+        update: "sign" or "proportional" (see the module doc).
     """
 
-    def __init__(self, model: nn.Module, rate: float, device: torch.device | str, fade: float = 0.0):
+    def __init__(
+        self, model: nn.Module, rate: float, device: torch.device | str, fade: float = 0.0, update: str = "sign"
+    ):
         if rate <= 0:
             raise ValueError(f"loss_free_rate must be > 0, got {rate}")
+        if update not in BIAS_UPDATES:
+            raise ValueError(f"loss_free_update is one of {BIAS_UPDATES}, got {update!r}")
+        self.update_rule = update
         if not 0.0 <= fade <= 1.0:
             raise ValueError(f"loss_free_fade is a share of the steps in [0, 1], got {fade}")
         self.rate, self.fade = float(rate), float(fade)
@@ -86,9 +96,13 @@ class LossFreeBalancing:
 
     @torch.no_grad()
     def update(self, counts: torch.Tensor) -> None:
-        """One step of b_i += u * sign(mean_load - load_i), per layer, from the step's global counts [L, E]."""
+        """One step of the update rule, per layer, from the step's global counts [L, E]."""
         counts = counts.to(device=self.bias.device, dtype=torch.float32)
-        self.bias += self.rate * torch.sign(counts.mean(dim=-1, keepdim=True) - counts)
+        mean = counts.mean(dim=-1, keepdim=True)
+        if self.update_rule == "sign":
+            self.bias += self.rate * torch.sign(mean - counts)
+        else:  # a layer without a routed token (mean 0) has no error to follow
+            self.bias += self.rate * torch.where(mean > 0, (mean - counts) / mean.clamp_min(1e-12), 0.0)
 
     def state(self) -> list[list[float]]:
         """The bias as nested lists (exact: float32 values round-trip through JSON's doubles)."""
@@ -104,4 +118,4 @@ class LossFreeBalancing:
         self.bias.copy_(loaded)
 
 
-__all__ = ["BALANCING_MODES", "LossFreeBalancing", "fade_scale"]
+__all__ = ["BALANCING_MODES", "BIAS_UPDATES", "LossFreeBalancing", "fade_scale"]

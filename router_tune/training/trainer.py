@@ -44,7 +44,7 @@ from router_tune.losses import balancing as losses
 from router_tune.losses.lm_loss import next_token_loss_sum
 from router_tune.model.fingerprints import FORMAT as FINGERPRINT_FORMAT
 from router_tune.model.fingerprints import fingerprints_of
-from router_tune.model.frozen_experts import save_less_for_frozen_experts
+from router_tune.model.frozen_experts import expert_saved_dtype, save_less_for_frozen_experts
 from router_tune.model.loading import describe_moe, load_moe
 from router_tune.model.quantize import check_quantization, quantize_model
 from router_tune.model.routers import (
@@ -210,7 +210,10 @@ class RouterTrainer(TrainerOverrides, Trainer):
         warn_identical_experts(self.fingerprints, self.moe)
         routers_to_fp32(model, jitter=args.router_jitter)
         self.param_counts = freeze_all_but_routers(model)
-        save_less_for_frozen_experts(model)  # the experts are frozen now: keep less of them for backward
+        # the experts are frozen now: keep less of them for backward
+        save_less_for_frozen_experts(
+            model, expert_saved_dtype(args.expert_saved_dtype, self.moe.stored_dtype, self.moe.dtype)
+        )
         if self.backend == "deepspeed":  # partitioned later, by accelerator.prepare in train()
             prepare_zero3(model, architecture_for(model.config).block_class())
         # after fingerprinting and counting, which describe the real weights (export checks them)
@@ -288,7 +291,9 @@ class RouterTrainer(TrainerOverrides, Trainer):
         self._window = LossWindow(overload=bool(args.router_overload_loss_coef))
         # loss-free balancing: the routers' selection bias, moved after every optimizer step (loss_free.py)
         self.loss_free = (
-            LossFreeBalancing(self.model, args.loss_free_rate, args.device, fade=args.loss_free_fade)
+            LossFreeBalancing(
+                self.model, args.loss_free_rate, args.device, fade=args.loss_free_fade, update=args.loss_free_update
+            )
             if args.balancing != "switch"
             else None
         )
