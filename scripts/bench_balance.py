@@ -55,6 +55,20 @@ SETTINGS = {
         "loss_free_rate": 0.05,
     },
     "lf-prop=0.05+fade": {"balancing": "loss_free", "loss_free_update": "proportional", "loss_free_rate": 0.05},
+    # the same against each expert's twin group only: loads across groups follow the data mix
+    "lf-twins=0.05": {
+        "balancing": "loss_free",
+        "loss_free_fade": 0.0,
+        "loss_free_update": "proportional",
+        "loss_free_rate": 0.05,
+        "loss_free_scope": "twins",
+    },
+    "lf-twins=0.05+fade": {
+        "balancing": "loss_free",
+        "loss_free_update": "proportional",
+        "loss_free_rate": 0.05,
+        "loss_free_scope": "twins",
+    },
 }
 MERGES = ["demo-hidden", "demo-random", "second-hidden", "second-random"]
 

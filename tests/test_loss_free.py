@@ -75,6 +75,23 @@ def test_proportional_update_follows_the_relative_load_error(mixtral_legacy):
         LossFreeBalancing(model, rate=0.1, device="cpu", update="signum")
 
 
+def test_twin_scope_balances_each_expert_against_its_group(mixtral_legacy):
+    """Groups {0, 1}, {2}, {3} in layer 0 and {0, 2}, {1, 3} in layer 1: loads 30, 10, 20, 40 move experts 0 and 1
+    toward their group's 20 and leave the twinless 2 and 3 alone; the layer's mean (25) would move every one."""
+    model, _ = load_moe(mixtral_legacy, device_map="cpu", compute_device="cpu")
+    groups = [[[0, 1], [2], [3]], [[0, 2], [1, 3]]]
+    counts = torch.tensor([[30.0, 10.0, 20.0, 40.0], [30.0, 10.0, 20.0, 40.0]])
+    twins = LossFreeBalancing(model, rate=0.1, device="cpu", update="proportional", groups=groups)
+    twins.update(counts)
+    # layer 1: {0, 2} mean 25 -> -0.2 u, +0.2 u; {1, 3} mean 25 -> +0.6 u, -0.6 u
+    torch.testing.assert_close(twins.bias, torch.tensor([[-0.05, 0.05, 0.0, 0.0], [-0.02, 0.06, 0.02, -0.06]]))
+    layer = LossFreeBalancing(model, rate=0.1, device="cpu", update="proportional")
+    layer.update(counts)
+    torch.testing.assert_close(layer.bias, torch.tensor([[-0.02, 0.06, 0.02, -0.06]] * 2))
+    with pytest.raises(ValueError, match="1 layers of expert groups for 2 routers"):
+        LossFreeBalancing(model, rate=0.1, device="cpu", groups=groups[:1])
+
+
 def test_resume_restores_the_bias_and_the_switch_loss_is_not_trained(mixtral_legacy, tmp_path):
     """4 steps straight, and 2 + 2 resumed from checkpoint-2 with a 500x larger Switch coefficient: the same
     routers and bias, bit for bit (a lost bias routes steps 3-4 differently; a trained Switch loss moves them)."""

@@ -120,3 +120,16 @@ def test_training_logs_balance_within_and_across_twins(mixtral_twins, tmp_path):
     assert logged["routing/L0/maxvio"] == pytest.approx(summary.max_load[0] - 1)
     assert "within" in format_routing_table(summary)
     assert trainer.run_info()["twins"]["groups"] == [KNOWN_TWINS] * 2
+
+
+def test_loss_free_twin_scope_moves_only_the_twins_bias(mixtral_twins, tmp_path):
+    """loss_free_scope twins: the measured groups reach the bias update, so the twinless experts 2 and 5 keep a
+    zero bias while the twins' move (with the layer's mean, every expert's would)."""
+    kw = dict(steps=3, batch=2, balancing="loss_free", loss_free_rate=0.05, routing_log_every=0)
+    twins = make_trainer(mixtral_twins, tmp_path / "twins", loss_free_scope="twins", **kw)
+    twins.train()
+    bias = twins.loss_free.bias
+    assert (bias[:, [2, 5]] == 0).all() and (bias[:, [0, 1, 3, 4]] != 0).any()
+    everyone = make_trainer(mixtral_twins, tmp_path / "experts", **kw)
+    everyone.train()
+    assert (everyone.loss_free.bias[:, [2, 5]] != 0).any()

@@ -23,7 +23,7 @@ from transformers.trainer_utils import SchedulerType
 from router_tune.errors import RouterTuneError
 from router_tune.training.checkpoints import check_resume_value
 from router_tune.training.global_batch import REDUCE_MODES
-from router_tune.training.loss_free import BALANCING_MODES, BIAS_UPDATES
+from router_tune.training.loss_free import BALANCING_MODES, BIAS_SCOPES, BIAS_UPDATES
 from router_tune.training.router_lr import LR_SCALES
 from router_tune.training.sharding import configure_process_group
 
@@ -132,6 +132,16 @@ class RouterTuneConfig(TrainingArguments):
             "of expert i) / mean load, a step that grows with the relative load error and shrinks as loads even "
             "out (the paper's variant for softmax gates).",
             "choices": list(BIAS_UPDATES),
+        },
+    )
+    loss_free_scope: str = field(
+        default="experts",
+        metadata={
+            "help": "balancing loss_free / both: what each expert's load is balanced against. experts: the "
+            "layer's mean load (the paper's rule). twins: the mean of its twin group (experts whose outputs are "
+            "nearly the same, as inspect reports them); experts without a twin keep a zero bias, so the loads "
+            "across groups follow the data mix.",
+            "choices": list(BIAS_SCOPES),
         },
     )
     loss_free_fade: float = field(

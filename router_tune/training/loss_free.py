@@ -12,6 +12,11 @@ moves against the step's load, counted over the whole global batch (every micro-
 An overloaded expert's bias falls and an idle one's rises until the loads even out: by u per step
 (sign), or by u times its relative load error (proportional: large steps while an expert is far off,
 small ones near balance; the paper's variant for softmax gates, which Mixtral-style routers are).
+
+`loss_free_scope: twins` balances each expert against its twin group's mean instead of the layer's
+(routing/twins.py: experts whose outputs are nearly the same): imbalance between twins costs
+throughput and buys nothing, while imbalance between groups may follow the data mix, which a frankenMoE
+routes by domain on purpose. Experts without a twin keep a zero bias.
 The bias acts on logits, so `topk(logits + b)` is `topk(p * exp(b))`: a proportional change of each
 expert's softmax score.
 
@@ -39,6 +44,7 @@ from router_tune.model.routers import find_routers, set_selection_bias
 
 BALANCING_MODES = ("switch", "loss_free", "both")
 BIAS_UPDATES = ("sign", "proportional")
+BIAS_SCOPES = ("experts", "twins")
 
 
 def fade_steps(max_steps: int, fade: float) -> int:
@@ -64,10 +70,18 @@ class LossFreeBalancing:
         device: where the bias lives (the routers' compute device).
         fade: the last share of the steps over which the routers' bias fades to zero (0: never).
         update: "sign" or "proportional" (see the module doc).
+        groups: per MoE layer, a partition of the experts (`ExpertTwins.groups`): each expert is balanced
+            against its group's mean load; None: against the layer's mean.
     """
 
     def __init__(
-        self, model: nn.Module, rate: float, device: torch.device | str, fade: float = 0.0, update: str = "sign"
+        self,
+        model: nn.Module,
+        rate: float,
+        device: torch.device | str,
+        fade: float = 0.0,
+        update: str = "sign",
+        groups: list[list[list[int]]] | None = None,
     ):
         if rate <= 0:
             raise ValueError(f"loss_free_rate must be > 0, got {rate}")
@@ -81,6 +95,16 @@ class LossFreeBalancing:
         num_experts = full_shape(refs[0].module.weight)[0]  # a ZeRO-3 partition is empty locally
         self.bias = torch.zeros(len(refs), num_experts, dtype=torch.float32, device=device)
         self.applied = torch.zeros_like(self.bias)  # scale x bias: what the routers choose with
+        # [L, E, E]: row i averages the counts of expert i's group (each row the layer's mean without groups)
+        self.group_mean = torch.full((len(refs), num_experts, num_experts), 1.0 / num_experts, device=device)
+        if groups is not None:
+            if len(groups) != len(refs):
+                raise ValueError(f"{len(groups)} layers of expert groups for {len(refs)} routers")
+            self.group_mean.zero_()
+            for layer, partition in enumerate(groups):
+                for group in partition:
+                    for i in group:
+                        self.group_mean[layer, i, group] = 1.0 / len(group)
         self.scale = 1.0
         set_selection_bias(model, self.applied)
 
@@ -98,7 +122,7 @@ class LossFreeBalancing:
     def update(self, counts: torch.Tensor) -> None:
         """One step of the update rule, per layer, from the step's global counts [L, E]."""
         counts = counts.to(device=self.bias.device, dtype=torch.float32)
-        mean = counts.mean(dim=-1, keepdim=True)
+        mean = torch.einsum("lij,lj->li", self.group_mean, counts)  # each expert's layer (or group) mean
         if self.update_rule == "sign":
             self.bias += self.rate * torch.sign(mean - counts)
         else:  # a layer without a routed token (mean 0) has no error to follow
@@ -118,4 +142,4 @@ class LossFreeBalancing:
         self.bias.copy_(loaded)
 
 
-__all__ = ["BALANCING_MODES", "BIAS_UPDATES", "LossFreeBalancing", "fade_scale"]
+__all__ = ["BALANCING_MODES", "BIAS_SCOPES", "BIAS_UPDATES", "LossFreeBalancing", "fade_scale"]

@@ -292,7 +292,12 @@ class RouterTrainer(TrainerOverrides, Trainer):
         # loss-free balancing: the routers' selection bias, moved after every optimizer step (loss_free.py)
         self.loss_free = (
             LossFreeBalancing(
-                self.model, args.loss_free_rate, args.device, fade=args.loss_free_fade, update=args.loss_free_update
+                self.model,
+                args.loss_free_rate,
+                args.device,
+                fade=args.loss_free_fade,
+                update=args.loss_free_update,
+                groups=self.twins.groups if args.loss_free_scope == "twins" else None,
             )
             if args.balancing != "switch"
             else None
