@@ -69,6 +69,20 @@ SETTINGS = {
         "loss_free_rate": 0.05,
         "loss_free_scope": "twins",
     },
+    # the bias folded into the router weights at the last step (loss_free_fold) instead of the fade
+    "lf-prop=0.05+fold": {
+        "balancing": "loss_free",
+        "loss_free_update": "proportional",
+        "loss_free_rate": 0.05,
+        "loss_free_fold": True,
+    },
+    "lf-twins=0.05+fold": {
+        "balancing": "loss_free",
+        "loss_free_update": "proportional",
+        "loss_free_rate": 0.05,
+        "loss_free_scope": "twins",
+        "loss_free_fold": True,
+    },
 }
 MERGES = ["demo-hidden", "demo-random", "second-hidden", "second-random"]
 

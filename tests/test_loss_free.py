@@ -203,3 +203,57 @@ def test_fade_scales_the_routers_bias_and_trains_the_distillation_only_in_it(mix
     assert [(s, round(x, 4)) for s, x, _ in seen] == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 0.6667), (5, 0.3333)]
     assert all(ok for *_, ok in seen)
     assert runs[0.0][:3] == runs[5.0][:3] and all(a != b for a, b in zip(runs[0.0][3:], runs[5.0][3:]))
+
+
+def test_constant_direction_reads_one_on_every_input():
+    """With a channel that is 2 on every token, v = e_0 / 2 up to the ridge: x . v = 1 everywhere; mean-zero noise
+    alone has no such direction (x . v stays about 0: the residual is about 1)."""
+    from router_tune.training.loss_free import constant_direction
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(4000, 16, generator=g)
+    with_channel = torch.cat([torch.full((4000, 1), 2.0), noise[:, 1:]], dim=1)
+    v, residual = constant_direction(with_channel, ridge=1e-9)
+    torch.testing.assert_close(v, torch.tensor([0.5] + [0.0] * 15, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert residual < 1e-6
+    assert constant_direction(noise)[1] > 0.99
+
+
+def test_fold_moves_the_bias_into_the_router_weights(mixtral_legacy):
+    """After the fold, each router's own logits on inputs with a constant channel are its old logits plus the
+    bias (the residual of x . v is ~0), and the bias is zero."""
+    model, _ = load_moe(mixtral_legacy, device_map="cpu", compute_device="cpu")
+    routers = find_routers(model)
+    hidden = routers[0].module.weight.shape[1]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, hidden, generator=g)
+    x[:, 3] = 1.5  # the constant channel
+    balancing = LossFreeBalancing(model, rate=0.1, device="cpu")
+    balancing.bias.copy_(torch.tensor([[0.5, -0.5, 0.25, -0.25], [1.0, 0.0, 0.0, -1.0]]))
+    before = [x @ r.module.weight.detach().T for r in routers]
+    bias = balancing.bias.clone()
+    residuals = balancing.fold(model, [x, x])
+    assert max(residuals) < 1e-3 and not balancing.bias.any() and not balancing.applied.any()
+    for layer, r in enumerate(routers):
+        torch.testing.assert_close(x @ r.module.weight.detach().T, before[layer] + bias[layer], atol=2e-3, rtol=0)
+
+
+def test_training_with_the_fold_ends_with_the_bias_in_the_weights(mixtral_legacy, tmp_path):
+    """The same 3 steps with and without loss_free_fold: the folded run's routers are the other's plus
+    b (x) v, v fitted on the probe blocks' router inputs of the other's final routers, and its bias is zero."""
+    from router_tune.training.loss_free import constant_direction
+    from router_tune.training.router_lr import probe_router_inputs
+
+    kw = dict(steps=3, batch=2, balancing="loss_free", loss_free_rate=0.05, loss_free_fade=0.0, routing_log_every=0)
+    plain = make_trainer(mixtral_legacy, tmp_path / "plain", **kw)
+    plain.train()
+    folded = make_trainer(mixtral_legacy, tmp_path / "folded", loss_free_fold=True, **kw)
+    folded.train()
+    assert not folded.loss_free.bias.any() and plain.loss_free.bias.any()
+    assert len(folded.run_info()["bias_fold"]["residual_rms"]) == len(folded.moe.routers)
+    inputs = [[] for _ in plain.moe.routers]
+    probe_router_inputs(plain.model, plain.moe, plain._probe_batches, lambda i, x: inputs[i].append(x.float()))
+    for layer, (a, b) in enumerate(zip(find_routers(plain.model), find_routers(folded.model))):
+        v, _ = constant_direction(torch.cat(inputs[layer]))
+        expected = a.module.weight.detach() + (plain.loss_free.bias[layer].double()[:, None] * v).float()
+        torch.testing.assert_close(b.module.weight.detach(), expected, atol=1e-5, rtol=1e-5)

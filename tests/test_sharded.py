@@ -223,6 +223,9 @@ def test_no_silent_downgrade(mixtral_legacy, tmp_path, monkeypatch):
     # (TrainingArguments itself imports deepspeed under this variable: checked on the request alone)
     with pytest.raises(RouterTuneError, match="asks for DeepSpeed but has 1 process"):
         sharding.check_request(SimpleNamespace(deepspeed=None, fsdp=None))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the fold needs whole router weights: refused before any weight is read
+    with pytest.raises(RouterTuneError, match="loss_free_fold: true.*DeepSpeed holds sharded"):
+        sharding.check_request(SimpleNamespace(deepspeed=None, fsdp=None, loss_free_fold=True, balancing="loss_free"))
 
     from transformers import AutoModelForCausalLM
 

@@ -153,6 +153,16 @@ class RouterTuneConfig(TrainingArguments):
             "the export routes without the balance the bias gave."
         },
     )
+    loss_free_fold: bool = field(
+        default=False,
+        metadata={
+            "help": "balancing loss_free / both: instead of the fade, fold the selection bias into the router "
+            "weights at the last step (W_e += b_e v, with v the direction on which the router inputs of the "
+            "first training blocks read about 1, fitted by least squares) and zero it, so that the checkpoint and "
+            "the export choose about as the biased routers did (loss_free_fade is then not used). One process "
+            "or DDP."
+        },
+    )
     loss_free_distill_coef: float = field(
         default=1.0,
         metadata={

@@ -28,6 +28,15 @@ the weights learn to make the balanced choice themselves. The bias keeps moving 
 along, so as the routers take over it shrinks back by itself; what is left at the last step is the
 balance the weights could not learn, and the exported model is what `eval` measures.
 
+The fold (`loss_free_fold`, instead of the fade). The router input has no constant channel, but on
+real inputs one direction comes close: v minimising mean((x . v - 1)^2) (ridge-regularised least
+squares over router inputs x) reads about 1 on every token, so W_e += b_e v makes the router's own
+logits W x carry the bias, to the residual of x . v around 1 (reported per layer). At the last step the
+bias is folded this way into the router weights, fitted on the router-input probe's blocks, and zeroed:
+the checkpoint and the export then choose about as the biased routers did. On the second lab merge
+x . v stays within ~10% of 1 from the second MoE layer on; the first layer's input (close to the
+token embeddings) has no such direction (~35%).
+
 The bias is training state: it lives beside the routers (`model.routers.set_selection_bias`; they hold
 views of `applied`, the faded bias), is kept in every checkpoint's router_tune.json (`selection_bias`)
 for an exact resume, and never reaches an evaluation (eval-mode forwards ignore it) or an export (it is
@@ -45,6 +54,19 @@ from router_tune.model.routers import find_routers, set_selection_bias
 BALANCING_MODES = ("switch", "loss_free", "both")
 BIAS_UPDATES = ("sign", "proportional")
 BIAS_SCOPES = ("experts", "twins")
+
+
+FOLD_RIDGE = 1e-3  # the fold's ridge, relative to the mean squared input entry: keeps v off noise directions
+
+
+def constant_direction(inputs: torch.Tensor, ridge: float = FOLD_RIDGE) -> tuple[torch.Tensor, float]:
+    """The direction v on which router inputs [N, H] read about 1 (least squares of x . v = 1 with a ridge
+    of `ridge` x the mean squared entry), and the root-mean-square residual of x . v - 1."""
+    x = inputs.double()
+    gram = x.T @ x / x.shape[0]
+    gram += ridge * gram.trace() / x.shape[1] * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    v = torch.linalg.solve(gram, x.mean(dim=0))
+    return v, float((x @ v - 1.0).pow(2).mean().sqrt())
 
 
 def fade_steps(max_steps: int, fade: float) -> int:
@@ -128,6 +150,20 @@ class LossFreeBalancing:
         else:  # a layer without a routed token (mean 0) has no error to follow
             self.bias += self.rate * torch.where(mean > 0, (mean - counts) / mean.clamp_min(1e-12), 0.0)
 
+    @torch.no_grad()
+    def fold(self, model: nn.Module, router_inputs: list[torch.Tensor]) -> list[float]:
+        """Fold the bias into the router weights, W_e += b_e v with v = `constant_direction` of each router's
+        inputs ([N, H], `find_routers` order), and zero it. Returns each layer's residual (see the module doc)."""
+        residuals = []
+        for layer, (ref, inputs) in enumerate(zip(find_routers(model), router_inputs)):
+            v, residual = constant_direction(inputs)
+            weight = ref.module.weight
+            weight.add_((self.bias[layer].double()[:, None] * v[None, :]).to(weight.dtype).to(weight.device))
+            residuals.append(residual)
+        self.bias.zero_()
+        self.applied.zero_()
+        return residuals
+
     def state(self) -> list[list[float]]:
         """The bias as nested lists (exact: float32 values round-trip through JSON's doubles)."""
         return self.bias.cpu().tolist()
@@ -142,4 +178,4 @@ class LossFreeBalancing:
         self.bias.copy_(loaded)
 
 
-__all__ = ["BALANCING_MODES", "BIAS_SCOPES", "BIAS_UPDATES", "LossFreeBalancing", "fade_scale"]
+__all__ = ["BALANCING_MODES", "BIAS_SCOPES", "BIAS_UPDATES", "LossFreeBalancing", "constant_direction", "fade_scale"]

@@ -81,24 +81,21 @@ PROBE_BLOCKS = 8
 
 
 @torch.no_grad()
-def measure_router_input_l1(model: nn.Module, info: MoeInfo, batches: list[dict[str, torch.Tensor]]) -> list[float]:
-    """Per MoE layer (in `info.routers` order): the mean L1 norm of the router's input over the real
-    tokens of `batches` (collated micro-batches of the first PROBE_BLOCKS training blocks: eval-mode
-    forwards, the LM head skipped, the training flag restored). In a distributed run every rank calls
-    it (a sharded forward gathers parameters) and every rank gets rank 0's figures: the rates they set
-    must be equal, or replicas would drift apart."""
-    sums = {ref.layer: torch.zeros((), dtype=torch.float64) for ref in info.routers}
+def probe_router_inputs(model: nn.Module, info: MoeInfo, batches: list[dict[str, torch.Tensor]], record) -> int:
+    """Eval-mode forwards of the collated `batches` (the LM head skipped, the training flag restored),
+    calling `record(i, x)` with router i's input ([real tokens, H], `info.routers` order). Returns the
+    number of real tokens."""
     tokens = 0
     keep = None
 
-    def record(layer: int):
-        def hook(_module, args):
-            l1 = args[0].detach().float().abs().sum(-1).reshape(-1)
-            sums[layer] += (l1[keep] if keep is not None else l1).sum().double().cpu()
+    def hook(i: int):
+        def pre_hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            record(i, x[keep] if keep is not None else x)
 
-        return hook
+        return pre_hook
 
-    handles = [ref.module.register_forward_pre_hook(record(ref.layer)) for ref in info.routers]
+    handles = [ref.module.register_forward_pre_hook(hook(i)) for i, ref in enumerate(info.routers)]
     was_training = model.training
     model.eval()
     try:
@@ -112,7 +109,22 @@ def measure_router_input_l1(model: nn.Module, info: MoeInfo, batches: list[dict[
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    measured = [float(sums[ref.layer]) / tokens for ref in info.routers]
+    return tokens
+
+
+def measure_router_input_l1(model: nn.Module, info: MoeInfo, batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    """Per MoE layer (in `info.routers` order): the mean L1 norm of the router's input over the real
+    tokens of `batches` (collated micro-batches of the first PROBE_BLOCKS training blocks, through
+    `probe_router_inputs`). In a distributed run every rank calls it (a sharded forward gathers
+    parameters) and every rank gets rank 0's figures: the rates they set must be equal, or replicas would
+    drift apart."""
+    sums = [torch.zeros((), dtype=torch.float64) for _ in info.routers]
+
+    def record(i: int, x: torch.Tensor) -> None:
+        sums[i] += x.float().abs().sum().double().cpu()
+
+    tokens = probe_router_inputs(model, info, batches, record)
+    measured = [float(total) / tokens for total in sums]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         shared = [measured]
         torch.distributed.broadcast_object_list(shared, src=0)

@@ -71,6 +71,11 @@ def check_request(args) -> str | None:
         )
     if backend is None and world_size() > 1:
         check_data_parallel(args)
+    if backend and getattr(args, "loss_free_fold", False) and args.balancing != "switch":
+        raise RouterTuneError(
+            f"`loss_free_fold: true` folds the selection bias into whole router weights at the last step, which "
+            f"{name} holds sharded. Fold in a one-process or DDP run, or use the fade (loss_free_fold: false)."
+        )
     if backend == "fsdp":
         fsdp_mesh_sizes()  # a bad replicate / shard size stops here, before any weight is read
     if backend == "deepspeed" and (args.use_cpu or _env_true("ACCELERATE_USE_CPU")):

@@ -67,6 +67,7 @@ from router_tune.training.router_lr import (
     PROBE_BLOCKS,
     describe_router_lrs,
     measure_router_input_l1,
+    probe_router_inputs,
     router_input_scales,
     router_param_groups,
 )
@@ -249,6 +250,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
         size = max(1, args.per_device_train_batch_size)
         batches = [collate(blocks[i : i + size]) for i in range(0, len(blocks), size)]
         self._router_input_batches = None
+        self._probe_batches = batches  # and the loss-free fold's, at the last step
         if not batches:
             return
         if self.backend == "deepspeed":
@@ -290,12 +292,13 @@ class RouterTrainer(TrainerOverrides, Trainer):
         self.telemetry = RoutingTelemetry(args.output_dir, args.report_to)
         self._window = LossWindow(overload=bool(args.router_overload_loss_coef))
         # loss-free balancing: the routers' selection bias, moved after every optimizer step (loss_free.py)
+        self.bias_fold = None  # the loss-free fold's residuals, once done
         self.loss_free = (
             LossFreeBalancing(
                 self.model,
                 args.loss_free_rate,
                 args.device,
-                fade=args.loss_free_fade,
+                fade=0.0 if args.loss_free_fold else args.loss_free_fade,
                 update=args.loss_free_update,
                 groups=self.twins.groups if args.loss_free_scope == "twins" else None,
             )
@@ -402,6 +405,21 @@ class RouterTrainer(TrainerOverrides, Trainer):
         expert counts (all micro-batches and ranks: `GlobalBatch.end_step`)."""
         if self.loss_free is not None and counts is not None:
             self.loss_free.update(counts)
+            if self.args.loss_free_fold and self.state.global_step == self.state.max_steps - 1:
+                self._fold_bias()
+
+    def _fold_bias(self) -> None:
+        """The last step's bias into the router weights (loss_free.py: the fold), fitted on the router inputs
+        of the probe blocks with the routers as trained. Every rank folds its own copy from the same blocks;
+        rank 0's is the one saved (no step follows)."""
+        if not self._probe_batches:
+            raise RouterTuneError("loss_free_fold needs training blocks to fit the fold on; the run has none.")
+        inputs: list[list[torch.Tensor]] = [[] for _ in self.moe.routers]
+        model = self.accelerator.unwrap_model(self.model)
+        probe_router_inputs(model, self.moe, self._probe_batches, lambda i, x: inputs[i].append(x.float().cpu()))
+        residuals = self.loss_free.fold(model, [torch.cat(x) for x in inputs])
+        self.bias_fold = {"residual_rms": [round(r, 4) for r in residuals]}
+        logger.info("loss-free bias folded into the routers: rms of x.v - 1 per layer %s", self.bias_fold)
 
     def load_balancing_state(self, meta: dict) -> None:
         """On resume: the balancing state a checkpoint's router_tune.json keeps (global_prev counts, bias)."""
@@ -528,6 +546,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
             "router_rescaling": self.router_rescaling,
             # the expert groups the routing logs report balance within and across
             "twins": {k: v for k, v in self.twins.to_dict().items() if k != "similarity"},
+            "bias_fold": self.bias_fold,
             # each layer's peak Adam rate (router_lr_scale input: learning_rate / the input's L1 scale)
             "router_adam_rates": {
                 group.get("layer", i): group.get("initial_lr", group["lr"])
