@@ -49,11 +49,14 @@ def log(msg: str) -> None:
 
 class State:
     """Finished stages, kept on disk after each one, each with the commit and tree state it was measured at
-    (`measured_at`): a resumed benchmark may finish on a later commit than it began."""
+    (`measured_at`): a resumed benchmark may finish on a later commit than it began. That is the state when
+    this invocation began, whose code this process imported: a stage takes up to an hour, and a commit made
+    meanwhile is not the code it ran."""
 
     def __init__(self, path: Path):
         self.path = path
         self.data = json.loads(path.read_text()) if path.is_file() else {}
+        self.started = provenance(ignore=("bench",))
 
     def __contains__(self, key: str) -> bool:
         return key in self.data
@@ -62,7 +65,7 @@ class State:
         return self.data[key]
 
     def put(self, key: str, value) -> None:
-        self.data[key] = {**value, "measured_at": provenance(ignore=("bench",))}
+        self.data[key] = {**value, "measured_at": self.started}
         self.path.write_text(json.dumps(self.data, indent=2) + "\n", encoding="utf-8")
 
 
