@@ -1,11 +1,8 @@
 """python -m scripts.build_samples  [--out router_tune/assets/samples]
 
-Rebuild the bundled data samples from openly licensed text that installs on Debian 12 (`apt-get install
-python3.11 python3.11-doc bible-kjv`, `pip install chitchat-dataset==0.9.0`), in the upstream schemas
-(RedPajama-Data-1T-Sample, wizard_vicuna_70k_unfiltered) so the real datasets and these samples go
-through the same loader. Files, sources, licences and transformations: the NOTICE below, written with
-them. Deterministic: documents are picked in sha256(key) order until the domain's byte budget is full
-and written sorted by key, so running it twice gives byte-identical files.
+Rebuild the bundled data samples byte for byte from openly licensed text that installs on Debian 12 (`apt-get
+install python3.11 python3.11-doc bible-kjv`, `pip install chitchat-dataset==0.9.0`), in the upstream schemas
+(docs/data.md). Files, sources, licences, transformations and how documents are picked: the NOTICE below.
 """
 
 from __future__ import annotations
