@@ -100,13 +100,9 @@ def summarise(runs: dict, model: Path) -> dict:
         "nf4_weights_ratio": stages["nf4"]["model_bytes"] / stages["router_tune"]["model_bytes"],
         "routers_fp32": all(s["router_dtypes"] == s["router_state_dtypes"] == ["float32"] for s in tuned),
     }
-    verdicts = {name: verdict(name, checks[name]) for name in TARGETS}
+    verdicts = {name: harness.judge(checks[name], target) for name, target in TARGETS.items()}
     verdicts["routers_fp32"] = "PASS" if checks["routers_fp32"] else "MISS"
     return {"gpu_name": gpu, "flops_per_token_4N": fpt, "stages": stages, "checks": checks, "verdicts": verdicts}
-
-
-def verdict(name: str, value: float | None) -> str:
-    return harness.judge(value, TARGETS[name])
 
 
 def markdown(result: dict) -> str:
