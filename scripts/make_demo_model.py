@@ -161,27 +161,13 @@ def train_tokenizer(docs: dict, out_dir: Path) -> LlamaTokenizer:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(),
-        model_writer=model,
-        vocab_size=VOCAB_SIZE,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=0.9995,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        max_sentence_length=16384,
-        shuffle_input_sentence=False,
-        input_sentence_size=0,
-        num_threads=THREADS,
+        sentence_iterator=lines(), model_writer=model, vocab_size=VOCAB_SIZE, model_type="bpe", byte_fallback=True,
+        character_coverage=0.9995, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        max_sentence_length=16384, shuffle_input_sentence=False, input_sentence_size=0, num_threads=THREADS,
         minloglevel=2,
-    )
+    )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.model").write_bytes(model.getvalue())
     # transformers 5 converts tokenizer.model to a tokenizers BPE on load; both files ship,
