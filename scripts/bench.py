@@ -315,8 +315,8 @@ def scaling_tables(cases) -> list[str]:
         "### Scaling with experts (top-2, seq 512)",
         "",
         "| experts | router_tune tokens/s | baseline tokens/s | ratio |",
+        "|---|---|---|---|",
     ]
-    out.append("|---|---|---|---|")
     for label, case in (("4", "experts4"), ("8", "main"), ("16", "experts16")):
         t = cases[case]["tokens_per_s"]
         out.append(

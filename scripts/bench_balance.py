@@ -1,22 +1,8 @@
 """make bench-balance   (python -m scripts.bench_balance [--steps 300] [--models ...] [--settings ...])
 
-The balance / quality frontier (issue 24): for each merge (the demo and the second frankenMoE, `hidden`
-and `random` gates) and each balancing setting, the routers are trained with the shipped defaults
-otherwise (recipes/demo.yaml's data, block and batch), exported with `router-tune export` (full
-format, verification on) and the export evaluated as a user loads it: mixed held-out perplexity, the
-share of the gap (mergekit's gates -> oracle routing) closed, and per layer max-load / mean over all
-experts, within twin groups (experts whose outputs agree, routing/twins.py) and across them. Beside
-it, the balance the routers trained with in the last logging window (for loss-free balancing without
-the fade: the biased choice, which the export loses) and the balanced oracle (each domain shared
-evenly by its twins), whose balance is the floor the held-out data mix allows.
-
-Settings: switch=COEF (the Switch loss, router_aux_loss_coef), overload=COEF (the overload loss beside
-the default Switch 0.01), loss_free (the selection bias without the fade: the export routes without
-it), loss_free+fade (the shipped fade and distillation), both+fade (the same beside the Switch loss at its default
-0.01). Runs are resumable: a run already in OUT/balance.json
-is kept (--fresh measures everything again).
-
-Writes OUT/balance.json, .md and .png with the commit and whether the tree was clean.
+The balance / quality frontier (issue 24): each merge's routers trained with each balancing setting (SETTINGS)
+and the shipped defaults otherwise, exported (verified) and evaluated as a user loads them; what each column is:
+the markdown this writes. A run already in OUT/balance.json is kept (--fresh measures everything again).
 """
 
 from __future__ import annotations
@@ -44,8 +30,8 @@ SETTINGS = {
     "switch=0.1": {"router_aux_loss_coef": 0.1},
     "switch=0.3": {"router_aux_loss_coef": 0.3},
     "overload=1": {"router_overload_loss_coef": 1.0},
-    "loss_free": {"balancing": "loss_free", "loss_free_fade": 0.0},
-    "loss_free+fade": {"balancing": "loss_free"},
+    "loss_free": {"balancing": "loss_free", "loss_free_fade": 0.0},  # the bias to the end: the export drops it
+    "loss_free+fade": {"balancing": "loss_free"},  # the shipped fade and distillation
     "both+fade": {"balancing": "both"},  # the Switch loss beside the selection bias and its fade
     # the proportional update (the paper's softmax-gate variant), without and with the fade
     "lf-prop=0.05": {

@@ -21,15 +21,9 @@ from scripts.make_scale_model import write_checkpoint
 
 # 12 layers x (8 experts x 3 x 1024 x 2048 + attention) + 2 x 32000 x 1024 embeddings = 0.67 G params = 1.34 GB in bf16
 SHAPE = dict(
-    hidden_size=1024,
-    intermediate_size=2048,
-    num_hidden_layers=12,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    vocab_size=32000,
-)
+    hidden_size=1024, intermediate_size=2048, num_hidden_layers=12, num_local_experts=8, num_experts_per_tok=2,
+    num_attention_heads=16, num_key_value_heads=8, vocab_size=32000,
+)  # fmt: skip
 SMOKE = {**SHAPE, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 1000}
 SMOKE.update(num_attention_heads=4, num_key_value_heads=2)
 SHARDS = 3

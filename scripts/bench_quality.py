@@ -86,17 +86,10 @@ def run_one(
     balanced oracle (each domain shared evenly by its expert and that expert's twin)."""
     recipe = load_recipe(DEMO_RECIPE)
     settings = dict(
-        model_name_or_path=str(model_dir),
-        datasets=recipe.datasets,
-        block_size=recipe.block_size,
-        per_device_train_batch_size=recipe.per_device_train_batch_size,
-        max_steps=steps,
-        router_gradient=mode,
-        output_dir=str(out),
-        routing_log_every=0,
-        logging_steps=max(steps // 10, 1),
-        seed=42,
-    )
+        model_name_or_path=str(model_dir), datasets=recipe.datasets, block_size=recipe.block_size,
+        per_device_train_batch_size=recipe.per_device_train_batch_size, max_steps=steps, router_gradient=mode,
+        output_dir=str(out), routing_log_every=0, logging_steps=max(steps // 10, 1), seed=42,
+    )  # fmt: skip
     args = harness.recipe(None, **{**settings, **overrides})  # an override may replace any of these
     trainer = RouterTrainer(args=args)
     specs = data.parse_sources(args.datasets)

@@ -4,11 +4,8 @@
     python -m scripts.bench_quant --part demo         # routing quality on the demo frankenMoE
     python -m scripts.bench_quant --part scale        # memory and speed on the Raiden-shaped scale model
 
-demo: the demo recipe trained with each mode, exported (the trained routers spliced into the original
-full-precision shards) and evaluated against the source and oracle routing; target: each quantized mode
-closes >= 90% of the gap the unquantized run closes. scale: scripts.make_scale_model trained a few steps
-per mode, each in a fresh process: the bytes the frozen weights really hold, RSS, tokens/s, beside the
-memory plan and its projection to 26 layers. Each part replaces its own key of OUT/quant.json.
+Each mode in fresh processes; what each part measures: the markdown this writes. Each part replaces its own
+key of OUT/quant.json.
 """
 
 from __future__ import annotations
@@ -106,20 +103,10 @@ def measure_scale(mode: str, model_dir: Path, seq: int, steps: int, out_dir: Pat
         for ids in torch.randint(3, min(3000, vocab), (steps, seq))
     ]
     config = harness.recipe(
-        None,
-        model_name_or_path=str(model_dir),
-        model_dtype="bfloat16",
-        quantize=mode,
-        output_dir=str(out_dir),
-        max_steps=steps,
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=1,
-        gradient_checkpointing=True,
-        warmup_steps=0,
-        router_rescale="off",
-        routing_log_every=0,
-        logging_steps=1,
-    )
+        None, model_name_or_path=str(model_dir), model_dtype="bfloat16", quantize=mode, output_dir=str(out_dir),
+        max_steps=steps, per_device_train_batch_size=1, gradient_accumulation_steps=1, gradient_checkpointing=True,
+        warmup_steps=0, router_rescale="off", routing_log_every=0, logging_steps=1,
+    )  # fmt: skip
     base_rss = rss()
     load_peak = PeakRss().start()
     trainer = RouterTrainer(model=str(model_dir), args=config, train_dataset=blocks)
@@ -168,16 +155,9 @@ def plan_memory(model_dir: Path, mode: str, layers: int | None, seq: int, checkp
     info = describe_moe(model, source=str(model_dir))
     counts = freeze_all_but_routers(model)
     return training_memory(
-        info,
-        counts.total,
-        counts.trainable,
-        config.vocab_size,
-        seq_len=seq,
-        dtype=torch.bfloat16,
-        quantize=mode,
-        model=model,
-        activation_checkpointing=checkpointing,
-    )
+        info, counts.total, counts.trainable, config.vocab_size, seq_len=seq, dtype=torch.bfloat16, quantize=mode,
+        model=model, activation_checkpointing=checkpointing,
+    )  # fmt: skip
 
 
 def scale(work: Path, model_dir: Path, seq: int, steps: int, reuse: bool, modes: list[str]) -> dict:

@@ -1,22 +1,10 @@
 """python -m scripts.bench_real --out bench  [--steps 60 240] [--stages evals train speed] [--render]
 
-The real frankenMoE (scripts/make_real_moe.py: four SmolLM2-135M-Instruct experts, mergekit-moe with
-`hidden` and with `random` gates) measured, all on the same held-out blocks of recipes/demo-real.yaml:
-
-- held-out perplexity per domain: the base, each expert alone (every token forced to it), each
-  merge as mergekit wrote it, oracle routing (each domain forced to its own expert), and the routers
-  trained by `router-tune train recipes/demo-real.yaml` with the shipped defaults at each budget of
-  --steps (the recipe's 60, and 4x), as exported: weights in their stored dtype computed as router_tune
-  computes them here, routers rounded to the checkpoint's dtype (`evaluate_model`);
-- the gap closed: (merge - trained) / (merge - oracle) on the mixed perplexity, and the worst layer's
-  max-load / mean-load;
-- router_tune against the plain transformers Trainer on the `hidden` merge (fp32, CPU): tokens/s and
-  peak RSS during training, side by side in one invocation (scripts/bench_train.py, one fresh process
-  per run).
-
-Each finished stage is kept in WORK/state.json, so an interrupted benchmark continues where it
-stopped; bench/real.json and bench/real.md are rendered from it with the commit and tree state. No
---smoke run: every part needs the real build (scripts/make_real_moe.py, ~30 min on 2 cores).
+The real frankenMoE of scripts/make_real_moe.py (`hidden` and `random` merges) on the same held-out blocks of
+recipes/demo-real.yaml: base, each expert alone, each merge, oracle routing and the routers trained with the
+shipped defaults at each budget of --steps, and router_tune against the plain transformers Trainer (what each
+figure is: the markdown this writes; docs/real-weights.md). Each finished stage is kept in WORK/state.json, so an
+interrupted run continues where it stopped. No --smoke run: every part needs the real build (~30 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -294,9 +282,5 @@ def run(args: argparse.Namespace) -> dict:
     return data_of(state, args.steps)
 
 
-def main() -> None:
-    harness.main("real", __doc__, run, render, add_args)
-
-
 if __name__ == "__main__":
-    main()
+    harness.main("real", __doc__, run, render, add_args)

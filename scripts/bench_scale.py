@@ -1,16 +1,9 @@
 """Seed-model scale on this machine: memory per rank, start-up, checkpoints, export and speed on the
-Raiden-shaped scale model (scripts.make_scale_model), and their projection to the real 26-layer model.
+Raiden-shaped scale model (scripts.make_scale_model), projected to the real 26-layer model. What each
+configuration and part runs and records: docs/distributed.md ("Measured at seed-model scale").
 
     make bench-scale                                # writes bench/scale.json, bench/scale.md
-    python -m scripts.bench_scale --steps 2 --seq 128 --out bench
     python -m scripts.bench_scale --configs activations --update   # re-measure one part into bench/scale.json
-
-Each configuration runs in fresh processes, one at a time, on the same global batch (2 x `--seq` random
-tokens per step): single (1 process), fsdp2 and zero3 (2 gloo ranks), baseline (transformers.Trainer),
-export (verified `router-tune export`), peak (matmul FLOP/s at 2 threads); activations: 1 process, one
-micro-batch of 1 x T for each T of --activation-seqs, activation checkpointing off and on, the per-token,
-per-layer figures the 26-layer projection scales from. What each records: docs/distributed.md ("Measured
-at seed-model scale") and the markdown this writes.
 """
 
 from __future__ import annotations
@@ -27,31 +20,16 @@ import time
 from pathlib import Path
 
 from scripts import bench_train, harness
-from scripts.harness import (
-    ROOT,
-    PeakRss,
-    checkpoint_bytes,
-    describe,
-    md_row,
-    release_free_memory,
-    rss,
-    rss_parts,
-    vm_hwm,
-)
+from scripts.harness import ROOT, PeakRss, describe, release_free_memory, rss, rss_parts, vm_hwm
 
 CONFIGS = ("single", "fsdp2", "zero3")
 SHARDED = CONFIGS[1:]
 GB = 1e9
-# Decoder layers' worth of gathered weights a rank holds at its peak, besides its shard. Gathering costs
-# twice the unit on both backends: the flat all-gather output and the per-parameter tensors copied out of it
-# (FSDP2's copy-out, DeepSpeed's torch.cat); measured here with 2 gloo ranks and one module of a 1 GiB bf16
-# parameter: +2.00 GiB of private memory in a no-grad forward, FSDP2 and ZeRO-3 alike. FSDP2 also prefetches
-# in backward: a layer's pre-backward hook all-gathers the next layer to run while its own stays unsharded
-# (torch's FSDPParamGroup._backward_prefetch, on by default), so 1 + 2 when there is a next layer. The same
-# code runs on GPUs.
 
 
 def gathered_layers(backend: str, layers: int) -> int:
+    """Decoder layers' worth of gathered weights a rank holds at its peak besides its shard: 2 (a gathered unit
+    costs twice its bytes), 3 for FSDP2 with a next layer to prefetch in backward (docs/distributed.md)."""
     return 3 if backend == "fsdp2" and layers > 1 else 2
 
 
@@ -104,34 +82,20 @@ def worker(args) -> None:
 
     sharded, zero3 = args.child != "single", args.child == "zero3"
     if zero3:
-        # ZeRO-3 partitions in DeepSpeed's compute dtype (zero.Init follows `bf16.enabled`). On a GPU a run is
-        # `bf16: true`, so the partitions are bf16, like the checkpoint. TrainingArguments refuse bf16 on a
-        # machine without a GPU unless `use_cpu`, which turns DeepSpeed into DDP; the check is about the device,
-        # not DeepSpeed, so this worker passes it to measure the GPU-shaped run. Without it (fp32 partitions,
-        # twice the bytes) two ranks of this model do not fit this machine.
+        # bf16 partitions as on a GPU (zero.Init follows `bf16.enabled`): TrainingArguments refuse bf16 without a
+        # GPU unless `use_cpu`, which turns DeepSpeed into DDP, so the device check is passed (docs/distributed.md)
         import transformers.training_args as training_args
 
         training_args.is_torch_bf16_gpu_available = lambda: True
     config = harness.recipe(
-        None,
-        model_name_or_path=str(args.model),
-        model_dtype="bfloat16",
-        output_dir=str(args.run_dir),
-        max_steps=args.steps,
-        per_device_train_batch_size=1,
+        None, model_name_or_path=str(args.model), model_dtype="bfloat16", output_dir=str(args.run_dir),
+        max_steps=args.steps, per_device_train_batch_size=1,
         gradient_accumulation_steps=1 if sharded else 2,  # the same global batch: 2 x 1 x seq
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        routing_log_every=1,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=args.steps,
-        seed=0,
-        data_seed=0,
+        learning_rate=0.5, lr_scheduler_type="constant", warmup_steps=0, routing_log_every=1, logging_steps=1,
+        save_strategy="steps", save_steps=args.steps, seed=0, data_seed=0,
         use_cpu=args.child == "single",  # fsdp2: ACCELERATE_USE_CPU=1; zero3: none (see its yaml)
         bf16=zero3,
-    )
+    )  # fmt: skip
     data = load_from_disk(str(args.data))
     clock = harness.step_clock()
     anon_peak = PeakRss(lambda: rss_parts().get("anon", 0)).start()  # private memory: tensors, heap (no file pages)
@@ -204,19 +168,12 @@ def export_worker(args) -> dict:
     start = time.perf_counter()
     code = cli(["export", str(args.run_dir), "--out", str(args.export_dir), "--force"])
     seconds = time.perf_counter() - start
-    print(
-        json.dumps(
-            {"exit_code": code, "seconds": seconds, "rss_after_imports": after_imports, "peak_rss_process": vm_hwm()}
-        )
-    )
+    return {"exit_code": code, "seconds": seconds, "rss_after_imports": after_imports, "peak_rss_process": vm_hwm()}
 
 
 def activation_worker(args) -> dict:
-    """One micro-batch of 1 x seq through RouterTrainer as recipes/raiden-16x3b.yaml trains (bf16 weights and
-    autocast, fp32 routers, chunked CE), activation checkpointing as asked, two steps (the first warms the
-    allocator and creates Adam's state). Private memory (RssAnon, freed heap returned first) at the first
-    layer's input and at each layer's output in the last step's forward: what the forward keeps per layer;
-    and the peak of RssAnon while training (20 ms sampler) against RssAnon after loading."""
+    """One micro-batch of 1 x seq, two steps (the first warms up), checkpointing as asked: RssAnon at each decoder
+    layer's input and output in the last step's forward, and its peak while training (the markdown explains)."""
     import torch
     from transformers import TrainerCallback
 
@@ -378,6 +335,7 @@ def measure_baseline(args) -> dict:
     )  # fmt: skip
     result = measure_part("baseline", cmd, args)
     shutil.rmtree(out, ignore_errors=True)  # its checkpoint holds the whole model
+    print(f"baseline: {result['tokens_per_s']:.1f} tokens/s")
     return result
 
 
@@ -385,8 +343,9 @@ def measure_export(args) -> dict:
     export_dir, checkpoint = args.work / "export", args.work / "run-single" / f"checkpoint-{args.steps}"
     cmd = harness.module_cmd("bench_scale", "--child", "export", "--run-dir", checkpoint, "--export-dir", export_dir)
     result = measure_part("export", cmd, args)
-    result["export_bytes"] = checkpoint_bytes(export_dir)
+    result["export_bytes"] = harness.checkpoint_bytes(export_dir)
     shutil.rmtree(export_dir, ignore_errors=True)
+    print(f"export: {result['seconds']:.1f} s, {result['peak_rss_process'] / GB:.2f} GB")
     return result
 
 
@@ -410,6 +369,10 @@ def measure_activations(args) -> dict:
                 done.write_text(json.dumps(result, indent=2) + "\n")
             runs.append(json.loads(done.read_text()))
     return {"provenance": prov, "runs": runs}
+
+
+# --configs beside CONFIGS: one fresh process each (`--update` re-measures activations or peak alone)
+MEASURES = dict(baseline=measure_baseline, export=measure_export, peak=measure_peak, activations=measure_activations)
 
 
 # ---- figures ------------------------------------------------------------------------------
@@ -457,15 +420,10 @@ def analyse(data: dict) -> dict:
             "vs_single_anon": anon / single["peak_rss_anon"],
         }
 
-    # What each backend gathers at once: FSDP2 (transformers' plan) shards each decoder layer as one unit
-    # and gathers it whole for its forward and backward; ZeRO-3 gathers the MoE block (a leaf) whole and
-    # the attention projections module by module: one decoder layer bounds both (gathered_layers).
     for name in SHARDED:
         if name not in cfg:
             continue
-        rows = []
-        for r in cfg[name]["ranks"]:
-            rows.append(against_prediction(name, r, r["peak_rss_process"], r["peak_rss_anon"]))
+        rows = [against_prediction(name, r, r["peak_rss_process"], r["peak_rss_anon"]) for r in cfg[name]["ranks"]]
         within = TARGETS["rss_vs_predicted"]
         out[name] = {
             "per_rank": rows,
@@ -530,10 +488,8 @@ def analyse(data: dict) -> dict:
 
 
 def activation_figures(act: dict) -> dict:
-    """Per checkpointing setting, from the 1-process runs: what the forward keeps per decoder layer (the mean
-    over layers of RssAnon's rise across a layer) and the rest of a step's peak above RssAnon after loading
-    (head and chunked CE, one layer's backward, the recompute of one layer with checkpointing), each as a
-    line in the tokens T through the two longest sequences measured, evaluated at the recipe's 1 x 2048."""
+    """Per checkpointing setting: what the forward keeps per decoder layer and the rest of a step's peak, each a
+    line in the tokens through the two longest sequences measured, read at the recipe's 1 x 2048 (the markdown)."""
     out = {}
     for ckpt in (False, True):
         runs = sorted((r for r in act["runs"] if r["checkpointing"] == ckpt), key=lambda r: r["seq"])
@@ -622,7 +578,7 @@ def memory_row(label: str, r: dict, rank: int, cells: list[str]) -> str:
     """A row of the memory table: the rank's RSS up to loading, then `cells`."""
     parts = r["rss_parts_after_load"]
     after_load = f"{gb(r['rss_after_load'])} ({gb(parts.get('anon', 0))} + {gb(parts.get('file', 0))})"
-    return md_row([label, rank, gb(r["rss_after_imports"]), gb(r["peak_rss_load"]), after_load, *cells])
+    return harness.md_row([label, rank, gb(r["rss_after_imports"]), gb(r["peak_rss_load"]), after_load, *cells])
 
 
 def render(data: dict) -> str:
@@ -844,30 +800,13 @@ def add_args(parser) -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "build" / "scale-model")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
-    parser.add_argument(
-        "--configs",
-        nargs="+",
-        default=["single", "fsdp2", "zero3", "baseline", "export", "peak", "activations"],
-        help=f"any of {', '.join(CONFIGS)}, baseline, export, peak, activations",
-    )
-    parser.add_argument(
-        "--activation-seqs", type=int, nargs="+", default=[256, 512], help="tokens per micro-batch, activations"
-    )
-    parser.add_argument(
-        "--update",
-        action="store_true",
-        help="measure --configs only and put them into OUT/scale.json beside its other measurements",
-    )
+    parser.add_argument("--configs", nargs="+", default=[*CONFIGS, *MEASURES], choices=[*CONFIGS, *MEASURES])
+    parser.add_argument("--activation-seqs", type=int, nargs="+", default=[256, 512], help="activations' tokens")
+    parser.add_argument("--update", action="store_true", help="measure --configs only, into OUT/scale.json's others")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
-    parser.add_argument(
-        "--min-available-gb", type=float, default=1.5, help="stop a configuration when the machine has less free"
-    )
+    parser.add_argument("--min-available-gb", type=float, default=1.5, help="stop a configuration below this free GB")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the scale model, if --model is made")
-    parser.add_argument(
-        "--reanalyse",
-        action="store_true",
-        help="recompute the figures and the markdown from OUT/scale.json's measurements, without measuring",
-    )
+    parser.add_argument("--reanalyse", action="store_true", help="figures and markdown again from OUT/scale.json")
     parser.add_argument("--checkpointing", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
@@ -900,10 +839,9 @@ def run(args) -> dict:
     if args.update:  # the other measurements stand; each part measured here records its own commit
         data = json.loads((args.out / "scale.json").read_text())
         for name in args.configs:
-            part = {"activations": measure_activations, "peak": measure_peak}.get(name)
-            if part is None:
+            if name not in ("activations", "peak"):
                 raise SystemExit(f"--update measures activations or peak, not {name}")
-            data[name] = part(args)
+            data[name] = MEASURES[name](args)
         data["figures"], data["reanalysed"] = analyse(data), harness.provenance()
         return data
     data = {
@@ -918,16 +856,8 @@ def run(args) -> dict:
     for name in args.configs:
         if name in CONFIGS:
             data["configs"][name] = measure_config(name, args, args.work)
-        elif name == "baseline":
-            data["baseline"] = measure_baseline(args)
-            print(f"baseline: {data['baseline']['tokens_per_s']:.1f} tokens/s")
-        elif name == "export":
-            data["export"] = measure_export(args)
-            print(f"export: {data['export']['seconds']:.1f} s, {data['export']['peak_rss_process'] / GB:.2f} GB")
-        elif name == "peak":
-            data["peak"] = measure_peak(args)
-        elif name == "activations":
-            data["activations"] = measure_activations(args)
+        else:
+            data[name] = MEASURES[name](args)
     data["figures"] = analyse(data)
     data["wall_s"] = time.perf_counter() - start
     data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " + (

@@ -65,25 +65,12 @@ def run(args) -> dict:
     rss_after_imports = maxrss_mb()
     data = load_from_disk(args.data)
     common = dict(
-        output_dir=args.out_dir,
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        optim="adamw_torch",
-        logging_steps=args.logging_steps,
-        save_strategy="steps",
-        save_steps=args.steps,
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
+        output_dir=args.out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, optim="adamw_torch", logging_steps=args.logging_steps, save_strategy="steps",
+        save_steps=args.steps, report_to="none", disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0,
         use_cpu=not cuda,
-    )
+    )  # fmt: skip
     sampler = harness.PeakRss(every=0.01)  # while training: the loading peak is the same for both trainers
     end = {}
     clock = harness.step_clock(sync, on_last_step=lambda: end.setdefault("maxrss", maxrss_mb()))
@@ -98,17 +85,12 @@ def run(args) -> dict:
         from router_tune.training.trainer import RouterTrainer
 
         config = harness.recipe(
-            None,
-            model_name_or_path=args.model_dir,
-            model_dtype=args.dtype,
-            router_aux_loss_coef=0.01,
-            router_z_loss_coef=0.001,
-            aux_loss_scope="layer",
-            aux_loss_reduce="global",
+            None, model_name_or_path=args.model_dir, model_dtype=args.dtype, router_aux_loss_coef=0.01,
+            router_z_loss_coef=0.001, aux_loss_scope="layer", aux_loss_reduce="global",
             routing_log_every=args.routing_log_every,
             router_lr_scale="none",  # the baseline's optimizer exactly: Adam at 1e-3 (speed, not quality)
             **{**common, **dict(kv.split("=", 1) for kv in args.set)},
-        )
+        )  # fmt: skip
         sources = [f"source{i}" for i in range(max(data["source_id"]) + 1)]
         model = fsdp_one_rank(args.model_dir, dtype, args.device) if args.fsdp_one_rank else None
         trainer = RouterTrainer(model=model, args=config, train_dataset=data, source_names=sources, callbacks=[clock])
@@ -213,17 +195,11 @@ def router_tune_details(trainer, args, seq: int) -> dict:
     with torch.device("meta"):  # shapes only, for the plan of what quantization stores
         shapes = AutoModelForCausalLM.from_config(config)
     plan = training_memory(
-        trainer.moe,
-        trainer.param_counts.total,
-        trainer.param_counts.trainable,
-        config.vocab_size,
-        seq_len=seq * args.batch,
-        dtype=trainer.moe.dtype,
-        quantize=trainer.args.quantize,
-        quantize_head=trainer.args.quantize_head,
-        model=shapes,
+        trainer.moe, trainer.param_counts.total, trainer.param_counts.trainable, config.vocab_size,
+        seq_len=seq * args.batch, dtype=trainer.moe.dtype, quantize=trainer.args.quantize,
+        quantize_head=trainer.args.quantize_head, model=shapes,
         activation_checkpointing=bool(trainer.args.activation_checkpointing),
-    )
+    )  # fmt: skip
 
     def dtypes(tensors) -> list[str]:
         return sorted({str(t.dtype).removeprefix("torch.") for t in tensors})

@@ -1,11 +1,8 @@
 """python -m scripts.build_samples  [--out router_tune/assets/samples]
 
-Rebuild the bundled data samples from openly licensed text that installs on Debian 12 (`apt-get install
-python3.11 python3.11-doc bible-kjv`, `pip install chitchat-dataset==0.9.0`), in the upstream schemas
-(RedPajama-Data-1T-Sample, wizard_vicuna_70k_unfiltered) so the real datasets and these samples go
-through the same loader. Files, sources, licences and transformations: the NOTICE below, written with
-them. Deterministic: documents are picked in sha256(key) order until the domain's byte budget is full
-and written sorted by key, so running it twice gives byte-identical files.
+Rebuild the bundled data samples byte for byte from openly licensed text that installs on Debian 12 (`apt-get
+install python3.11 python3.11-doc bible-kjv`, `pip install chitchat-dataset==0.9.0`), in the upstream schemas
+(docs/data.md). Files, sources, licences, transformations and how documents are picked: the NOTICE below.
 """
 
 from __future__ import annotations
@@ -315,27 +312,19 @@ def main() -> None:
     code, docs, book, chats = code_records(), docs_records(), book_records(), chat_records()
     (out / "redpajama").mkdir(parents=True, exist_ok=True)
     (out / "wizard_vicuna").mkdir(parents=True, exist_ok=True)
-    files = {
-        "redpajama/github_sample.jsonl": "".join(code.values()),
-        "redpajama/python_docs_sample.jsonl": "".join(docs.values()),
-        "redpajama/book_sample.jsonl": "".join(book.values()),
-        "wizard_vicuna/wizard_vicuna_sample.json": "[\n" + ",\n".join(chats.values()) + "\n]\n",
-        "inspect_sample.txt": inspect_text(code, docs, book, chats),
-        **licence_texts(),
+    samples = {  # NOTICE's name: (file, its records, its text)
+        "code": ("redpajama/github_sample.jsonl", code, "".join(code.values())),
+        "docs": ("redpajama/python_docs_sample.jsonl", docs, "".join(docs.values())),
+        "book": ("redpajama/book_sample.jsonl", book, "".join(book.values())),
+        "chat": ("wizard_vicuna/wizard_vicuna_sample.json", chats, "[\n" + ",\n".join(chats.values()) + "\n]\n"),
     }
+    files = {name: text for name, _, text in samples.values()}
+    files.update({"inspect_sample.txt": inspect_text(code, docs, book, chats), **licence_texts()})
     sizes = {name: len(text.encode()) for name, text in files.items()}
+    counts = {f"n_{key}": len(records) for key, (_, records, _) in samples.items()}
+    counts.update({f"b_{key}": sizes[name] for key, (name, _, _) in samples.items()})
     files["NOTICE"] = NOTICE.format(
-        budget=DOMAIN_BUDGET,
-        kjv_range=KJV_RANGE,
-        n_code=len(code),
-        b_code=sizes["redpajama/github_sample.jsonl"],
-        n_docs=len(docs),
-        b_docs=sizes["redpajama/python_docs_sample.jsonl"],
-        n_book=len(book),
-        b_book=sizes["redpajama/book_sample.jsonl"],
-        n_chat=len(chats),
-        b_chat=sizes["wizard_vicuna/wizard_vicuna_sample.json"],
-        b_inspect=sizes["inspect_sample.txt"],
+        budget=DOMAIN_BUDGET, kjv_range=KJV_RANGE, b_inspect=sizes["inspect_sample.txt"], **counts
     )
     sizes["NOTICE"] = len(files["NOTICE"].encode())
     total = sum(sizes.values())

@@ -2,12 +2,9 @@
 
     python scripts/check_gguf.py runs/demo/export [--routers runs/demo/routers.safetensors]
 
-llama.cpp is how frankenMoE users quantize (q4/q5 GGUFs). The converter ships inside the
-llama-cpp-python source distribution on PyPI (vendor/llama.cpp/convert_hf_to_gguf.py with
-its gguf-py package); this script downloads that sdist once into build/llama.cpp (no
-compilation: the converter is pure Python), converts the export to an f32 GGUF, reads the
-GGUF back with gguf-py and compares every router tensor (`blk.N.ffn_gate_inp.weight`) with
-the export's `block_sparse_moe.gate.weight` (and with the trained routers when given).
+The converter is pure Python, vendored in the llama-cpp-python sdist on PyPI: downloaded once into
+build/llama.cpp, it converts the export to an f32 GGUF, and every router tensor read back with gguf-py
+(`blk.N.ffn_gate_inp.weight`) is compared with the export's (and the trained routers when given).
 """
 
 from __future__ import annotations

@@ -37,13 +37,9 @@ def train(mode: str, batching: str, steps: int, work: Path, blocks) -> dict:
     out = work / f"{mode}-{batching}"
     shutil.rmtree(out, ignore_errors=True)
     config = harness.recipe(
-        harness.DEMO_RECIPE,
-        aux_loss_reduce=mode,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=ga,
-        max_steps=steps,
-        output_dir=str(out),
-    )
+        harness.DEMO_RECIPE, aux_loss_reduce=mode, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
+        max_steps=steps, output_dir=str(out),
+    )  # fmt: skip
     trainer = RouterTrainer(args=config)
     trainer.train()
     r = evaluate_model(trainer.model, blocks, progress=False)

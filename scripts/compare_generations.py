@@ -1,10 +1,8 @@
 """python -m scripts.compare_generations BEFORE AFTER --out generations.md [--max-new-tokens 40]
 
-Greedy generations of two checkpoints of one model (e.g. the merge as mergekit-moe wrote it and the
-model `router-tune export` wrote after router training) for one fixed prompt per domain of the real
-demo, side by side in a markdown file (and JSON beside it). Each model is loaded as a user loads it,
-`AutoModelForCausalLM.from_pretrained`, computed in fp32 on the CPU; the chat prompt goes through the
-tokenizer's own chat template. Greedy decoding, so the text is a function of the weights alone.
+Greedy generations of two checkpoints of one model (e.g. the mergekit merge and the export after router
+training) for one fixed prompt per domain of the real demo, side by side in markdown (JSON beside it); each
+model loaded with `AutoModelForCausalLM.from_pretrained`, fp32 on the CPU, chats in the tokenizer's template.
 """
 
 from __future__ import annotations

@@ -3,18 +3,8 @@
     scripts/gpu_check.sh                      # on a GPU: writes bench/gpu/check.json and bench/gpu/check.md
     scripts/gpu_check.sh --dry-run --out DIR  # every stage on this CPU with tiny sizes (under a minute idle)
 
-Builds a Raiden-width model with 4 layers (scripts/make_scale_model.py: hidden 3200, 16 experts of 8640,
-vocab 32000; ~11.6 GB bf16) and random 2048-token blocks, then runs each stage as one fresh
-`scripts.bench_train` process:
-  baseline     the plain transformers Trainer, bf16 weights, routers trainable by class
-  router_tune  RouterTrainer on the same weights, blocks, batch and steps
-  recipe       the shipped bf16 recipe path: bf16 autocast, activation checkpointing, chunked CE
-  fsdp2        FSDP2 on one rank (bf16 MixedPrecisionPolicy), routers fp32 beside bf16 frozen weights
-  nf4          frozen weights in nf4 (bitsandbytes), routers fp32
-and checks the targets: router_tune >= 1.0x the baseline's tokens/s, MFU (4N FLOPs per token) >= 35%,
-peak GPU memory within 15% of router_tune.model.memory's plan, routers and their Adam state fp32 on every
-router_tune stage, nf4 weights <= 0.35x the bf16 weights. The files carry the commit, whether the tree was
-clean, and the GPU's name.
+A Raiden-width model with 4 layers (scripts/make_scale_model.py, ~11.6 GB bf16) and random 2048-token blocks;
+each of STAGES is one fresh `scripts.bench_train` process, checked against TARGETS (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -110,13 +100,9 @@ def summarise(runs: dict, model: Path) -> dict:
         "nf4_weights_ratio": stages["nf4"]["model_bytes"] / stages["router_tune"]["model_bytes"],
         "routers_fp32": all(s["router_dtypes"] == s["router_state_dtypes"] == ["float32"] for s in tuned),
     }
-    verdicts = {name: verdict(name, checks[name]) for name in TARGETS}
+    verdicts = {name: harness.judge(checks[name], target) for name, target in TARGETS.items()}
     verdicts["routers_fp32"] = "PASS" if checks["routers_fp32"] else "MISS"
     return {"gpu_name": gpu, "flops_per_token_4N": fpt, "stages": stages, "checks": checks, "verdicts": verdicts}
-
-
-def verdict(name: str, value: float | None) -> str:
-    return harness.judge(value, TARGETS[name])
 
 
 def markdown(result: dict) -> str:

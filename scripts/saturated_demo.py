@@ -40,13 +40,9 @@ def train(model: Path, out: Path, rescale: str, steps: int) -> dict:
 
     shutil.rmtree(out, ignore_errors=True)
     args = harness.recipe(
-        harness.DEMO_RECIPE,
-        model_name_or_path=str(model),
-        output_dir=str(out),
-        router_rescale=rescale,
-        max_steps=steps,
-        eval_before_after=True,
-    )
+        harness.DEMO_RECIPE, model_name_or_path=str(model), output_dir=str(out), router_rescale=rescale,
+        max_steps=steps, eval_before_after=True,
+    )  # fmt: skip
     trainer = RouterTrainer(args=args)
     trainer.train()
     report = json.loads((out / "eval" / "report.json").read_text())

@@ -1,12 +1,8 @@
-"""The drift watch: the test suite in a venv of the newest releases pyproject allows, its result and
-versions recorded in docs/compatibility.md; with --lock, a passing run's versions become the lock that
-`make setup` (and so `make demo`, `make test` and CI) installs.
+"""The drift watch (docs/development.md): the test suite in a venv of the newest releases pyproject allows,
+recorded in docs/compatibility.md; with --lock, a passing run's versions become requirements-lock.txt.
 
     make test-latest      # fresh .venv-latest with the newest releases, the suite, docs/compatibility.md
     make lock             # the same, then requirements-lock.txt from .venv-latest when the suite passed
-
-Run before every merge to main: when it fails, fix the code or bound the range in pyproject.toml, and
-refresh the lock in the same change.
 """
 
 from __future__ import annotations
