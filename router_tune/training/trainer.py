@@ -251,6 +251,8 @@ class RouterTrainer(TrainerOverrides, Trainer):
         batches = [collate(blocks[i : i + size]) for i in range(0, len(blocks), size)]
         self._router_input_batches = None
         self._probe_batches = batches  # and the loss-free fold's, at the last step
+        if not batches and args.loss_free_fold and args.balancing != "switch":
+            raise RouterTuneError("loss_free_fold fits the fold on the first training blocks; this run has none.")
         if not batches:
             return
         if self.backend == "deepspeed":
@@ -412,8 +414,6 @@ class RouterTrainer(TrainerOverrides, Trainer):
         """The last step's bias into the router weights (loss_free.py: the fold), fitted on the router inputs
         of the probe blocks with the routers as trained. Every rank folds its own copy from the same blocks;
         rank 0's is the one saved (no step follows)."""
-        if not self._probe_batches:
-            raise RouterTuneError("loss_free_fold needs training blocks to fit the fold on; the run has none.")
         inputs: list[list[torch.Tensor]] = [[] for _ in self.moe.routers]
         model = self.accelerator.unwrap_model(self.model)
         probe_router_inputs(model, self.moe, self._probe_batches, lambda i, x: inputs[i].append(x.float().cpu()))
