@@ -47,7 +47,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check router_tune tests scripts
 
 demo: $(STAMP)
-	PATH=$(VENV)/bin:$$PATH bash scripts/demo.sh
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
 
 # A real pretrained model: four SmolLM2-135M-Instruct experts merged by mergekit-moe (built once into
 # build/real, ~25 min on 2 cores; needs the `real` extra: the gguf reader), then train / eval / export /
@@ -58,13 +58,13 @@ $(REAL_STAMP): $(STAMP)
 	touch $(REAL_STAMP)
 
 demo-real: $(REAL_STAMP)
-	PATH=$(VENV)/bin:$$PATH bash scripts/demo_real.sh
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo_real.sh
 
 # The real merge measured (bench/real.md, .json): held-out perplexity per domain of each expert alone, the
 # merges with `hidden` and `random` gates, trained routers at the demo-real budget and 4x it, oracle routing;
 # router_tune vs the plain transformers Trainer (tokens/s, peak memory). CPU hours on 2 cores.
 bench-real: $(REAL_STAMP)
-	PATH=$(VENV)/bin:$$PATH $(PY) -m scripts.bench_real --out bench
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m scripts.bench_real --out bench
 
 bench: $(STAMP)
 	$(PY) -m scripts.bench --out bench

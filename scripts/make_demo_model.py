@@ -294,6 +294,16 @@ def routing(model, heldout: dict[str, torch.Tensor], top_k: int) -> dict:
 # ---------------------------------------------------------------- merge
 
 
+def mergekit_cli() -> Path:
+    """The mergekit-moe script next to this Python, as an absolute path: the merge runs from the work dir, and
+    a Python started from a relative PATH entry (`PATH=.venv/bin:...`) has a relative sys.executable. Not
+    resolved: the venv's python is a symlink out of the venv."""
+    cli = Path(sys.executable).absolute().parent / "mergekit-moe"
+    if not cli.exists():
+        sys.exit("mergekit-moe not found next to this Python: pip install -e '.[dev]' (mergekit==0.1.5)")
+    return cli
+
+
 def merge(
     work: Path,
     experts: dict[str, list[str]] | None = None,
@@ -316,9 +326,7 @@ def merge(
     }
     (work / yml).write_text(yaml.safe_dump(config, sort_keys=False, width=100), encoding="utf-8")
     shutil.rmtree(work / out, ignore_errors=True)
-    cli = Path(sys.executable).parent / "mergekit-moe"
-    if not cli.exists():
-        sys.exit("mergekit-moe not found next to this Python: pip install -e '.[dev]' (mergekit==0.1.5)")
+    cli = mergekit_cli()
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(THREADS))
     cmd = [str(cli), yml, out, "--device", "cpu", "--lazy-unpickle", "--random-seed", str(SEED)]
     log("$ mergekit-moe " + " ".join(cmd[1:]))

@@ -133,3 +133,16 @@ def test_first_hour_on_the_demo(user):
     for result in (shown, dry, resumed, evaluated, exported):
         assert "WANDB" not in result.stdout  # report_to none: no word of wandb
     assert "WANDB" not in out
+
+
+def test_mergekit_found_from_a_relative_python_path(monkeypatch):
+    """`make demo-real` on a fresh clone: a Python started through a relative PATH entry has a relative
+    sys.executable, and the merge runs mergekit-moe from its work dir: the script's path must be absolute."""
+    from scripts.make_demo_model import mergekit_cli
+
+    venv_python = Path(sys.executable).absolute()
+    monkeypatch.chdir(venv_python.parent.parent)
+    monkeypatch.setattr(sys, "executable", os.path.relpath(venv_python))
+    cli = mergekit_cli()
+    assert cli.is_absolute() and cli.exists()
+    assert cli.parent == venv_python.parent  # the venv's bin, not where its python symlink points
