@@ -1,9 +1,10 @@
-"""python -m scripts.bench_real --out bench  [--steps 60 240] [--stages evals train speed] [--render]
+"""python -m scripts.bench_real --out bench  [--steps 60 240] [--stages evals train sharpen speed] [--render]
 
 The real frankenMoE of scripts/make_real_moe.py (`hidden` and `random` merges) on the same held-out blocks of
 recipes/demo-real.yaml: base, each expert alone, each merge, oracle routing and the routers trained with the
-shipped defaults at each budget of --steps, and router_tune against the plain transformers Trainer (what each
-figure is: the markdown this writes; docs/real-weights.md). Each finished stage is kept in WORK/state.json, so an
+shipped defaults at each budget of --steps (the largest budget's also with their logits sharpened at eval), and
+router_tune against the plain transformers Trainer (what each figure is: the markdown this writes;
+docs/real-weights.md). Each finished stage is kept in WORK/state.json, so an
 interrupted run continues where it stopped. No --smoke run: every part needs the real build (~30 min on 2 cores).
 """
 
@@ -29,6 +30,7 @@ RECIPE = ROOT / "recipes" / "demo-real.yaml"
 DOMAINS = ("code", "python_docs", "book", "chat")
 MERGES = ("hidden", "random")
 EVAL_BLOCKS = 16  # per domain, as `make demo-real` evaluates (EVAL_BLOCKS there)
+SHARPEN = (1.5, 2.5)  # router logits scaled by these at eval, the trained routers of the largest budget
 
 
 def log(msg: str) -> None:
@@ -151,6 +153,28 @@ def train_and_eval(state: State, merge: str, steps: int, work: Path, reuse: Path
     state.put(key, {**result, "train_seconds": round(seconds) if seconds else None, "run": run_name})
 
 
+def sharpened_evals(state: State, merge: str, steps: int) -> None:
+    """The routers trained `steps` steps with their logits scaled by t at eval: the same ranking of experts (the
+    same top-k), sharper mixing weights. Tells whether the gap left is the routers' confidence, not their choice."""
+    from router_tune.evaluation.evaluate import evaluate_model, load_for_eval
+    from router_tune.model.routers import find_routers
+
+    keys = {t: f"sharpened-{merge}-{steps}-x{t}" for t in SHARPEN}
+    if all(k in state for k in keys.values()) or f"trained-{merge}-{steps}" not in state:
+        return
+    model, tokenizer, info, _ = load_for_eval(str(ROOT / state[f"trained-{merge}-{steps}"]["run"]))
+    stored = info.stored_dtype if info.dtype_note else None
+    routers = [r.module for r in find_routers(model)]
+    trained = [r.weight.detach().clone() for r in routers]
+    blocks = eval_blocks(tokenizer)
+    for t, key in keys.items():
+        if key not in state:
+            with torch.no_grad():
+                for router, weight in zip(routers, trained):
+                    router.weight.copy_(weight * t)
+            state.put(key, summary(evaluate_model(model, blocks, label=key, stored_dtype=stored)))
+
+
 def speed(state: State, work: Path, steps: int = 6) -> None:
     """router_tune vs the plain transformers Trainer, fresh processes, same blocks, fp32."""
     if "speed" in state:
@@ -215,6 +239,21 @@ def render(data: dict) -> str:
                 f"| `{merge}` | {n} | {100 * g:.0f}% | {t['worst_layer_max_over_mean']:.2f} | "
                 + (f"{t['train_seconds'] / 60:.1f} min |" if t["train_seconds"] else "(reused run) |")
             )
+    sharpened = [(m, t, state[f"sharpened-{m}-{steps[-1]}-x{t}"]) for m in MERGES for t in SHARPEN
+                 if f"sharpened-{m}-{steps[-1]}-x{t}" in state]  # fmt: skip
+    if sharpened:
+        lines += [
+            "",
+            f"What the {steps[-1]}-step routers leave: their logits scaled by t at eval (the same top-2 experts, "
+            "sharper weights between them):",
+            "",
+            "| merge | logits x t | overall | gap to oracle closed | worst layer max/mean load |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for m, t, v in sharpened:
+            ppl, key = v["perplexity"]["overall"], f"{m}-{steps[-1]}-x{t}"
+            lines.append(f"| `{m}` | {t} | {ppl:.3f} | {100 * data['gap_closed'][key]:.0f}% | "
+                         f"{v['worst_layer_max_over_mean']:.2f} |")  # fmt: skip
     if "speed" in state:
         b, r = state["speed"]["baseline"], state["speed"]["router_tune"]
         lines += [
@@ -239,7 +278,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reuse", nargs="*", default=[], metavar="MERGE-STEPS=RUN", help="e.g. hidden-60=runs/demo-real"
     )
-    parser.add_argument("--stages", nargs="+", default=["evals", "train", "speed"], choices=["evals", "train", "speed"])
+    stages = ["evals", "train", "sharpen", "speed"]
+    parser.add_argument("--stages", nargs="+", default=stages, choices=stages)
 
 
 def data_of(state: State, steps: list[int]) -> dict:
@@ -257,6 +297,12 @@ def data_of(state: State, steps: list[int]) -> dict:
         for n in steps
         if f"trained-{m}-{n}" in stages and f"oracle-{m}" in stages
     }
+    for m in MERGES:
+        for t in SHARPEN:
+            if f"sharpened-{m}-{steps[-1]}-x{t}" in stages:
+                ppl = stages[f"sharpened-{m}-{steps[-1]}-x{t}"]["perplexity"]["overall"]
+                gap = gap_closed(stages[f"merge-{m}"]["perplexity"]["overall"], ppl, stages[f"oracle-{m}"]["overall"])
+                gaps[f"{m}-{steps[-1]}-x{t}"] = round(gap, 4)
     return {"provenance": provenance(), "eval_blocks_per_domain": EVAL_BLOCKS, "steps": steps, "gap_closed": gaps,
             "stages": stages}  # fmt: skip
 
@@ -277,6 +323,9 @@ def run(args: argparse.Namespace) -> dict:
         for n in args.steps:
             for merge in args.merges:
                 train_and_eval(state, merge, n, args.work, reuse.get(f"{merge}-{n}"))
+    if "sharpen" in args.stages:
+        for merge in args.merges:
+            sharpened_evals(state, merge, args.steps[-1])
     if "speed" in args.stages:
         speed(state, args.work)
     return data_of(state, args.steps)
