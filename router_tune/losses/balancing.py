@@ -231,6 +231,47 @@ def overload_loss(
     return (excess * p).sum(dim=-1)
 
 
+def twin_balancing_loss(
+    router_logits: Sequence[Tensor],
+    top_k: int,
+    group_of: Tensor,
+    mask: Tensor | None = None,
+    counts: Tensor | None = None,
+    num_tokens: Tensor | float | None = None,
+) -> Tensor:
+    """Balance within twin groups only: the mean over (layer, group of two or more experts) of
+    n/F * sum_{i in group} (f_i/F - 1/n) * P_i, with f and P as in `load_balancing_loss`, F the group's
+    share of the layer's selections and n its size.
+
+    Twins (routing/twins.py) are experts whose outputs are nearly the same: which of them a token goes
+    to changes its output little, so their imbalance costs throughput and buys nothing. The Switch loss
+    pulls every expert to the mean and so also moves tokens across groups, away from the expert that
+    suits them. Here the weights f_i/F - 1/n sum to zero over a group: the gradient moves probability
+    from a group's busier twins to its idle ones and leaves the group's share of tokens to the LM loss.
+    0 when every group is balanced within; a group that got no selection adds 0. Linear in P, so the sum
+    over micro-batches and ranks (with global counts and `num_tokens`) is the loss of the whole batch.
+
+    Args:
+        group_of: LongTensor [L, E], each expert's group id in its layer (0..E-1, `TwinGroups.group_ids`).
+        router_logits, top_k, mask, counts, num_tokens: as in `load_balancing_loss` (scope "layer").
+    """
+    counts, prob_sum, weight = _counts_and_prob_sums(router_logits, top_k, mask, counts)
+    group_of = group_of.to(counts.device)
+    if tuple(group_of.shape) != tuple(counts.shape):
+        shapes = f"{list(counts.shape)}, got {list(group_of.shape)}"
+        raise ValueError(f"group_of must have shape [layers, experts] = {shapes}")
+    f = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    group_share = torch.zeros_like(f).scatter_add_(1, group_of, f).gather(1, group_of)  # F of each expert's group
+    size = torch.zeros_like(f).scatter_add_(1, group_of, torch.ones_like(f)).gather(1, group_of)
+    live = (size >= 2) & (group_share > 0)
+    safe_share = torch.where(live, group_share, 1.0)
+    coef = torch.where(live, (size * f / safe_share - 1.0) / safe_share, 0.0)
+    p = prob_sum / _token_count(weight, num_tokens).clamp_min(1.0)
+    # each group of two or more counted once: its members' 1/n sum to 1
+    groups = torch.where(size >= 2, 1.0 / size, 0.0).sum()
+    return (coef * p).sum() / groups.clamp_min(1.0)
+
+
 def router_z_loss(
     router_logits: Sequence[Tensor], mask: Tensor | None = None, num_tokens: Tensor | float | None = None
 ) -> Tensor:
@@ -268,6 +309,7 @@ __all__ = [
     "load_balancing_loss",
     "overload_loss",
     "router_z_loss",
+    "twin_balancing_loss",
     "selection_counts",
     "biased_top_k",
     "all_reduce_counts",
