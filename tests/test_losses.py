@@ -257,7 +257,7 @@ def group_ids(groups):
 
 
 def loop_twin(logits, k, groups, mask=None, counts=None):
-    """Mean over (layer, group of 2+) of n/F * sum_i (f_i/F - 1/n) P_i, one token at a time."""
+    """Mean over (layer, group of 2+) of sum_i (n f_i/F - 1) P_i, one token at a time."""
     terms = []
     for layer, lg in enumerate(logits):
         c, prob_sum, n = loop_counts_and_probs(lg, k, mask)
@@ -268,9 +268,7 @@ def loop_twin(logits, k, groups, mask=None, counts=None):
             if len(group) < 2:
                 continue
             share = sum(f[i] for i in group)
-            terms.append(
-                0.0 if share == 0 else len(group) / share * sum((f[i] / share - 1 / len(group)) * p[i] for i in group)
-            )
+            terms.append(0.0 if share == 0 else sum((len(group) * f[i] / share - 1) * p[i] for i in group))
     return sum(terms) / len(terms)
 
 

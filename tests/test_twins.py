@@ -148,7 +148,7 @@ def _twin_loss_reference(router_logits, top_k, groups) -> float:
         for group in groups[layer]:
             if len(group) > 1:
                 share = f[group].sum()
-                terms.append(len(group) / share * ((f[group] / share - 1 / len(group)) * p[group]).sum())
+                terms.append(((len(group) * f[group] / share - 1) * p[group]).sum())
     return float(torch.stack(terms).mean())
 
 

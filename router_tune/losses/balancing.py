@@ -240,19 +240,22 @@ def twin_balancing_loss(
     num_tokens: Tensor | float | None = None,
 ) -> Tensor:
     """Balance within twin groups only: the mean over (layer, group of two or more experts) of
-    n/F * sum_{i in group} (f_i/F - 1/n) * P_i, with f and P as in `load_balancing_loss`, F the group's
-    share of the layer's selections and n its size.
+    sum_{i in group} (n f_i/F - 1) * P_i, with f and P as in `load_balancing_loss`, F the group's share of the
+    layer's selections and n its size.
 
     Twins (routing/twins.py) are experts whose outputs are nearly the same: which of them a token goes
     to changes its output little, so their imbalance costs throughput and buys nothing. The Switch loss
     pulls every expert to the mean and so also moves tokens across groups, away from the expert that
-    suits them. Here the weights f_i/F - 1/n sum to zero over a group: the gradient moves probability
-    from a group's busier twins to its idle ones and leaves the group's share of tokens to the LM loss.
+    suits them. Here the weights n f_i/F - 1 (expert i's load over its group's mean, minus 1) sum to zero over
+    a group: the gradient moves probability from a group's busier twins to its idle ones and leaves the group's
+    share of tokens to the LM loss. They lie in [-1, n-1] however few tokens the group gets, so a little-used
+    group pulls no harder than a busy one (a first form with weights scaled by 1/F, unbounded for such groups,
+    lost the balance in a pilot on the second lab merge: within-group max/mean 2.0, 9 dead experts).
     0 when every group is balanced within; a group that got no selection adds 0. Linear in P, so the sum
     over micro-batches and ranks (with global counts and `num_tokens`) is the loss of the whole batch.
 
     Args:
-        group_of: LongTensor [L, E], each expert's group id in its layer (0..E-1, `TwinGroups.group_ids`).
+        group_of: LongTensor [L, E], each expert's group id in its layer (0..E-1, `ExpertTwins.group_ids`).
         router_logits, top_k, mask, counts, num_tokens: as in `load_balancing_loss` (scope "layer").
     """
     counts, prob_sum, weight = _counts_and_prob_sums(router_logits, top_k, mask, counts)
@@ -265,7 +268,7 @@ def twin_balancing_loss(
     size = torch.zeros_like(f).scatter_add_(1, group_of, torch.ones_like(f)).gather(1, group_of)
     live = (size >= 2) & (group_share > 0)
     safe_share = torch.where(live, group_share, 1.0)
-    coef = torch.where(live, (size * f / safe_share - 1.0) / safe_share, 0.0)
+    coef = torch.where(live, size * f / safe_share - 1.0, 0.0)
     p = prob_sum / _token_count(weight, num_tokens).clamp_min(1.0)
     # each group of two or more counted once: its members' 1/n sum to 1
     groups = torch.where(size >= 2, 1.0 / size, 0.0).sum()
