@@ -38,6 +38,7 @@ _EXPORTS = {
     "build_eval_blocks": "router_tune.data",
     "load_balancing_loss": "router_tune.losses.balancing",
     "overload_loss": "router_tune.losses.balancing",
+    "twin_balancing_loss": "router_tune.losses.balancing",
     "router_z_loss": "router_tune.losses.balancing",
     "RoutingStats": "router_tune.routing.stats",
     "RoutingSummary": "router_tune.routing.stats",

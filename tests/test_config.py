@@ -30,6 +30,7 @@ def test_unknown_recipe_key_names_closest(tmp_path):
         ("model_name_or_path: x\nrouter_gradient_steps: -5\n", "router_gradient_steps` must be >= 0"),
         ("model_name_or_path: x\nrouter_overload_threshold: 0.8\n", "router_overload_threshold` must be >= 1.0"),
         ("model_name_or_path: x\nrouter_overload_loss_coef: -1\n", "router_overload_loss_coef` must be >= 0"),
+        ("model_name_or_path: x\nrouter_twin_loss_coef: -0.1\n", "router_twin_loss_coef` must be >= 0"),
     ],
 )
 def test_bad_recipes(tmp_path, body, message):

@@ -15,6 +15,7 @@ from router_tune.losses.balancing import (
     overload_loss,
     router_z_loss,
     selection_counts,
+    twin_balancing_loss,
 )
 
 L, T, E, K = 3, 24, 5, 2
@@ -244,6 +245,78 @@ def test_overload_loss_only_acts_on_overloaded_experts():
     assert (logits[1].grad[:, 0] > 0).all() and (logits[1].grad[:, 1:] < 0).all()  # descent moves 0 down
 
 
+TWIN_GROUPS = [[[0, 3], [1, 4], [2]], [[0, 1, 2], [3], [4]], [[0], [1], [2], [3], [4]]]  # one partition per layer
+
+
+def group_ids(groups):
+    ids = torch.zeros(len(groups), E, dtype=torch.long)
+    for layer, partition in enumerate(groups):
+        for gid, group in enumerate(partition):
+            ids[layer, group] = gid
+    return ids
+
+
+def loop_twin(logits, k, groups, mask=None, counts=None):
+    """Mean over (layer, group of 2+) of sum_i (n f_i/F - 1) Q_i, Q_i the mean over real tokens of the group's
+    probability times expert i's softmax among the group's logits, one token at a time."""
+    terms = []
+    for layer, lg in enumerate(logits):
+        c, _, n = loop_counts_and_probs(lg, k, mask)
+        if counts is not None:
+            c = np.asarray(counts[layer], dtype=np.float64)
+        f, rows = c / c.sum(), lg.detach().numpy().astype(np.float64)
+        for group in groups[layer]:
+            if len(group) < 2:
+                continue
+            share, mass = sum(f[i] for i in group), np.zeros(len(group))
+            for t, row in enumerate(rows):
+                if mask is None or mask[t]:
+                    mass += np_softmax(row)[group].sum() * np_softmax(row[group]) / n
+            weights = [len(group) * f[i] / share - 1 if share > 0 else 0.0 for i in group]
+            terms.append(float(np.dot(weights, mass)))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_twin_loss_matches_loop_formula(use_mask):
+    logits, mask = make_logits(seed=17, scale=2.5), make_mask(seed=8) if use_mask else None
+    got = twin_balancing_loss(logits, K, group_ids(TWIN_GROUPS), mask)
+    assert got.item() == pytest.approx(loop_twin(logits, K, TWIN_GROUPS, mask), rel=1e-5)
+    counts = selection_counts(make_logits(seed=18, tokens=40, scale=2.5), K)
+    counts[0, [0, 3]] = 0.0  # a group that got no selection adds 0
+    got = twin_balancing_loss(logits, K, group_ids(TWIN_GROUPS), mask, counts=counts)
+    assert got.item() == pytest.approx(loop_twin(logits, K, TWIN_GROUPS, mask, counts.numpy()), rel=1e-5)
+    with pytest.raises(ValueError, match="group_of must have shape"):
+        twin_balancing_loss(logits, K, group_ids(TWIN_GROUPS)[:2], mask)
+
+
+def test_twin_loss_moves_probability_between_twins_only():
+    """Balanced within every group (however unequal the groups): 0 and no gradient, where the Switch loss
+    pushes. A busy twin: the gradient reaches only the group's members, sums to zero over them for every token,
+    and a descent step moves probability from the busy twin to its idle one."""
+    logits = make_logits(seed=19, layers=1)
+    groups = group_ids([[[0, 3], [1, 4], [2]]])
+
+    def step(loss_fn):
+        x = logits[0].detach().clone().requires_grad_()
+        loss = loss_fn((x,))
+        loss.backward()
+        return loss.item(), x.grad, x.softmax(-1).mean(0), (x - x.grad).softmax(-1).mean(0)
+
+    within = torch.tensor([[30.0, 5.0, 2.0, 30.0, 5.0]])
+    loss, grad, _, _ = step(lambda lg: twin_balancing_loss(lg, K, groups, counts=within))
+    assert loss == 0.0 and grad.abs().sum() == 0
+    _, grad, _, _ = step(lambda lg: load_balancing_loss(lg, K, counts=within))
+    assert grad.abs().max() > 1e-3
+
+    busy = torch.tensor([[50.0, 5.0, 2.0, 10.0, 5.0]])  # expert 0 takes 5/6 of its group's tokens
+    loss, grad, before, after = step(lambda lg: twin_balancing_loss(lg, K, groups, counts=busy))
+    assert loss > 0 and grad[:, [1, 4, 2]].abs().sum() == 0  # {1, 4} is balanced, 2 has no twin
+    torch.testing.assert_close(grad[:, [0, 3]].sum(-1), torch.zeros(T), atol=1e-9, rtol=0)
+    assert grad[:, 0].abs().max() > 1e-4
+    assert after[0] < before[0] and after[3] > before[3]
+
+
 def test_no_host_sync(monkeypatch):
     """The per-step paths never pull a value to the host (item, bool, float, tolist, numpy, cpu)."""
     logits, mask = make_logits(seed=13), make_mask(seed=6)
@@ -257,4 +330,5 @@ def test_no_host_sync(monkeypatch):
     loss = loss + router_z_loss(logits, mask)
     loss = loss + load_balancing_loss(logits, K, mask, counts=all_reduce_counts(selection_counts(logits, K, mask)))
     loss = loss + overload_loss(logits, K, 1.2, mask).sum()
+    loss = loss + twin_balancing_loss(logits, K, group_ids(TWIN_GROUPS), mask)
     loss.backward()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from router_tune.commands.inspect import render_text
 from router_tune.data import build_eval_blocks, parse_sources
@@ -18,7 +19,7 @@ from router_tune.model.loading import load_moe
 from router_tune.routing.inspection import inspect_model
 from router_tune.routing.stats import group_balance
 from router_tune.routing.telemetry import format_routing_table
-from tests.trainers import make_trainer
+from tests.trainers import make_trainer, uneven_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "router_tune" / "assets" / "demo-moe"
@@ -133,3 +134,70 @@ def test_loss_free_twin_scope_moves_only_the_twins_bias(mixtral_twins, tmp_path)
     everyone = make_trainer(mixtral_twins, tmp_path / "experts", **kw)
     everyone.train()
     assert (everyone.loss_free.bias[:, [2, 5]] != 0).any()
+
+
+def _twin_loss_reference(router_logits, top_k, groups) -> float:
+    """Independent twin balancing loss: loads counted token by token, the formula written out per group."""
+    terms = []
+    for layer, logits in enumerate(router_logits):
+        logits = logits.detach().float()
+        probs = logits.softmax(-1)
+        counts = torch.zeros(probs.shape[1])
+        for row in probs.topk(top_k, dim=-1).indices:
+            counts[row] += 1
+        f = counts / counts.sum()
+        for group in groups[layer]:
+            if len(group) > 1:
+                share = f[group].sum()
+                mass = (probs[:, group].sum(-1, keepdim=True) * logits[:, group].softmax(-1)).mean(0)
+                terms.append(((len(group) * f[group] / share - 1) * mass).sum())
+    return float(torch.stack(terms).mean())
+
+
+def test_twin_loss_is_added_with_its_coefficient_and_logged(mixtral_twins, tmp_path):
+    """router_twin_loss_coef: the trainer's loss grows by coef x the twin balancing loss of the measured groups."""
+    kw = dict(router_aux_loss_coef=0.1, router_z_loss_coef=0.01, aux_loss_reduce="micro", steps=2, batch=2)
+    twins = make_trainer(mixtral_twins, tmp_path / "twins", router_twin_loss_coef=10.0, **kw)
+    plain = make_trainer(mixtral_twins, tmp_path / "plain", **kw)
+    for trainer in (twins, plain):  # decisive routers, so the twins' loads differ clearly
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data.mul_(4.0)
+    batch = twins.data_collator([twins.train_dataset[i] for i in range(3)])
+    losses = [t.compute_loss(t.model.train(), dict(batch)) for t in (twins, plain)]
+    out = plain.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], output_router_logits=True)
+    reference = _twin_loss_reference(out.router_logits, 2, [KNOWN_TWINS] * 2)
+    assert reference > 0.001
+    assert (losses[0] - losses[1]).item() == pytest.approx(10.0 * reference, rel=1e-4)
+
+    twins.train()
+    plain.train()
+    assert [h["twin_loss"] >= 0 for h in twins.state.log_history if "lm_loss" in h] == [True, True]
+    assert not any("twin_loss" in h for h in plain.state.log_history)
+
+
+def test_twin_loss_accumulated_matches_big_batch(mixtral_twins, tmp_path):
+    """4 micro-batches x 2 blocks == 1 x 8 blocks (uneven targets and real tokens per block) with the twin loss
+    on global counts: it is linear in the probabilities, normalised by the whole step's tokens."""
+    data = uneven_blocks(mixtral_twins, 24)
+
+    def routers(out, batch, ga, coef=1.0):
+        trainer = make_trainer(
+            mixtral_twins,
+            out,
+            steps=3,
+            batch=batch,
+            ga=ga,
+            data=data,
+            aux_loss_reduce="global_prev",
+            router_twin_loss_coef=coef,
+            train_sampling_strategy="sequential",
+        )
+        trainer.train()
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    big, accumulated = routers(tmp_path / "1x8", 8, 1), routers(tmp_path / "4x2", 2, 4)
+    for n in big:
+        torch.testing.assert_close(big[n], accumulated[n], rtol=1e-5, atol=1e-7)
+    without = routers(tmp_path / "off", 8, 1, coef=0.0)  # the twin loss moved the routers
+    assert max((without[n] - big[n]).abs().max().item() for n in big) > 1e-4

@@ -137,19 +137,23 @@ def _counts_and_prob_sums(
     given ones checked and detached), the softmax probabilities summed over real tokens [L, E]
     (carry the gradient) and the token weights [T]."""
     logits, weight = stack_router_logits(router_logits, mask)
-    num_layers, _, num_experts = logits.shape
     probs = torch.softmax(logits, dim=-1)
+    # Padding rows carry weight 0, so they add nothing to P whatever their logits are.
+    return _step_counts(probs, top_k, weight, counts), torch.einsum("lte,t->le", probs, weight), weight
+
+
+def _step_counts(probs: Tensor, top_k: int, weight: Tensor, counts: Tensor | None) -> Tensor:
+    """The selection counts [L, E] a balancing loss reads: the micro-batch's own top-k of `probs` [L, T, E], or
+    the given ones (e.g. the global batch's) checked and detached."""
+    num_layers, _, num_experts = probs.shape
     if counts is None:
         with torch.no_grad():
-            counts = count_selections(top_k_experts(probs, top_k), num_experts, weight)[0]
-    else:
-        if tuple(counts.shape) != (num_layers, num_experts):
-            raise ValueError(
-                f"counts must have shape [layers, experts] = {[num_layers, num_experts]}, got {list(counts.shape)}"
-            )
-        counts = counts.detach().to(device=logits.device, dtype=logits.dtype)
-    # Padding rows carry weight 0, so they add nothing to P whatever their logits are.
-    return counts, torch.einsum("lte,t->le", probs, weight), weight
+            return count_selections(top_k_experts(probs, top_k), num_experts, weight)[0]
+    if tuple(counts.shape) != (num_layers, num_experts):
+        raise ValueError(
+            f"counts must have shape [layers, experts] = {[num_layers, num_experts]}, got {list(counts.shape)}"
+        )
+    return counts.detach().to(device=probs.device, dtype=probs.dtype)
 
 
 def load_balancing_loss(
@@ -231,6 +235,60 @@ def overload_loss(
     return (excess * p).sum(dim=-1)
 
 
+def twin_balancing_loss(
+    router_logits: Sequence[Tensor],
+    top_k: int,
+    group_of: Tensor,
+    mask: Tensor | None = None,
+    counts: Tensor | None = None,
+    num_tokens: Tensor | float | None = None,
+) -> Tensor:
+    """Balance within twin groups only: the mean over (layer, group of two or more experts) of
+    sum_{i in group} (n f_i/F - 1) * Q_i, with f the selection shares as in `load_balancing_loss`, F the group's
+    share of the layer's selections, n its size, and Q_i the mean over real tokens of p_g * q_i: q the softmax
+    over the group's own logits, p_g the group's probability (a constant, no gradient).
+
+    Twins (routing/twins.py) are experts whose outputs are nearly the same: which of them a token goes to
+    changes its output little, so their imbalance costs throughput and buys nothing. The Switch loss pulls every
+    expert to the mean and so also moves tokens across groups, away from the expert that suits them. Here the
+    gradient reaches only the logits of a group's members, through the softmax among them, and sums to zero over
+    them: it moves probability between twins and leaves the other experts alone (a first form on the full
+    softmax, with weights scaled by 1/F, also pushed tokens out of the busy twin's group and lost the balance in
+    a pilot on the second lab merge: within-group max/mean 2.0, 9 dead experts). Weighting each token by p_g
+    lets the tokens a group actually gets drive its balance. The weights n f_i/F - 1 (load over the group's
+    mean, minus 1) lie in [-1, n-1] however few tokens the group gets. 0 when every group is balanced within; a
+    group that got no selection adds 0. Linear in the per-token terms, so the sum over micro-batches and ranks
+    (with global counts and `num_tokens`) is the loss of the whole batch.
+
+    Args:
+        group_of: LongTensor [L, E], each expert's group id in its layer (0..E-1, `ExpertTwins.group_ids`).
+        router_logits, top_k, mask, counts, num_tokens: as in `load_balancing_loss` (scope "layer").
+    """
+    logits, weight = stack_router_logits(router_logits, mask)
+    probs = torch.softmax(logits, dim=-1)
+    counts = _step_counts(probs, top_k, weight, counts)
+    if tuple(group_of.shape) != tuple(counts.shape):
+        shapes = f"{list(counts.shape)}, got {list(group_of.shape)}"
+        raise ValueError(f"group_of must have shape [layers, experts] = {shapes}")
+    group_of = group_of.to(logits.device)
+    f = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    group_share = torch.zeros_like(f).scatter_add_(1, group_of, f).gather(1, group_of)  # F of each expert's group
+    size = torch.zeros_like(f).scatter_add_(1, group_of, torch.ones_like(f)).gather(1, group_of)
+    live = (size >= 2) & (group_share > 0)
+    coef = torch.where(live, size * f / torch.where(live, group_share, 1.0) - 1.0, 0.0)
+    # q: the softmax among each group's members, shifted by the group's max logit (the sum below is then >= 1)
+    ids = group_of.unsqueeze(1).expand_as(logits)
+    group_max = torch.full_like(logits, float("-inf")).scatter_reduce(-1, ids, logits.detach(), "amax")
+    shifted = (logits - group_max.gather(-1, ids)).exp()
+    q = shifted / torch.zeros_like(shifted).scatter_add(-1, ids, shifted).gather(-1, ids)
+    with torch.no_grad():
+        group_prob = torch.zeros_like(probs).scatter_add_(-1, ids, probs).gather(-1, ids)
+    mass = torch.einsum("lte,t->le", group_prob * q, weight) / _token_count(weight, num_tokens).clamp_min(1.0)
+    # each group of two or more counted once: its members' 1/n sum to 1
+    groups = torch.where(size >= 2, 1.0 / size, 0.0).sum()
+    return (coef * mass).sum() / groups.clamp_min(1.0)
+
+
 def router_z_loss(
     router_logits: Sequence[Tensor], mask: Tensor | None = None, num_tokens: Tensor | float | None = None
 ) -> Tensor:
@@ -268,6 +326,7 @@ __all__ = [
     "load_balancing_loss",
     "overload_loss",
     "router_z_loss",
+    "twin_balancing_loss",
     "selection_counts",
     "biased_top_k",
     "all_reduce_counts",

@@ -67,6 +67,20 @@ class ExpertTwins:
     def from_dict(cls, data: dict) -> ExpertTwins:
         return cls(**data)
 
+    def group_ids(self) -> torch.Tensor:
+        """LongTensor [L, E]: each expert's group in its layer, numbered by the group's position in `groups`
+        (the form `losses.twin_balancing_loss` reads)."""
+        ids = [[0] * sum(len(g) for g in layer) for layer in self.groups]
+        for layer, partition in enumerate(self.groups):
+            for gid, group in enumerate(partition):
+                for expert in group:
+                    ids[layer][expert] = gid
+        return torch.tensor(ids, dtype=torch.long)
+
+    def has_twins(self) -> bool:
+        """Whether any layer has a group of two or more experts."""
+        return any(len(g) > 1 for layer in self.groups for g in layer)
+
     def describe(self) -> str:
         """One line for reports: how the groups were found."""
         if self.method == "output cosine":

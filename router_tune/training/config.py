@@ -201,6 +201,16 @@ class RouterTuneConfig(TrainingArguments):
         default=1.2,
         metadata={"help": "Load / mean above which an expert counts as overloaded (router_overload_loss_coef)."},
     )
+    router_twin_loss_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the twin balancing loss: balance within each group of twin experts (experts whose "
+            "outputs are nearly the same, measured at start-up: routing/twins.py) and nowhere else. It moves "
+            "tokens between a group's busy and idle twins and leaves each group's share of the tokens to the LM "
+            "loss. Adds to the Switch loss (router_aux_loss_coef) or to loss-free balancing. 0 = off (the "
+            "default); without twins it is 0."
+        },
+    )
     router_z_loss_coef: float = field(
         default=0.001, metadata={"help": "Weight of the router z-loss (mean logsumexp^2 of router logits, ST-MoE)."}
     )
@@ -357,7 +367,13 @@ class RouterTuneConfig(TrainingArguments):
             )
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction}.")
-        for name in ("router_aux_loss_coef", "router_overload_loss_coef", "router_z_loss_coef", "router_jitter"):
+        for name in (
+            "router_aux_loss_coef",
+            "router_overload_loss_coef",
+            "router_twin_loss_coef",
+            "router_z_loss_coef",
+            "router_jitter",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.router_overload_threshold < 1.0:

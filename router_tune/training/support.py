@@ -57,7 +57,13 @@ class RouterProgressCallback(ProgressCallback):
     training log as `step 40/60: loss 2.442 (lm 2.415, aux 1.094, z 9.393) lr 0.2992`, a routing log as
     its layer means and worst layer (the per-layer values go to the run's trackers and plots)."""
 
-    PARTS = (("lm_loss", "lm"), ("aux_loss", "aux"), ("overload_loss", "overload"), ("z_loss", "z"))
+    PARTS = (
+        ("lm_loss", "lm"),
+        ("aux_loss", "aux"),
+        ("overload_loss", "overload"),
+        ("twin_loss", "twins"),
+        ("z_loss", "z"),
+    )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs:
@@ -94,29 +100,37 @@ class LossWindow:
     by the steps; outside a step (`whole=True`) each value is a whole one and they are averaged.
     """
 
-    def __init__(self, overload: bool = False):
+    def __init__(self, overload: bool = False, twins: bool = False):
         self.micro_batches = 0
         self.steps = 0
-        self.overload = overload  # log the overload loss too (only trained with when its coefficient is set)
+        # the optional losses logged too (each trained with only when its coefficient is set)
+        self.optional = [name for name, on in (("overload_loss", overload), ("twin_loss", twins)) if on]
 
-    def add(self, ce_sum, targets, aux, z, overload=None, whole: bool = False):
-        weight = torch.ones((), device=ce_sum.device) if whole else torch.zeros((), device=ce_sum.device)
-        overload = torch.zeros((), device=ce_sum.device) if overload is None else overload.detach()
-        parts = torch.stack([ce_sum.float(), targets.float(), aux.float(), z.float(), overload.float(), weight])
+    def add(self, ce_sum, targets, aux, z, overload=None, twins=None, whole: bool = False):
+        device = ce_sum.device
+        weight = torch.ones((), device=device) if whole else torch.zeros((), device=device)
+        zero = torch.zeros((), device=device)
+        optional = [zero if x is None else x.detach() for x in (overload, twins)]
+        parts = torch.stack([ce_sum, targets, aux, z, *optional, weight]).float()
         self.sums = parts if self.micro_batches == 0 else self.sums + parts
         self.micro_batches += 1
 
     def flush(self) -> dict[str, float]:
-        """Mean LM, balancing (and overload) and z losses of the window over all ranks (a collective:
+        """Mean LM, balancing (overload, twin) and z losses of the window over all ranks (a collective:
         every rank calls it)."""
         sums = self.sums.clone()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        ce, targets, aux, z, overload, whole = sums.tolist()
+        ce, targets, aux, z, overload, twins, whole = sums.tolist()
         norm = whole if whole else float(max(self.steps, 1))
         out = {"lm_loss": ce / max(targets, 1.0), "aux_loss": aux / norm, "z_loss": z / norm}
-        if self.overload:
-            out["overload_loss"] = overload / norm
+        out.update(
+            {
+                name: value / norm
+                for name, value in (("overload_loss", overload), ("twin_loss", twins))
+                if name in self.optional
+            }
+        )
         self.micro_batches, self.steps = 0, 0
         return out
 

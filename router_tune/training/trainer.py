@@ -292,7 +292,8 @@ class RouterTrainer(TrainerOverrides, Trainer):
             expert_groups=self.twins.groups,
         )
         self.telemetry = RoutingTelemetry(args.output_dir, args.report_to)
-        self._window = LossWindow(overload=bool(args.router_overload_loss_coef))
+        self._window = LossWindow(overload=bool(args.router_overload_loss_coef), twins=bool(args.router_twin_loss_coef))
+        self._twin_ids = self.twins.group_ids() if args.router_twin_loss_coef else None
         # loss-free balancing: the routers' selection bias, moved after every optimizer step (loss_free.py)
         self.bias_fold = None  # the loss-free fold's residuals, once done
         self.loss_free = (
@@ -376,6 +377,12 @@ class RouterTrainer(TrainerOverrides, Trainer):
                 num_tokens=step_tokens,
             ).mean()
             balancing = balancing + self.args.router_overload_loss_coef * overload
+        twins = None
+        if self._twin_ids is not None:
+            twins = losses.twin_balancing_loss(
+                router_logits, self.moe.top_k, self._twin_ids, mask, counts, num_tokens=step_tokens
+            )
+            balancing = balancing + self.args.router_twin_loss_coef * twins
         z = losses.router_z_loss(router_logits, mask, num_tokens=step_tokens)
         loss = (lm + balancing + self.args.router_z_loss_coef * z) * scale
         lf = self.loss_free
@@ -385,7 +392,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
             loss = loss + self.args.loss_free_distill_coef * distill * scale
 
         if model.training:
-            self._window.add(ce_sum.detach(), targets, aux.detach(), z.detach(), overload, whole=not in_step)
+            self._window.add(ce_sum.detach(), targets, aux.detach(), z.detach(), overload, twins, whole=not in_step)
             if self.args.routing_log_every:
                 with_sources = source_id is not None and self.source_names
                 tokens = source_id.repeat_interleave(labels.shape[1]) if with_sources else None
