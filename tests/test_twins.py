@@ -201,3 +201,9 @@ def test_twin_loss_accumulated_matches_big_batch(mixtral_twins, tmp_path):
         torch.testing.assert_close(big[n], accumulated[n], rtol=1e-5, atol=1e-7)
     without = routers(tmp_path / "off", 8, 1, coef=0.0)  # the twin loss moved the routers
     assert max((without[n] - big[n]).abs().max().item() for n in big) > 1e-4
+
+
+def test_twin_loss_without_twins_says_so(mixtral_legacy, tmp_path, caplog):
+    trainer = make_trainer(mixtral_legacy, tmp_path / "run", steps=1, router_twin_loss_coef=0.5)
+    assert not trainer.twins.has_twins()
+    assert "no layer has twin experts" in caplog.text

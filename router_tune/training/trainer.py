@@ -294,6 +294,11 @@ class RouterTrainer(TrainerOverrides, Trainer):
         self.telemetry = RoutingTelemetry(args.output_dir, args.report_to)
         self._window = LossWindow(overload=bool(args.router_overload_loss_coef), twins=bool(args.router_twin_loss_coef))
         self._twin_ids = self.twins.group_ids() if args.router_twin_loss_coef else None
+        if self._twin_ids is not None and not self.twins.has_twins():
+            logger.warning(
+                "router_twin_loss_coef is set but no layer has twin experts (%s): the twin loss is 0.",
+                self.twins.describe(),
+            )
         # loss-free balancing: the routers' selection bias, moved after every optimizer step (loss_free.py)
         self.bias_fold = None  # the loss-free fold's residuals, once done
         self.loss_free = (
