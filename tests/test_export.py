@@ -392,7 +392,7 @@ def test_model_card_names_the_source_and_shows_the_recipe_that_matters(mixtral_l
     assert {"router_aux_loss_coef", "block_size", "routing_log_every", "datasets"} <= set(shown)
     # the TrainingArguments this run changed (use_cpu turns pinning off)
     assert set(shown) - ours == {"max_steps", "use_cpu", "dataloader_pin_memory"}
-    assert "output_dir" not in shown and "hub_strategy" not in shown and len(shown) < 50
+    assert "output_dir" not in shown and "hub_strategy" not in shown  # not the ~100 other TrainingArguments
     assert shown["model_name_or_path"] == str(tmp_path / "src-model")
     assert shown["datasets"][0]["path"] == str(tmp_path / "data" / "code.jsonl")
     assert 'from_pretrained("exp")' in card  # the usage snippets load the export itself
