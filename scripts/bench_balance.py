@@ -72,6 +72,8 @@ SETTINGS = {
     # balance within twin groups only (router_twin_loss_coef) beside the Switch loss
     "switch=0.01+twins=0.3": {"router_aux_loss_coef": 0.01, "router_twin_loss_coef": 0.3},
     "switch=0.01+twins=1": {"router_aux_loss_coef": 0.01, "router_twin_loss_coef": 1.0},
+    "switch=0.03+twins=1": {"router_aux_loss_coef": 0.03, "router_twin_loss_coef": 1.0},
+    "switch=0.1+twins=1": {"router_aux_loss_coef": 0.1, "router_twin_loss_coef": 1.0},
 }
 MERGES = ["demo-hidden", "demo-random", "second-hidden", "second-random"]
 
