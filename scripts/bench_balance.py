@@ -74,6 +74,7 @@ SETTINGS = {
     "switch=0.01+twins=1": {"router_aux_loss_coef": 0.01, "router_twin_loss_coef": 1.0},
     "switch=0.03+twins=1": {"router_aux_loss_coef": 0.03, "router_twin_loss_coef": 1.0},
     "switch=0.1+twins=1": {"router_aux_loss_coef": 0.1, "router_twin_loss_coef": 1.0},
+    "switch=0.01+twins=3": {"router_aux_loss_coef": 0.01, "router_twin_loss_coef": 3.0},
 }
 MERGES = ["demo-hidden", "demo-random", "second-hidden", "second-random"]
 
