@@ -30,6 +30,7 @@ TARGETS = {  # (ratio router_tune / baseline, comparison, bound)
     "expert_scaling": ("<=", 0.15),
 }
 IMPLS = ("router_tune", "baseline")
+HEAD = ["| | router_tune | baseline | ratio | target | |", "|---|---|---|---|---|---|"]  # of the tables of `row`s
 
 
 def plan(args) -> dict:
@@ -191,13 +192,16 @@ def build_results(runs, data_runs, export, notes, args, started) -> dict:
 
 
 def machine_info(args) -> dict:
+    import accelerate
+    import datasets
+    import safetensors
     import torch
     import transformers
 
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    names = [ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")]
     info = {
-        "cpu": names[0] if cpuinfo.exists() and names else platform.processor(),
+        "cpu": names[0] if names else platform.processor(),
         "logical_cores": os.cpu_count(),
         "threads_used": args.threads,
         "load_average": os.getloadavg(),
@@ -206,11 +210,7 @@ def machine_info(args) -> dict:
         "transformers": transformers.__version__,
         "platform": platform.platform(),
     }
-    for pkg in ("accelerate", "datasets", "safetensors"):
-        try:
-            info[pkg] = __import__(pkg).__version__
-        except ImportError:
-            pass
+    info.update({pkg.__name__: pkg.__version__ for pkg in (accelerate, datasets, safetensors)})
     if args.device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return {**info, **args.provenance}  # recorded at the start: the results written each round dirty the tree
@@ -269,12 +269,11 @@ def render(res: dict) -> str:
     ]
     labels = {"main": "random Mixtral h512 e8", "experts4": "experts 4", "experts16": "experts 16"}
     labels["demo"] = "demo frankenMoE (real text)"
-    head = ["| | router_tune | baseline | ratio | target | |", "|---|---|---|---|---|---|"]
     for case, c in cases.items():
         if case == "telemetry_off":
             continue
         out += [f"### {labels.get(case, case.replace('seq', 'sequence '))}: batch {c['batch']} x seq {c['seq']}", ""]
-        out += head + [
+        out += HEAD + [
             row("tokens/s", c["tokens_per_s"], "tokens_per_s", digits=1),
             row("tokens per CPU-second", c["tokens_per_cpu_s"], digits=1),
             row("peak RSS, MB", c["peak_rss_train_mb"], "peak_rss"),
@@ -340,8 +339,7 @@ def checkpoint_table(cases) -> list[str]:
     return [
         "## Checkpoints (the final checkpoint of the main runs: save_strategy steps)",
         "",
-        "| | router_tune | baseline | ratio | target | |",
-        "|---|---|---|---|---|---|",
+        *HEAD,
         row("bytes", c["checkpoint_bytes"], "checkpoint_bytes", rdigits=5),
         row("save time, ms", c["checkpoint_save_s"], scale=1000, rdigits=3),
         "",

@@ -169,12 +169,12 @@ def scale(work: Path, model_dir: Path, seq: int, steps: int, reuse: bool, modes:
     recipe_tokens = recipe["per_device_train_batch_size"] * recipe["block_size"]
     rows = {}
     for mode in modes:
-        out, stamp = work / f"scale-{mode}.json", work / f"scale-{mode}.git.json"
-        if reuse and out.exists() and stamp.exists():
-            rows[mode] = {**json.loads(out.read_text()), "git": json.loads(stamp.read_text())}
-        else:
-            rows[mode] = measure_in_child(mode, model_dir, seq, steps, work, out)
-            stamp.write_text(json.dumps(rows[mode]["git"]))
+        out, stamp = work / f"scale-{mode}.json", work / f"scale-{mode}.git.json"  # kept for --reuse
+        if not (reuse and out.exists() and stamp.exists()):  # in a fresh process: its RSS figures are its own
+            flags = harness.flags(child=mode, model=model_dir, seq=seq, steps=steps, work=work)
+            out.write_text(json.dumps(harness.run_json(harness.module_cmd("bench_quant", *flags), timeout=None)) + "\n")
+            stamp.write_text(json.dumps(harness.provenance(OUTPUTS)))
+        rows[mode] = {**json.loads(out.read_text()), "git": json.loads(stamp.read_text())}
         rows[mode]["plan_2_layers"] = plan_memory(model_dir, mode, None, seq, True)
         print(f"scale {mode}: {json.dumps({k: rows[mode][k] for k in ('frozen_weight_bytes', 'peak_rss_train')})}")
     base = rows["none"]
@@ -190,13 +190,6 @@ def scale(work: Path, model_dir: Path, seq: int, steps: int, reuse: bool, modes:
         # the plan needs no measurement: every mode, measured here or not
         "projection_26_layers": {mode: plan_memory(model_dir, mode, 26, recipe_tokens, True) for mode in MODES},
     }
-
-
-def measure_in_child(mode: str, model_dir: Path, seq: int, steps: int, work: Path, out: Path) -> dict:
-    """One mode in a fresh process, so its RSS figures are its own; kept in `out` for --reuse."""
-    flags = harness.flags(child=mode, model=model_dir, seq=seq, steps=steps, work=work)
-    out.write_text(json.dumps(harness.run_json(harness.module_cmd("bench_quant", *flags), timeout=None)) + "\n")
-    return {**json.loads(out.read_text()), "git": harness.provenance(OUTPUTS)}
 
 
 # ---- report -------------------------------------------------------------------------------

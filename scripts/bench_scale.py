@@ -9,6 +9,7 @@ configuration and part runs and records: docs/distributed.md ("Measured at seed-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -261,17 +262,13 @@ def watch(cmd: list[str], env: dict, log: Path, timeout: float, min_available: f
                 group = parent.children(recursive=True)
                 os.killpg(proc.pid, signal.SIGKILL)
                 for child in group:
-                    try:
+                    with contextlib.suppress(psutil.Error):
                         child.kill()
-                    except psutil.Error:
-                        pass
                 psutil.wait_procs(group, timeout=120)  # every rank gone, its memory returned
                 break
             for child in [parent, *parent.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):
                     peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_info().rss)
-                except psutil.Error:
-                    pass
             time.sleep(0.1)
         code = proc.wait()
     return {
@@ -754,6 +751,8 @@ def render(data: dict) -> str:
                     f"{r['peak'] / 1e6:.1f} | {tail} |"
                 )
         lines.append("")
+    if "fixed_overheads" not in pj["rows"]["single"]:  # an earlier analysis's figures: what it lacks is left "-"
+        lines += ["These figures predate the fixed overheads and checkpointing off (`--reanalyse` adds them).", ""]
     lines += [
         f"Memory per GPU, computed: weights = the bytes outside the layers + {REAL_LAYERS} x one layer's bytes "
         "(the safetensors headers here), divided by the GPUs; + k x one decoder layer gathered (k = 3 FSDP2, "
@@ -778,6 +777,10 @@ def render(data: dict) -> str:
     ]
     labels = {"single": "1 x 141 GB, bf16, 1 process", "fsdp2": "8 x 80 GB, FSDP2", "zero3": "8 x 80 GB, ZeRO-3"}
     yes = lambda b: "yes" if b else "no"  # noqa: E731
+
+    def cell(r: dict, key: str, show=gb) -> str:  # "-" where the figures of an earlier analysis lack `key`
+        return show(r[key]) if key in r else "-"
+
     for name, r in pj["rows"].items():
         st = r.get("startup_seconds")
         stext = f"{r['startup_total']:.0f} ({' + '.join(f'{v:.0f}' for v in st.values())})" if st else "not measured"
@@ -786,10 +789,10 @@ def render(data: dict) -> str:
         corrected = r.get("memory_per_gpu_times_measured_ratio")
         corrected = (">= " if r.get("ratio_is_lower_bound") else "") + gb(corrected) if corrected else None
         lines.append(
-            f"| {labels[name]} | {gb(r['weights_per_gpu'])} | {gb(r['gathered_unit'])} | {gb(r['activations'])} / "
-            f"{gb(r['activations_no_checkpointing'])} | {gb(r['fixed_overheads'])} | {gb(r['memory_per_gpu'])} | "
-            f"{corrected or '-'} | {yes(r['fits'])} | {gb(r['memory_per_gpu_no_checkpointing'])} | "
-            f"{yes(r['fits_no_checkpointing'])} | {stext} |"
+            f"| {labels[name]} | {cell(r, 'weights_per_gpu')} | {cell(r, 'gathered_unit')} | "
+            f"{cell(r, 'activations')} / {cell(r, 'activations_no_checkpointing')} | {cell(r, 'fixed_overheads')} | "
+            f"{cell(r, 'memory_per_gpu')} | {corrected or '-'} | {cell(r, 'fits', yes)} | "
+            f"{cell(r, 'memory_per_gpu_no_checkpointing')} | {cell(r, 'fits_no_checkpointing', yes)} | {stext} |"
         )
     lines.append("")
     return "\n".join(lines) + "\n"

@@ -43,20 +43,16 @@ VICUNA_SYSTEM = (
 )
 
 
-def _rank(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def _pick(candidates: dict[str, object], size_of, budget: int) -> list[str]:
-    """Keys taken in sha256 order while they fit the byte budget; returned sorted."""
+def _pick(candidates: dict[str, str], extra: int = 0) -> dict[str, str]:
+    """The records taken in sha256(key) order while they fit DOMAIN_BUDGET (a record costs its UTF-8 bytes +
+    `extra`), sorted by key."""
     taken, used = [], 0
-    for key in sorted(candidates, key=_rank):
-        size = size_of(candidates[key])
-        if used + size > budget:
-            continue
-        taken.append(key)
-        used += size
-    return sorted(taken)
+    for key in sorted(candidates, key=lambda k: hashlib.sha256(k.encode("utf-8")).hexdigest()):
+        size = len(candidates[key].encode()) + extra
+        if used + size <= DOMAIN_BUDGET:
+            taken.append(key)
+            used += size
+    return {k: candidates[k] for k in sorted(taken)}
 
 
 def _jsonl_line(text: str, meta: dict) -> str:
@@ -102,7 +98,7 @@ def code_records() -> dict[str, str]:
             "language": [{"name": "Python", "bytes": str(size)}],
         }
         candidates[meta["path"]] = _jsonl_line(text, meta)
-    return {k: candidates[k] for k in _pick(candidates, lambda s: len(s.encode()), DOMAIN_BUDGET)}
+    return _pick(candidates)
 
 
 def _rst_title(text: str, fallback: str) -> str:
@@ -137,7 +133,7 @@ def docs_records() -> dict[str, str]:
             "license": "PSF-2.0",
         }
         candidates[rel.as_posix()] = _jsonl_line(text, meta)
-    return {k: candidates[k] for k in _pick(candidates, lambda s: len(s.encode()), DOMAIN_BUDGET)}
+    return _pick(candidates)
 
 
 def kjv_chapters() -> list[tuple[str, int, str]]:
@@ -174,7 +170,7 @@ def book_records() -> dict[str, str]:
         }
         # Canonical order as the key, so output follows the Bible, not the alphabet.
         candidates[f"{order:04d} {book} {num}"] = _jsonl_line(text, meta)
-    return {k: candidates[k] for k in _pick(candidates, lambda s: len(s.encode()), DOMAIN_BUDGET)}
+    return _pick(candidates)
 
 
 def chitchat_path() -> Path:
@@ -217,7 +213,7 @@ def chat_records() -> dict[str, str]:
         conv = to_wizard_vicuna(conv_id, data[conv_id])
         if conv is not None:
             candidates[conv_id] = json.dumps(conv, ensure_ascii=False)
-    return {k: candidates[k] for k in _pick(candidates, lambda s: len(s.encode()) + 2, DOMAIN_BUDGET)}
+    return _pick(candidates, extra=2)  # each record is followed by ",\n" in the JSON list
 
 
 def _excerpt(text: str, limit: int = 900) -> str:

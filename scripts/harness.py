@@ -297,35 +297,30 @@ def save_blocks(rows: dict, out: Path) -> Path:
     return out
 
 
-def random_rows(vocab: int, seq: int, n_blocks: int, seed: int = 0) -> dict[str, list]:
-    """Uniform random token blocks, every token real: one document per block."""
+def make_random_blocks(out: Path, *, vocab: int, seq: int, n_blocks: int, seed: int = 0) -> Path:
+    """Uniform random token blocks, every token real: one document per block (kept if `out` exists)."""
     import torch
 
+    if out.is_dir():
+        return out
     ids = torch.randint(3, vocab, (n_blocks, seq), generator=torch.Generator().manual_seed(seed)).tolist()
     n, positions = n_blocks, list(range(seq))
-    return {
+    rows = {
         "input_ids": ids,
         "labels": [r[:] for r in ids],
         "position_ids": [positions] * n,
         "token_mask": [[1] * seq] * n,
         "source_id": [0] * n,
     }
-
-
-def make_random_blocks(out: Path, *, vocab: int, seq: int, n_blocks: int, seed: int = 0) -> Path:
-    return out if out.is_dir() else save_blocks(random_rows(vocab, seq, n_blocks, seed), out)
+    return save_blocks(rows, out)
 
 
 def sample_sources():
     """The bundled samples as sources: RedPajama-style text 0.75, Wizard-Vicuna chats 0.25."""
     from router_tune.data import parse_sources
 
-    return parse_sources(
-        [
-            {"source": "redpajama", "path": str(SAMPLES / "redpajama"), "weight": 0.75},
-            {"source": "wizard_vicuna", "path": str(SAMPLES / "wizard_vicuna"), "weight": 0.25},
-        ]
-    )
+    weights = {"redpajama": 0.75, "wizard_vicuna": 0.25}
+    return parse_sources([{"source": s, "path": str(SAMPLES / s), "weight": w} for s, w in weights.items()])
 
 
 # ---- the command line: run + render ---------------------------------------------------------------
