@@ -226,6 +226,20 @@ class RouterTuneConfig(TrainingArguments):
             "down to 1; never up), off (e.g. for routers trained before), or a number: every layer to that std."
         },
     )
+    router_calibration: bool = field(
+        default=False,
+        metadata={
+            "help": "After the last step, multiply every router's weight by the one factor t (of 0.5-3) that "
+            "gives the lowest LM loss on the first training blocks (t = 1 kept unless another does better). "
+            "The top-k experts of every token stay the same, only the mixing weights sharpen or soften. "
+            "Checkpoints keep the routers as trained; the final routers (what export reads) carry t, recorded "
+            "in router_tune.json (router_calibration). false (the default) = the routers exactly as trained."
+        },
+    )
+    router_calibration_blocks: int = field(
+        default=16,
+        metadata={"help": "Training blocks the calibration measures the LM loss on (one forward pass per factor)."},
+    )
     router_lr_scale: str = field(
         default="input",
         metadata={
@@ -410,6 +424,11 @@ class RouterTuneConfig(TrainingArguments):
                 problems.append(
                     f"`router_rescale` must be auto, off or a positive number, got {self.router_rescale!r}."
                 )
+        if self.router_calibration_blocks < 1:
+            problems.append(
+                f"`router_calibration_blocks` must be >= 1 (set `router_calibration: false` to skip the "
+                f"calibration), got {self.router_calibration_blocks}."
+            )
         if self.quantize_head and self.quantize == "none":
             problems.append("`quantize_head: true` needs `quantize: nf4` or `int8`.")
         if self.routing_log_every < 0:

@@ -56,6 +56,7 @@ from router_tune.model.routers import (
 from router_tune.routing.stats import RoutingStats
 from router_tune.routing.telemetry import RoutingTelemetry, format_routing_table, tensorboard_writer
 from router_tune.routing.twins import measure_twins, twins_from_fingerprints
+from router_tune.training.calibration import calibrate_router_temperature
 from router_tune.training.checkpoints import shared_resume
 from router_tune.training.config import RouterTuneConfig
 from router_tune.training.global_batch import GlobalBatch, model_inputs
@@ -145,6 +146,11 @@ class RouterTrainer(TrainerOverrides, Trainer):
         timer.lap("router input probe")
         self._measure_twins(model, first_blocks, data_collator)
         timer.lap("twin experts")
+        # kept for the temperature calibration after the last step (training/calibration.py)
+        self._calibration_blocks = (
+            data.first_blocks(train_dataset, args.router_calibration_blocks) if args.router_calibration else []
+        )
+        self.router_calibration = None
         self.startup_seconds = timer.report()
         if args.device.type == "cpu":
             args.dataloader_pin_memory = False  # no accelerator to pin for: torch warns on every dataloader
@@ -556,6 +562,8 @@ class RouterTrainer(TrainerOverrides, Trainer):
             "global_step": self.state.global_step,
             "nonfinite_steps": self.nonfinite_steps,
             "router_rescaling": self.router_rescaling,
+            # the factor multiplied into every router after the last step (training/calibration.py)
+            "router_calibration": self.router_calibration,
             # the expert groups the routing logs report balance within and across
             "twins": {k: v for k, v in self.twins.to_dict().items() if k != "similarity"},
             "bias_fold": self.bias_fold,
@@ -618,6 +626,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
             self.telemetry.first_step, self.telemetry.first_summary = 0, before.routing
         with stop_on_signals(self):
             result = super().train(resume_from_checkpoint=resume, **kwargs)
+        self._calibrate_routers()
         if evaluation:
             after = self._evaluate_held_out(evaluation, f"step {self.state.global_step}")
             # to wandb / tensorboard beside the curves (Trainer.log: "eval_" keys go under eval/)
@@ -645,6 +654,29 @@ class RouterTrainer(TrainerOverrides, Trainer):
                 print(format_routing_table(self.telemetry.last_summary))
             logger.info("plots: %s", ", ".join(str(p) for p in plots))
         return result
+
+    def _calibrate_routers(self) -> None:
+        """`router_calibration`: one factor for every router's weight, on the first training blocks, with the
+        model as export writes it (a loss-free selection bias left at the end is dropped for the measure)."""
+        if not self._calibration_blocks or self.state.global_step < self.state.max_steps:
+            return  # off, or stopped early (a signal): the run is resumed, and calibrated at its end
+        size = max(1, self.args.per_device_eval_batch_size)
+        blocks = self._calibration_blocks
+        batches = [self.data_collator(blocks[i : i + size]) for i in range(0, len(blocks), size)]
+        applied = self.loss_free.applied if self.loss_free is not None else None
+        kept = applied.clone() if applied is not None else None
+        if applied is not None:
+            applied.zero_()
+        try:
+            self.router_calibration = calibrate_router_temperature(
+                self.accelerator.unwrap_model(self.model),
+                batches,
+                chunked=self.args.ce_chunk_tokens > 0 and not (self.sharded or self.args.quantize_head),
+                chunk_tokens=self.args.ce_chunk_tokens,
+            )
+        finally:
+            if applied is not None:
+                applied.copy_(kept)
 
     def _evaluated_weights(self) -> dict:
         if self.quantization is None:
