@@ -69,6 +69,8 @@ SETTINGS = {
         "loss_free_scope": "twins",
         "loss_free_fold": True,
     },
+    # the shipped balancing with the router temperature calibration after the last step
+    "switch=0.01+calibration": {"router_aux_loss_coef": 0.01, "router_calibration": True},
     # balance within twin groups only (router_twin_loss_coef) beside the Switch loss
     "switch=0.01+twins=0.3": {"router_aux_loss_coef": 0.01, "router_twin_loss_coef": 0.3},
     "switch=0.01+twins=1": {"router_aux_loss_coef": 0.01, "router_twin_loss_coef": 1.0},
