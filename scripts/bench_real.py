@@ -1,8 +1,9 @@
-"""python -m scripts.bench_real --out bench  [--steps 60 240] [--stages evals train sharpen speed] [--render]
+"""python -m scripts.bench_real --out bench  [--steps 60 240] [--stages evals train sharpen calibrate speed] [--render]
 
 The real frankenMoE of scripts/make_real_moe.py (`hidden` and `random` merges) on the same held-out blocks of
 recipes/demo-real.yaml: base, each expert alone, each merge, oracle routing and the routers trained with the
-shipped defaults at each budget of --steps (the largest budget's also with their logits sharpened at eval), and
+shipped defaults at each budget of --steps (the largest budget's also with their logits sharpened at eval; each
+budget's also calibrated as `router_calibration: true` does), and
 router_tune against the plain transformers Trainer (what each figure is: the markdown this writes;
 docs/real-weights.md). Each finished stage is kept in WORK/state.json, so an
 interrupted run continues where it stopped. No --smoke run: every part needs the real build (~30 min on 2 cores).
@@ -175,6 +176,31 @@ def sharpened_evals(state: State, merge: str, steps: int) -> None:
             state.put(key, summary(evaluate_model(model, blocks, label=key, stored_dtype=stored)))
 
 
+def calibrated_evals(state: State, merge: str, steps: int) -> None:
+    """The routers trained `steps` steps, calibrated as `router_calibration: true` does after the last step
+    (training/calibration.py: one factor for every router, on the run's first training blocks), evaluated."""
+    from router_tune import data
+    from router_tune.evaluation.evaluate import evaluate_model, load_for_eval
+    from router_tune.training.calibration import calibrate_router_temperature
+    from router_tune.training.config import load_recipe
+    from router_tune.training.preparation import model_source, training_data
+
+    key, trained = f"calibrated-{merge}-{steps}", f"trained-{merge}-{steps}"
+    if key in state or trained not in state:
+        return
+    model, tokenizer, info, _ = load_for_eval(str(ROOT / state[trained]["run"]))
+    args = load_recipe(RECIPE, model_name_or_path=str(REAL / f"moe-{merge}"))
+    dataset = training_data(args, model_source(args, model), tokenizer).dataset
+    blocks = data.first_blocks(dataset, args.router_calibration_blocks)
+    size = args.per_device_eval_batch_size
+    batches = [data.collate_blocks(blocks[i : i + size]) for i in range(0, len(blocks), size)]
+    model.requires_grad_(False)
+    calibration = calibrate_router_temperature(model, batches, chunk_tokens=args.ce_chunk_tokens)
+    stored = info.stored_dtype if info.dtype_note else None
+    result = summary(evaluate_model(model, eval_blocks(tokenizer), label=key, stored_dtype=stored))
+    state.put(key, {**result, "calibration": calibration})
+
+
 def speed(state: State, work: Path, steps: int = 6) -> None:
     """router_tune vs the plain transformers Trainer, fresh processes, same blocks, fp32."""
     if "speed" in state:
@@ -254,6 +280,21 @@ def render(data: dict) -> str:
             ppl, key = v["perplexity"]["overall"], f"{m}-{steps[-1]}-x{t}"
             lines.append(f"| `{m}` | {t} | {ppl:.3f} | {100 * data['gap_closed'][key]:.0f}% | "
                          f"{v['worst_layer_max_over_mean']:.2f} |")  # fmt: skip
+    calibrated = [(m, n, state[f"calibrated-{m}-{n}"]) for m in MERGES for n in steps if f"calibrated-{m}-{n}" in state]
+    if calibrated:
+        lines += [
+            "",
+            "The same routers calibrated as `router_calibration: true` does after the last step (one factor t for "
+            "every router, the grid's best LM loss on the run's first 16 training blocks; the same top-2 experts):",
+            "",
+            "| merge | steps | t chosen | overall | gap to oracle closed | worst layer max/mean load |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for m, n, v in calibrated:
+            lines.append(
+                f"| `{m}` | {n} | {v['calibration']['factor']:g} | {v['perplexity']['overall']:.3f} | "
+                f"{100 * data['gap_closed'][f'{m}-{n}-calibrated']:.0f}% | {v['worst_layer_max_over_mean']:.2f} |"
+            )
     if "speed" in state:
         b, r = state["speed"]["baseline"], state["speed"]["router_tune"]
         lines += [
@@ -278,7 +319,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reuse", nargs="*", default=[], metavar="MERGE-STEPS=RUN", help="e.g. hidden-60=runs/demo-real"
     )
-    stages = ["evals", "train", "sharpen", "speed"]
+    stages = ["evals", "train", "sharpen", "calibrate", "speed"]
     parser.add_argument("--stages", nargs="+", default=stages, choices=stages)
 
 
@@ -303,6 +344,12 @@ def data_of(state: State, steps: list[int]) -> dict:
                 ppl = stages[f"sharpened-{m}-{steps[-1]}-x{t}"]["perplexity"]["overall"]
                 gap = gap_closed(stages[f"merge-{m}"]["perplexity"]["overall"], ppl, stages[f"oracle-{m}"]["overall"])
                 gaps[f"{m}-{steps[-1]}-x{t}"] = round(gap, 4)
+    for m in MERGES:
+        for n in steps:
+            if f"calibrated-{m}-{n}" in stages:
+                ppl = stages[f"calibrated-{m}-{n}"]["perplexity"]["overall"]
+                gap = gap_closed(stages[f"merge-{m}"]["perplexity"]["overall"], ppl, stages[f"oracle-{m}"]["overall"])
+                gaps[f"{m}-{n}-calibrated"] = round(gap, 4)
     return {"provenance": provenance(), "eval_blocks_per_domain": EVAL_BLOCKS, "steps": steps, "gap_closed": gaps,
             "stages": stages}  # fmt: skip
 
@@ -326,6 +373,10 @@ def run(args: argparse.Namespace) -> dict:
     if "sharpen" in args.stages:
         for merge in args.merges:
             sharpened_evals(state, merge, args.steps[-1])
+    if "calibrate" in args.stages:
+        for n in reversed(args.steps):
+            for merge in args.merges:
+                calibrated_evals(state, merge, n)
     if "speed" in args.stages:
         speed(state, args.work)
     return data_of(state, args.steps)
