@@ -227,13 +227,13 @@ class RouterTuneConfig(TrainingArguments):
         },
     )
     router_calibration: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "After the last step, multiply every router's weight by the one factor t (of 0.5-4) that "
             "gives the lowest LM loss on the first training blocks (t = 1 kept unless another does better). "
             "The top-k experts of every token stay the same, only the mixing weights sharpen or soften. "
             "Checkpoints keep the routers as trained; the final routers (what export reads) carry t, recorded "
-            "in router_tune.json (router_calibration). false (the default) = the routers exactly as trained."
+            "in router_tune.json (router_calibration). false = the routers exactly as trained."
         },
     )
     router_calibration_blocks: int = field(
