@@ -325,31 +325,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def data_of(state: State, steps: list[int]) -> dict:
     stages = dict(state.data)
-    gaps = {
-        f"{m}-{n}": round(
-            gap_closed(
-                stages[f"merge-{m}"]["perplexity"]["overall"],
-                stages[f"trained-{m}-{n}"]["perplexity"]["overall"],
-                stages[f"oracle-{m}"]["overall"],
-            ),
-            4,
-        )
-        for m in MERGES
-        for n in steps
-        if f"trained-{m}-{n}" in stages and f"oracle-{m}" in stages
-    }
-    for m in MERGES:
-        for t in SHARPEN:
-            if f"sharpened-{m}-{steps[-1]}-x{t}" in stages:
-                ppl = stages[f"sharpened-{m}-{steps[-1]}-x{t}"]["perplexity"]["overall"]
-                gap = gap_closed(stages[f"merge-{m}"]["perplexity"]["overall"], ppl, stages[f"oracle-{m}"]["overall"])
-                gaps[f"{m}-{steps[-1]}-x{t}"] = round(gap, 4)
-    for m in MERGES:
-        for n in steps:
-            if f"calibrated-{m}-{n}" in stages:
-                ppl = stages[f"calibrated-{m}-{n}"]["perplexity"]["overall"]
-                gap = gap_closed(stages[f"merge-{m}"]["perplexity"]["overall"], ppl, stages[f"oracle-{m}"]["overall"])
-                gaps[f"{m}-{n}-calibrated"] = round(gap, 4)
+    # each gap figure and the stage whose overall perplexity it is
+    measured = {f"{m}-{n}": f"trained-{m}-{n}" for m in MERGES for n in steps}
+    measured |= {f"{m}-{steps[-1]}-x{t}": f"sharpened-{m}-{steps[-1]}-x{t}" for m in MERGES for t in SHARPEN}
+    measured |= {f"{m}-{n}-calibrated": f"calibrated-{m}-{n}" for m in MERGES for n in steps}
+    gaps = {}
+    for key, stage in measured.items():
+        merge = key.split("-", 1)[0]
+        if stage in stages and f"oracle-{merge}" in stages:
+            untrained = stages[f"merge-{merge}"]["perplexity"]["overall"]
+            ppl, oracle = stages[stage]["perplexity"]["overall"], stages[f"oracle-{merge}"]["overall"]
+            gaps[key] = round(gap_closed(untrained, ppl, oracle), 4)
     return {"provenance": provenance(), "eval_blocks_per_domain": EVAL_BLOCKS, "steps": steps, "gap_closed": gaps,
             "stages": stages}  # fmt: skip
 
