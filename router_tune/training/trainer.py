@@ -341,9 +341,6 @@ class RouterTrainer(TrainerOverrides, Trainer):
         # transformers' packed-sequence masking, see data/packing.py); padded batches in attention_mask.
         token_mask = inputs.pop("token_mask", None)
         unwrapped = self.accelerator.unwrap_model(model)
-        # The chunked CE reads the head as a dense [vocab, hidden] matrix: sharded (FSDP / DeepSpeed)
-        # and quantized heads take the plain path instead.
-        chunked = self.args.ce_chunk_tokens > 0 and not (self.sharded or self.args.quantize_head)
         steps = self.args.router_gradient_steps
         self.router_gradient.active = self.args.router_gradient != "sparse" and (
             steps == 0 or self.state.global_step < steps
@@ -351,7 +348,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
         with (
             self.router_gradient.updating() if model.training else contextlib.nullcontext(),
             self.router_capture() as router_logits,
-            lm_head_as_identity(unwrapped) if chunked else contextlib.nullcontext() as head,
+            lm_head_as_identity(unwrapped) if self.chunked_ce else contextlib.nullcontext() as head,
             saved_views_by_reference() if self.backend == "deepspeed" else contextlib.nullcontext(),
         ):
             outputs = model(**inputs, use_cache=False)
@@ -546,6 +543,13 @@ class RouterTrainer(TrainerOverrides, Trainer):
         """Weights sharded over ranks (FSDP2 at load time, or accelerate's FSDP / DeepSpeed)."""
         return self.is_fsdp_enabled or self.is_deepspeed_enabled or self.is_distributed_loading_by_transformers
 
+    @property
+    def chunked_ce(self) -> bool:
+        """Whether the LM loss is the chunked CE through the frozen head (training and the calibration): it reads
+        the head as a dense [vocab, hidden] matrix, so sharded (FSDP / DeepSpeed) and quantized heads take the
+        plain path on the model's logits instead."""
+        return self.args.ce_chunk_tokens > 0 and not (self.sharded or self.args.quantize_head)
+
     def run_info(self) -> dict[str, Any]:
         return {
             "source_model": self.args.model_name_or_path or self.moe.source,
@@ -671,7 +675,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
             self.router_calibration = calibrate_router_temperature(
                 self.accelerator.unwrap_model(self.model),
                 batches,
-                chunked=self.args.ce_chunk_tokens > 0 and not (self.sharded or self.args.quantize_head),
+                chunked=self.chunked_ce,
                 chunk_tokens=self.args.ce_chunk_tokens,
             )
         finally:
