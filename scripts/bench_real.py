@@ -192,8 +192,7 @@ def calibrated_evals(state: State, merge: str, steps: int) -> None:
     args = load_recipe(RECIPE, model_name_or_path=str(REAL / f"moe-{merge}"))
     dataset = training_data(args, model_source(args, model), tokenizer).dataset
     blocks = data.first_blocks(dataset, args.router_calibration_blocks)
-    size = args.per_device_eval_batch_size
-    batches = [data.collate_blocks(blocks[i : i + size]) for i in range(0, len(blocks), size)]
+    batches = data.collate_in_batches(blocks, args.per_device_eval_batch_size)
     model.requires_grad_(False)
     calibration = calibrate_router_temperature(model, batches, chunk_tokens=args.ce_chunk_tokens)
     stored = info.stored_dtype if info.dtype_note else None

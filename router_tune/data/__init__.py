@@ -8,7 +8,7 @@ Imports: errors only (and the datasets / tokenizers / transformers libraries).
 """
 
 from router_tune.data.chat import IGNORE_INDEX, vicuna_template
-from router_tune.data.packing import BLOCK_KEYS, collate_blocks
+from router_tune.data.packing import BLOCK_KEYS, collate_blocks, collate_in_batches
 from router_tune.data.pipeline import (
     BadRecords,
     build_eval_blocks,
@@ -33,6 +33,7 @@ __all__ = [
     "check_sources",
     "chat_doc_key",
     "collate_blocks",
+    "collate_in_batches",
     "first_blocks",
     "is_heldout",
     "load_tokenizer",

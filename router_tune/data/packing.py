@@ -84,3 +84,10 @@ def collate_blocks(blocks: list[dict]) -> dict[str, torch.Tensor]:
         raise RouterTuneError("collate_blocks got no blocks: there is nothing to batch (see data.first_blocks).")
     keys = [k for k in (*BLOCK_KEYS, "attention_mask") if k in blocks[0]]
     return {key: torch.tensor([b[key] for b in blocks], dtype=torch.long) for key in keys}
+
+
+def collate_in_batches(blocks: list[dict], size: int, collate=collate_blocks) -> list[dict[str, torch.Tensor]]:
+    """`blocks` collated in batches of `size` (the last one shorter), for probes that run the model on a few
+    blocks outside the training loop."""
+    size = max(1, size)
+    return [collate(blocks[i : i + size]) for i in range(0, len(blocks), size)]

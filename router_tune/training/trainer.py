@@ -253,8 +253,7 @@ class RouterTrainer(TrainerOverrides, Trainer):
         changes the mixing below), in micro-batches of the training batch size. A ZeRO-3 model runs forward
         only inside its engine: measured in `create_scheduler`, which then sets the rates."""
         self.router_input_l1 = {"predicted": router_input_scales(model, self.moe), "measured": None}
-        size = max(1, args.per_device_train_batch_size)
-        batches = [collate(blocks[i : i + size]) for i in range(0, len(blocks), size)]
+        batches = data.collate_in_batches(blocks, args.per_device_train_batch_size, collate)
         self._router_input_batches = None
         self._probe_batches = batches  # and the loss-free fold's, at the last step
         if not batches and args.loss_free_fold and args.balancing != "switch":
@@ -664,9 +663,9 @@ class RouterTrainer(TrainerOverrides, Trainer):
         model as export writes it (a loss-free selection bias left at the end is dropped for the measure)."""
         if not self._calibration_blocks or self.state.global_step < self.state.max_steps:
             return  # off, or stopped early (a signal): the run is resumed, and calibrated at its end
-        size = max(1, self.args.per_device_eval_batch_size)
-        blocks = self._calibration_blocks
-        batches = [self.data_collator(blocks[i : i + size]) for i in range(0, len(blocks), size)]
+        batches = data.collate_in_batches(
+            self._calibration_blocks, self.args.per_device_eval_batch_size, self.data_collator
+        )
         applied = self.loss_free.applied if self.loss_free is not None else None
         kept = applied.clone() if applied is not None else None
         if applied is not None:
