@@ -135,21 +135,23 @@ class RouterTrainer(TrainerOverrides, Trainer):
             args, source, train_dataset, processing_class, source_names
         )
         data_collator = data_collator or data.collate_blocks
-        first_blocks = data.first_blocks(train_dataset, max(1, args.per_device_train_batch_size))
+        # the stream's first blocks, read once for the start-up probes and the calibration after the last step
+        calibration_blocks = args.router_calibration_blocks if args.router_calibration else 0
+        batch_size = max(1, args.per_device_train_batch_size)
+        head = data.first_blocks(train_dataset, max(batch_size, PROBE_BLOCKS, calibration_blocks))
+        first_blocks = head[:batch_size]
         timer = StartupTimer()
         model = self._load_model(args, source)
         timer.lap("load")
         self._prepare_model(model, args, timer)
         self._prepare_rescaling(model, args, first_blocks, data_collator)
         timer.lap("rescale probe")
-        self._probe_router_inputs(model, args, data.first_blocks(train_dataset, PROBE_BLOCKS), data_collator)
+        self._probe_router_inputs(model, args, head[:PROBE_BLOCKS], data_collator)
         timer.lap("router input probe")
         self._measure_twins(model, first_blocks, data_collator)
         timer.lap("twin experts")
         # kept for the temperature calibration after the last step (training/calibration.py)
-        self._calibration_blocks = (
-            data.first_blocks(train_dataset, args.router_calibration_blocks) if args.router_calibration else []
-        )
+        self._calibration_blocks = head[:calibration_blocks]
         self.router_calibration = None
         self.startup_seconds = timer.report()
         if args.device.type == "cpu":
