@@ -53,17 +53,15 @@ def model_anatomy(model_dir: Path) -> dict:
 
     sizes = {n: t.nbytes for f in sorted(model_dir.glob("*.safetensors")) for n, t in read_header(f)[1].items()}
     config = json.loads((model_dir / "config.json").read_text())
-    layers = config["num_hidden_layers"]
-    per_layer = [sum(b for n, b in sizes.items() if n.startswith(f"model.layers.{i}.")) for i in range(layers)]
-    moe_block = sum(b for n, b in sizes.items() if n.startswith("model.layers.0.block_sparse_moe."))
-    total = sum(sizes.values())
+    under = lambda prefix: sum(b for n, b in sizes.items() if n.startswith(prefix))
+    per_layer = [under(f"model.layers.{i}.") for i in range(config["num_hidden_layers"])]
     return {
-        "layers": layers,
-        "model_bytes": total,
+        "layers": config["num_hidden_layers"],
+        "model_bytes": sum(sizes.values()),
         "layer_bytes": max(per_layer),
-        "moe_block_bytes": moe_block,
-        "attention_bytes": sum(b for n, b in sizes.items() if n.startswith("model.layers.0.self_attn.")),
-        "outside_layers_bytes": total - sum(per_layer),
+        "moe_block_bytes": under("model.layers.0.block_sparse_moe."),
+        "attention_bytes": under("model.layers.0.self_attn."),
+        "outside_layers_bytes": sum(sizes.values()) - sum(per_layer),
         "expert_bytes": sum(b for n, b in sizes.items() if ".experts." in n),
         "config": {k: config[k] for k in ("hidden_size", "intermediate_size", "num_local_experts", "vocab_size")},
     }
@@ -176,6 +174,7 @@ def activation_worker(args) -> dict:
     """One micro-batch of 1 x seq, two steps (the first warms up), checkpointing as asked: RssAnon at each decoder
     layer's input and output in the last step's forward, and its peak while training (the markdown explains)."""
     import torch
+    from datasets import load_from_disk
     from transformers import TrainerCallback
 
     from router_tune.training.trainer import RouterTrainer
@@ -187,8 +186,6 @@ def activation_worker(args) -> dict:
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_steps=1000, seed=0, use_cpu=True,
         bf16=True, activation_checkpointing=bool(args.checkpointing),
     )  # fmt: skip
-    from datasets import load_from_disk
-
     marks: list[int] = []
 
     def mark(*_) -> None:
@@ -226,8 +223,7 @@ def peak_worker(args) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    result = {d: harness.matmul_peak_flops(d) for d in ("float32", "bfloat16")}
-    return {"threads": 2, "size": 2048, "flops": result}
+    return {"threads": 2, "size": 2048, "flops": {d: harness.matmul_peak_flops(d) for d in ("float32", "bfloat16")}}
 
 
 # --child NAME: one of these parts, or a configuration's rank (`worker`)
@@ -279,7 +275,8 @@ def watch(cmd: list[str], env: dict, log: Path, timeout: float, min_available: f
     }
 
 
-def measure_config(name: str, args, work: Path) -> dict:
+def measure_config(name: str, args) -> dict:
+    work = args.work
     run_dir, stem = work / f"run-{name}", work / name
     shutil.rmtree(run_dir, ignore_errors=True)
     for old in work.glob(f"{name}.json.*.json"):
@@ -295,12 +292,12 @@ def measure_config(name: str, args, work: Path) -> dict:
         cmd += ["--main_process_port", str(harness.free_port()), "-m", "scripts.bench_scale", *me]
         env = harness.child_env(1, **({"ACCELERATE_USE_CPU": "1"} if name == "fsdp2" else {"DS_ACCELERATOR": "cpu"}))
     result = watch(cmd, env, work / f"{name}.log", args.timeout, args.min_available_gb * GB)
-    ranks = [json.loads(p.read_text()) for p in sorted(work.glob(f"{name}.json.rank*.json"))]
-    files = harness.dir_files(run_dir / f"checkpoint-{args.steps}")
+    written = lambda kind: [json.loads(p.read_text()) for p in sorted(work.glob(f"{name}.json.{kind}*.json"))]
+    ranks, files = written("rank"), harness.dir_files(run_dir / f"checkpoint-{args.steps}")
     result.update(ranks=ranks, checkpoint_bytes=sum(files.values()), checkpoint_files=files)
     if result["exit_code"] != 0 or not ranks:
         tail = (work / f"{name}.log").read_text(errors="replace").splitlines()[-40:]
-        loaded = [json.loads(p.read_text()) for p in sorted(work.glob(f"{name}.json.loaded*.json"))]
+        loaded = written("loaded")
         for r in loaded:  # how far training got before the stop
             progress = work / f"{name}.json.training{r['rank']}.json"
             r["training_so_far"] = json.loads(progress.read_text()) if progress.is_file() else None
@@ -346,10 +343,6 @@ def measure_export(args) -> dict:
     return result
 
 
-def measure_peak(args) -> dict:
-    return measure_part("peak", harness.module_cmd("bench_scale", "--child", "peak"), args)
-
-
 def measure_activations(args) -> dict:
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     prov, runs = harness.provenance(), []  # the commit measured, before anything is written
@@ -369,7 +362,12 @@ def measure_activations(args) -> dict:
 
 
 # --configs beside CONFIGS: one fresh process each (`--update` re-measures activations or peak alone)
-MEASURES = dict(baseline=measure_baseline, export=measure_export, peak=measure_peak, activations=measure_activations)
+MEASURES = {
+    "baseline": measure_baseline,
+    "export": measure_export,
+    "peak": lambda args: measure_part("peak", harness.module_cmd("bench_scale", "--child", "peak"), args),
+    "activations": measure_activations,
+}
 
 
 # ---- figures ------------------------------------------------------------------------------
@@ -387,17 +385,17 @@ def analyse(data: dict) -> dict:
         "activations_bytes": activations,
         "activations_anon_bytes": activations_anon,
         "single_peak": single["peak_rss_process"],
-    }
-    out["failed"] = {
-        n: {
-            "stopped": c.get("stopped"),
-            "exit_code": c["exit_code"],
-            # the two largest processes sampled: the ranks (the launcher holds a few hundred MB)
-            "sampled_peak_rss_ranks": sorted(c["sampled_peak_rss_by_pid"].values())[-2:],
-            "loaded_ranks": c.get("loaded_ranks", []),
-        }
-        for n, c in data["configs"].items()
-        if c.get("failed")
+        "failed": {
+            n: {
+                "stopped": c.get("stopped"),
+                "exit_code": c["exit_code"],
+                # the two largest processes sampled: the ranks (the launcher holds a few hundred MB)
+                "sampled_peak_rss_ranks": sorted(c["sampled_peak_rss_by_pid"].values())[-2:],
+                "loaded_ranks": c.get("loaded_ranks", []),
+            }
+            for n, c in data["configs"].items()
+            if c.get("failed")
+        },
     }
 
     def against_prediction(name: str, r: dict, measured: float, anon: float) -> dict:
@@ -417,11 +415,9 @@ def analyse(data: dict) -> dict:
             "vs_single_anon": anon / single["peak_rss_anon"],
         }
 
-    for name in SHARDED:
-        if name not in cfg:
-            continue
+    within = TARGETS["rss_vs_predicted"]
+    for name in [n for n in SHARDED if n in cfg]:
         rows = [against_prediction(name, r, r["peak_rss_process"], r["peak_rss_anon"]) for r in cfg[name]["ranks"]]
-        within = TARGETS["rss_vs_predicted"]
         out[name] = {
             "per_rank": rows,
             "pass_within_15pct": all(abs(x["ratio"] - 1) <= within for x in rows),
@@ -430,17 +426,15 @@ def analyse(data: dict) -> dict:
             "below_single_anon": all(x["vs_single_anon"] < 1 for x in rows),
         }
     for name, x in out["failed"].items():  # stopped: how far each rank got, against the same prediction
-        rows = []
+        x["per_rank_so_far"] = []  # lower bounds: the run was stopped before its peak
         for r in x["loaded_ranks"] if name in SHARDED else []:
             so_far = r.get("training_so_far") or {}
             measured = max(r["peak_rss_load"], so_far.get("peak_rss_train", 0))
             anon = so_far.get("peak_rss_anon", r["rss_parts_after_load"]["anon"])
             row = against_prediction(name, r, measured, anon)
-            rows.append(
-                {**row, "steps_done": so_far.get("steps"), "peak_rss_train_so_far": so_far.get("peak_rss_train")}
-            )
-        x["per_rank_so_far"] = rows  # lower bounds: the run was stopped before its peak
-    startup = {}
+            row.update(steps_done=so_far.get("steps"), peak_rss_train_so_far=so_far.get("peak_rss_train"))
+            x["per_rank_so_far"].append(row)
+    out["startup"] = startup = {}
     for name, c in data["configs"].items():
         ranks = c["ranks"] or c.get("loaded_ranks")  # stopped while training: the phases before it
         if not ranks:
@@ -448,13 +442,11 @@ def analyse(data: dict) -> dict:
         s = max(ranks, key=lambda r: sum(r["startup_seconds"].values()))["startup_seconds"]  # slowest rank
         share = (s.get("fingerprints", 0) + s.get("rescale probe", 0)) / s["load"]
         startup[name] = {**s, "fingerprint_probe_share_of_load": share, "pass": share <= TARGETS["startup_share"]}
-    out["startup"] = startup
     out["checkpoints"] = {
         n: {"bytes": c["checkpoint_bytes"], "share": c["checkpoint_bytes"] / model_bytes} for n, c in cfg.items()
     }
     out["checkpoints_pass"] = all(v["share"] <= TARGETS["checkpoint_share"] for v in out["checkpoints"].values())
-    e = data.get("export")
-    if e:
+    if e := data.get("export"):
         out["export"] = {
             "seconds": e["seconds"],
             "peak_rss": e["peak_rss_process"],
@@ -469,14 +461,11 @@ def analyse(data: dict) -> dict:
     speed["ratio"] = rt / base if rt and base else None
     peak = data.get("peak", {}).get("flops", {})
     if rt:
-        achieved = rt * speed["flops_per_token"]
-        speed["achieved_flops"] = achieved
+        speed["achieved_flops"] = achieved = rt * speed["flops_per_token"]
         speed["share_of_peak"] = {d: achieved / f for d, f in peak.items()}
         if base:
             speed["baseline_share_of_peak"] = {d: base * speed["flops_per_token"] / f for d, f in peak.items()}
-    for name in SHARDED:
-        if name in cfg:
-            speed[f"{name}_tokens_per_s"] = cfg[name]["ranks"][0]["tokens_per_s"]
+    speed.update({f"{c}_tokens_per_s": cfg[c]["ranks"][0]["tokens_per_s"] for c in SHARDED if c in cfg})
     out["speed"] = speed
     if data.get("activations"):
         out["activations"] = activation_figures(data["activations"])
@@ -489,25 +478,24 @@ def activation_figures(act: dict) -> dict:
     line in the tokens through the two longest sequences measured, read at the recipe's 1 x 2048 (the markdown)."""
     out = {}
     for ckpt in (False, True):
-        runs = sorted((r for r in act["runs"] if r["checkpointing"] == ckpt), key=lambda r: r["seq"])
         rows = []
-        for r in runs:
+        for r in sorted((r for r in act["runs"] if r["checkpointing"] == ckpt), key=lambda r: r["seq"]):
             kept = sum(r["kept_per_layer"]) / r["layers"]
             peak = r["peak_anon_train"] - r["anon_after_load"]
             rows.append({"seq": r["seq"], "kept_per_layer": kept, "rest": peak - r["layers"] * kept, "peak": peak})
         first, last = rows[-2] if len(rows) > 1 else None, rows[-1]
 
-        def at(key: str, tokens: int, first=first, last=last) -> float:  # through the two points (0 with one)
+        def at_recipe(key: str, first=first, last=last) -> float:  # through the two points (0 with one)
             if first is None:
-                return last[key] * tokens / last["seq"]
+                return last[key] * RECIPE_TOKENS / last["seq"]
             slope = (last[key] - first[key]) / (last["seq"] - first["seq"])
-            return last[key] + slope * (tokens - last["seq"])
+            return last[key] + slope * (RECIPE_TOKENS - last["seq"])
 
         out["on" if ckpt else "off"] = {
             "runs": rows,
-            "kept_per_layer_per_token": at("kept_per_layer", RECIPE_TOKENS) / RECIPE_TOKENS,
-            "rest_per_token": at("rest", RECIPE_TOKENS) / RECIPE_TOKENS,
-            "at_recipe": REAL_LAYERS * at("kept_per_layer", RECIPE_TOKENS) + at("rest", RECIPE_TOKENS),
+            "kept_per_layer_per_token": at_recipe("kept_per_layer") / RECIPE_TOKENS,
+            "rest_per_token": at_recipe("rest") / RECIPE_TOKENS,
+            "at_recipe": REAL_LAYERS * at_recipe("kept_per_layer") + at_recipe("rest"),
         }
     return out
 
@@ -528,6 +516,7 @@ def project(data: dict, figures: dict) -> dict:
         fixed = OVERHEADS["CUDA context"] + (OVERHEADS["NCCL buffers"] if world > 1 else 0)
         tensors = {k: real / world + gathered + v for k, v in activations.items()}
         memory = tensors["on"]  # the recipes' setting: activation checkpointing on
+        per_gpu = {s: tensors[k] * (1 + FRAGMENTATION) + fixed for k, s in (("on", ""), ("off", "_no_checkpointing"))}
         row = {
             "gpus": world,
             "gpu_gb": gpu_gb,
@@ -537,25 +526,15 @@ def project(data: dict, figures: dict) -> dict:
             "activations_no_checkpointing": activations["off"],
             "fixed_overheads": fixed,
             "tensors_per_gpu": memory,
-            **{
-                f"memory_per_gpu{suffix}": tensors[k] * (1 + FRAGMENTATION) + fixed
-                for k, suffix in (("on", ""), ("off", "_no_checkpointing"))
-            },
+            **{f"memory_per_gpu{s}": m for s, m in per_gpu.items()},
+            **{f"fits{s}": m <= gpu_gb * GB for s, m in per_gpu.items()},
         }
-        row["fits"] = row["memory_per_gpu"] <= gpu_gb * GB
-        row["fits_no_checkpointing"] = row["memory_per_gpu_no_checkpointing"] <= gpu_gb * GB
-        if name in figures["startup"]:
-            row["startup_from"] = name
-            s = figures["startup"][name]
-            phases = {
-                "load": s["load"] * byte_scale,
-                "fingerprints": s.get("fingerprints", 0) * byte_scale,
-                "rescale probe": s.get("rescale probe", 0) * REAL_LAYERS / layers,
-            }
-            if "prepare" in s:  # absent when the run stopped before training
-                phases["prepare"] = s["prepare"] * byte_scale
-            row["startup_seconds"] = phases
-            row["startup_total"] = sum(phases.values())
+        if st := figures["startup"].get(name):
+            phases = {k: st.get(k, 0) * byte_scale for k in ("load", "fingerprints")}
+            phases["rescale probe"] = st.get("rescale probe", 0) * REAL_LAYERS / layers
+            if "prepare" in st:  # absent when the run stopped before training
+                phases["prepare"] = st["prepare"] * byte_scale
+            row.update(startup_from=name, startup_seconds=phases, startup_total=sum(phases.values()))
         # the worst anon ratio of a finished 2-rank run of this backend, else a stopped one's (a lower bound)
         done = figures.get(name, {}).get("per_rank")
         so_far = figures["failed"].get(name, {}).get("per_rank_so_far")
@@ -571,28 +550,35 @@ def gb(b) -> str:
     return f"{b / GB:.2f}"
 
 
-def memory_row(label: str, r: dict, rank: int, cells: list[str]) -> str:
-    """A row of the memory table: the rank's RSS up to loading, then `cells`."""
+def memory_row(label: str, r: dict, peaks: tuple, pr: dict | None, ge: str = "") -> str:
+    """A row of the memory table: rank `r`'s RSS up to loading, its `peaks` (training, RSS, anon), and `pr`, its
+    figures against the prediction and the 1-process run (None for that run); `ge` marks a stopped run's bounds."""
+    train, measured, anon = peaks
     parts = r["rss_parts_after_load"]
     after_load = f"{gb(r['rss_after_load'])} ({gb(parts.get('anon', 0))} + {gb(parts.get('file', 0))})"
-    return harness.md_row([label, rank, gb(r["rss_after_imports"]), gb(r["peak_rss_load"]), after_load, *cells])
+    cells = [label, r["rank"], gb(r["rss_after_imports"]), gb(r["peak_rss_load"]), after_load]
+    cells += [f"{ge}{gb(train)}" if train else "-", f"{ge}{gb(measured)}"]
+    ratio = lambda key: f"{ge}{pr[key]:.2f}"
+    cells += [gb(pr["predicted"]), ratio("ratio")] if pr else ["-", "-"]
+    cells.append(f"{ge}{gb(anon)}")
+    cells += [gb(pr["predicted_anon"]), ratio("ratio_anon")] if pr else ["-", "-"]
+    cells += [ratio("vs_single"), ratio("vs_single_anon")] if pr else ["1.00", "1.00"]
+    return harness.md_row(cells)
 
 
 def render(data: dict) -> str:
     a, f = data["model"], data["figures"]
     cfg = {n: c for n, c in data["configs"].items() if not c.get("failed")}
-    p = data["provenance"]
-    ok = lambda b: "PASS" if b else "MISS"  # noqa: E731
+    ok = lambda b: "PASS" if b else "MISS"
+    again = (
+        f" Figures and predictions recomputed from these measurements with `--reanalyse` ({describe(r)})."
+        if (r := data.get("reanalysed"))
+        else ""
+    )
     lines = [
         "# Seed-model scale (issue 12): the Raiden-shaped scale model on this machine\n",
-        f"{data['machine']}. {describe(p)}. Regenerate: `make bench-scale` (scripts/bench_scale.py, "
-        f"~{data['wall_s'] / 60:.0f} min here)."
-        + (
-            f" Figures and predictions recomputed from these measurements with `--reanalyse` ({describe(r)})."
-            if (r := data.get("reanalysed"))
-            else ""
-        )
-        + "\n",
+        f"{data['machine']}. {describe(data['provenance'])}. Regenerate: `make bench-scale` (scripts/bench_scale.py, "
+        f"~{data['wall_s'] / 60:.0f} min here).{again}\n",
         f"Model: scripts/make_scale_model.py, Raiden's widths (hidden {a['config']['hidden_size']}, intermediate "
         f"{a['config']['intermediate_size']}, {a['config']['num_local_experts']} experts, top-2, vocab "
         f"{a['config']['vocab_size']}), {a['layers']} layers, bf16, mergekit legacy layout: {gb(a['model_bytes'])} GB "
@@ -607,17 +593,15 @@ def render(data: dict) -> str:
         "bytes / 2 + k x one decoder layer (the largest unit gathered at once) + activations, with k = 2 for "
         "ZeRO-3 (a gathered unit costs twice its bytes: the flat all-gather output and the per-parameter copies "
         "made from it, 2.00x measured for both backends) and k = 3 for FSDP2 with more than one layer (in "
-        "backward it also prefetches the next layer while the current one is unsharded: 1 + 2), where "
-        "activations = "
-        "the 1-process run's peak while training minus its RSS after loading "
-        f"({gb(f['activations_bytes'])} GB for one micro-batch of 1 x {data['seq']}; anon: "
-        f"{gb(f['activations_anon_bytes'])} GB). FSDP2 (transformers' "
-        "load-time plan) shards each decoder layer as one unit and gathers it whole; ZeRO-3 gathers the MoE "
-        "block whole (a leaf module) and the attention projections module by module, so one decoder layer "
-        "bounds both. Measured: RSS = the kernel's peak for the process (VmHWM, loading included); anon = the "
-        "peak of its private memory (RssAnon, sampled every 20 ms: tensors and heap, without the pages of "
-        "memory-mapped files, which are page cache shared by every process that maps the file). The 'anon' "
-        "prediction starts from RssAnon after imports instead of RSS.\n",
+        "backward it also prefetches the next layer while the current one is unsharded: 1 + 2), where activations "
+        f"= the 1-process run's peak while training minus its RSS after loading ({gb(f['activations_bytes'])} GB "
+        f"for one micro-batch of 1 x {data['seq']}; anon: {gb(f['activations_anon_bytes'])} GB). FSDP2 (transformers' "
+        "load-time plan) shards each decoder layer as one unit and gathers it whole; ZeRO-3 gathers the MoE block "
+        "whole (a leaf module) and the attention projections module by module, so one decoder layer bounds both. "
+        "Measured: RSS = the kernel's peak for the process (VmHWM, loading included); anon = the peak of its private "
+        "memory (RssAnon, sampled every 20 ms: tensors and heap, without the pages of memory-mapped files, which are "
+        "page cache shared by every process that maps the file). The 'anon' prediction starts from RssAnon after "
+        "imports instead of RSS.\n",
         "| configuration | rank | after imports | peak loading | after loading (anon + file) | peak training | "
         "peak RSS | predicted | ratio | peak anon | predicted anon | ratio anon | RSS vs 1 process | "
         "anon vs 1 process |",
@@ -626,34 +610,25 @@ def render(data: dict) -> str:
     for name, c in cfg.items():
         for r in c["ranks"]:
             pr = next((x for x in f.get(name, {}).get("per_rank", []) if x["rank"] == r["rank"]), None)
-            cells = [gb(r["peak_rss_train"]), gb(r["peak_rss_process"])]
-            cells += [gb(pr["predicted"]), f"{pr['ratio']:.2f}"] if pr else ["-", "-"]
-            cells.append(gb(r["peak_rss_anon"]))
-            cells += [gb(pr["predicted_anon"]), f"{pr['ratio_anon']:.2f}"] if pr else ["-", "-"]
-            cells += [f"{pr['vs_single']:.2f}", f"{pr['vs_single_anon']:.2f}"] if pr else ["1.00", "1.00"]
-            lines.append(memory_row(name, r, r["rank"], cells))
+            lines.append(memory_row(name, r, (r["peak_rss_train"], r["peak_rss_process"], r["peak_rss_anon"]), pr))
     for name, x in f["failed"].items():
         why = x["stopped"] or f"exit {x['exit_code']}"
         loaded = {r["rank"]: r for r in x["loaded_ranks"]}
         for pr in x.get("per_rank_so_far", []):
-            train = pr["peak_rss_train_so_far"]
-            cells = [f">= {gb(train)}" if train else "-", f">= {gb(pr['measured'])}", gb(pr["predicted"])]
-            cells += [f">= {pr['ratio']:.2f}", f">= {gb(pr['measured_anon'])}", gb(pr["predicted_anon"])]
-            cells += [f">= {pr[k]:.2f}" for k in ("ratio_anon", "vs_single", "vs_single_anon")]
             label = f"{name} (stopped: {why}, {pr['steps_done'] or 0} steps done; peaks so far)"
-            lines.append(memory_row(label, loaded[pr["rank"]], pr["rank"], cells))
+            peaks = (pr["peak_rss_train_so_far"], pr["measured"], pr["measured_anon"])
+            lines.append(memory_row(label, loaded[pr["rank"]], peaks, pr, ge=">= "))
         if not x.get("per_rank_so_far"):
             peaks = " and ".join(gb(b) for b in x["sampled_peak_rss_ranks"])
             lines.append(f"| {name} | - | stopped ({why}) | sampled peaks: {peaks} |" + " |" * 10)
     lines.append("")
-    for name in SHARDED:
-        if name in f:
-            x = f[name]
-            lines.append(
-                f"- {name}: within 15% of the prediction on every rank: RSS {ok(x['pass_within_15pct'])}, anon "
-                f"{ok(x['pass_within_15pct_anon'])}; below the 1-process peak: RSS {ok(x['below_single'])}, anon "
-                f"{ok(x['below_single_anon'])}."
-            )
+    for name in [n for n in SHARDED if n in f]:
+        x = f[name]
+        lines.append(
+            f"- {name}: within 15% of the prediction on every rank: RSS {ok(x['pass_within_15pct'])}, anon "
+            f"{ok(x['pass_within_15pct_anon'])}; below the 1-process peak: RSS {ok(x['below_single'])}, anon "
+            f"{ok(x['below_single_anon'])}."
+        )
     lines += [
         "",
         "## Start-up per phase (s, slowest rank)\n",
@@ -678,12 +653,9 @@ def render(data: dict) -> str:
     ]
     for name, c in cfg.items():
         ck = f["checkpoints"][name]
-        lines.append(
-            f"| {name} | {ck['bytes']:,} | {100 * ck['share']:.4f}% {ok(ck['share'] <= 0.01)} | "
-            f"{', '.join(sorted(c['checkpoint_files']))} |"
-        )
-    e = f.get("export")
-    if e:
+        files = ", ".join(sorted(c["checkpoint_files"]))
+        lines.append(f"| {name} | {ck['bytes']:,} | {100 * ck['share']:.4f}% {ok(ck['share'] <= 0.01)} | {files} |")
+    if e := f.get("export"):
         lines += [
             "",
             f"`router-tune export RUN/checkpoint-{data['steps']} --out DIR` (full format, verification on), in a "
@@ -714,9 +686,8 @@ def render(data: dict) -> str:
         lines.append(
             f"Matmul peak here: fp32 {peak['float32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s."
         )
-    for name in ("fsdp2", "zero3"):
-        if s.get(f"{name}_tokens_per_s"):
-            lines.append(f"{name} (2 ranks x 1 thread): {s[f'{name}_tokens_per_s']:.1f} tokens/s.")
+    for name in [n for n in SHARDED if s.get(f"{n}_tokens_per_s")]:
+        lines.append(f"{name} (2 ranks x 1 thread): {s[f'{name}_tokens_per_s']:.1f} tokens/s.")
     pj, acts = f["projection"], f.get("activations")
     lines += ["", f"## Projection to the real model ({REAL_LAYERS} layers, {gb(pj['real_model_bytes'])} GB bf16)\n"]
     if acts:
@@ -737,46 +708,39 @@ def render(data: dict) -> str:
             f"layer, KB | rest, KB | activations at {REAL_LAYERS} layers x 1 x {RECIPE_TOKENS}, GB |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for key in ("off", "on"):
-            x = acts[key]
-            for i, r in enumerate(x["runs"]):
-                tail = (
-                    f"{x['kept_per_layer_per_token'] / 1e3:.1f} | {x['rest_per_token'] / 1e3:.1f} | "
-                    f"{gb(x['at_recipe'])}"
-                    if i == len(x["runs"]) - 1
-                    else " | | "
-                )
-                lines.append(
-                    f"| {key} | {r['seq']} | {r['kept_per_layer'] / 1e6:.1f} | {r['rest'] / 1e6:.1f} | "
-                    f"{r['peak'] / 1e6:.1f} | {tail} |"
-                )
+        for key, x in acts.items():
+            at_recipe = f"{x['kept_per_layer_per_token'] / 1e3:.1f} | {x['rest_per_token'] / 1e3:.1f} | "
+            for r in x["runs"]:  # the figures at the recipe's micro-batch on the last (longest) run's row
+                tail = at_recipe + gb(x["at_recipe"]) if r is x["runs"][-1] else " | | "
+                peaks = f"{r['kept_per_layer'] / 1e6:.1f} | {r['rest'] / 1e6:.1f} | {r['peak'] / 1e6:.1f}"
+                lines.append(f"| {key} | {r['seq']} | {peaks} | {tail} |")
         lines.append("")
     if "fixed_overheads" not in pj["rows"]["single"]:  # an earlier analysis's figures: what it lacks is left "-"
         lines += ["These figures predate the fixed overheads and checkpointing off (`--reanalyse` adds them).", ""]
+    activations = (
+        f"at 1 x {RECIPE_TOKENS} as above (each GPU trains its own micro-batch)"
+        if acts
+        else f"= {REAL_LAYERS} x {gb(pj['activations_per_layer'])} GB per layer measured at 1 x {data['seq']}"
+    )
+    assumed = ", ".join(f"{k} {gb(v)} GB" for k, v in OVERHEADS.items())
     lines += [
         f"Memory per GPU, computed: weights = the bytes outside the layers + {REAL_LAYERS} x one layer's bytes "
         "(the safetensors headers here), divided by the GPUs; + k x one decoder layer gathered (k = 3 FSDP2, "
         f"2 ZeRO-3, as in the 2-rank prediction; {gb(a['layer_bytes'])} GB each; none on one GPU); + activations "
-        + (
-            f"at 1 x {RECIPE_TOKENS} as above (each GPU trains its own micro-batch)"
-            if acts
-            else f"= {REAL_LAYERS} x {gb(pj['activations_per_layer'])} GB per layer measured at 1 x {data['seq']}"
-        )
-        + f"; then x {1 + FRAGMENTATION:.2f} for the caching allocator's fragmentation and + the fixed overheads. "
-        "Stated assumptions, not measured (no GPU here): "
-        + ", ".join(f"{k} {gb(v)} GB" for k, v in OVERHEADS.items())
-        + f" (several GPUs only), fragmentation {FRAGMENTATION:.0%} of the tensors. 'x measured ratio' multiplies "
-        "the tensors by the worst anon measured / predicted ratio at 2 ranks first. Start-up: load, fingerprints "
-        f"and prepare scaled by the bytes ({pj['byte_scale']:.2f}x), the probe by the layers, from the "
-        "configuration measured here (single for 1 GPU, the 2-rank runs for 8 GPUs: no credit taken for more "
-        "ranks reading in parallel, and this machine's disk and page cache, not a GPU host's).\n",
+        f"{activations}; then x {1 + FRAGMENTATION:.2f} for the caching allocator's fragmentation and + the fixed "
+        f"overheads. Stated assumptions, not measured (no GPU here): {assumed} (several GPUs only), fragmentation "
+        f"{FRAGMENTATION:.0%} of the tensors. 'x measured ratio' multiplies the tensors by the worst anon measured / "
+        "predicted ratio at 2 ranks first. Start-up: load, fingerprints and prepare scaled by the bytes "
+        f"({pj['byte_scale']:.2f}x), the probe by the layers, from the configuration measured here (single for 1 "
+        "GPU, the 2-rank runs for 8 GPUs: no credit taken for more ranks reading in parallel, and this machine's disk "
+        "and page cache, not a GPU host's).\n",
         "| setting | weights per GPU | gathered | activations, checkpointing on / off | fixed overheads | memory per "
         "GPU, checkpointing on (recipes) | x measured ratio | fits | checkpointing off | fits | start-up s (load + "
         "fingerprints + probe + prepare) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     labels = {"single": "1 x 141 GB, bf16, 1 process", "fsdp2": "8 x 80 GB, FSDP2", "zero3": "8 x 80 GB, ZeRO-3"}
-    yes = lambda b: "yes" if b else "no"  # noqa: E731
+    yes = lambda b: "yes" if b else "no"
 
     def cell(r: dict, key: str, show=gb) -> str:  # "-" where the figures of an earlier analysis lack `key`
         return show(r[key]) if key in r else "-"
@@ -784,14 +748,12 @@ def render(data: dict) -> str:
     for name, r in pj["rows"].items():
         st = r.get("startup_seconds")
         stext = f"{r['startup_total']:.0f} ({' + '.join(f'{v:.0f}' for v in st.values())})" if st else "not measured"
-        if st and r["startup_from"] != name:
-            stext += f", from {r['startup_from']}"
         corrected = r.get("memory_per_gpu_times_measured_ratio")
-        corrected = (">= " if r.get("ratio_is_lower_bound") else "") + gb(corrected) if corrected else None
+        corrected = (">= " if r.get("ratio_is_lower_bound") else "") + gb(corrected) if corrected else "-"
         lines.append(
             f"| {labels[name]} | {cell(r, 'weights_per_gpu')} | {cell(r, 'gathered_unit')} | "
             f"{cell(r, 'activations')} / {cell(r, 'activations_no_checkpointing')} | {cell(r, 'fixed_overheads')} | "
-            f"{cell(r, 'memory_per_gpu')} | {corrected or '-'} | {cell(r, 'fits', yes)} | "
+            f"{cell(r, 'memory_per_gpu')} | {corrected} | {cell(r, 'fits', yes)} | "
             f"{cell(r, 'memory_per_gpu_no_checkpointing')} | {cell(r, 'fits_no_checkpointing', yes)} | {stext} |"
         )
     lines.append("")
@@ -825,8 +787,7 @@ def run(args) -> dict:
     start = time.perf_counter()
     prov = harness.provenance()  # before anything is written
     if args.smoke:  # Raiden's layout at toy widths, one step after the warm-up of every configuration
-        args.seq, args.steps, args.model = 16, 2, args.work / "tiny-scale-model"
-        args.activation_seqs = [16, 32]
+        args.seq, args.steps, args.model, args.activation_seqs = 16, 2, args.work / "tiny-scale-model", [16, 32]
         shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
         if not args.model.is_dir():
             from scripts.make_scale_model import RAIDEN, write_checkpoint
@@ -858,14 +819,13 @@ def run(args) -> dict:
     }
     for name in args.configs:
         if name in CONFIGS:
-            data["configs"][name] = measure_config(name, args, args.work)
+            data["configs"][name] = measure_config(name, args)
         else:
             data[name] = MEASURES[name](args)
     data["figures"] = analyse(data)
     data["wall_s"] = time.perf_counter() - start
-    data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " + (
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
-    )
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    data["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM"
     return data
 
 
