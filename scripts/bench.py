@@ -7,6 +7,7 @@ python -m scripts.bench --device cuda --dtype bfloat16 --cases train   # on a GP
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -30,6 +31,10 @@ TARGETS = {  # (ratio router_tune / baseline, comparison, bound)
     "expert_scaling": ("<=", 0.15),
 }
 IMPLS = ("router_tune", "baseline")
+METRICS = (  # of the runs, summarised per case and implementation (train_rss_increment_mb: computed)
+    "tokens_per_s", "tokens_per_cpu_s", "peak_rss_train_mb", "train_rss_increment_mb", "checkpoint_bytes",
+    "checkpoint_save_s", "cuda_peak_allocated_mb",
+)  # fmt: skip
 HEAD = ["| | router_tune | baseline | ratio | target | |", "|---|---|---|---|---|---|"]  # of the tables of `row`s
 
 
@@ -41,30 +46,26 @@ def plan(args) -> dict:
         e: harness.make_random_mixtral(work / f"mixtral-h{shape.get('hidden', 512)}-e{e}", experts=e, **shape)
         for e in ((8,) if args.quick else (4, 8, 16))
     }
-    seqs = (seq,) if args.quick else (seq // 2, seq, seq * 2)
     vocab = shape.get("vocab", 32000)
     blocks = {
         s: harness.make_random_blocks(work / f"random-v{vocab}-s{s}-n{n_blocks}", vocab=vocab, seq=s, n_blocks=n_blocks)
-        for s in seqs
+        for s in ((seq,) if args.quick else (seq // 2, seq, seq * 2))
     }
-    variants = [{"case": "main", "impl": i, "model": models[8], "data": blocks[seq]} for i in IMPLS]
+    both = lambda case, model, data, **v: [{"case": case, "impl": i, "model": model, "data": data, **v} for i in IMPLS]
+    variants = both("main", models[8], blocks[seq])
     variants.append({"case": "telemetry_off", "impl": "router_tune", "model": models[8], "data": blocks[seq]})
     variants[-1]["routing_log_every"] = 0
     if not args.quick:
-        for e in (4, 16):
-            variants += [{"case": f"experts{e}", "impl": i, "model": models[e], "data": blocks[seq]} for i in IMPLS]
-        for s in (seq // 2, seq * 2):
-            variants += [{"case": f"seq{s}", "impl": i, "model": models[8], "data": blocks[s]} for i in IMPLS]
-    notes = []
-    if (DEMO / "config.json").is_file() and not args.quick:
+        variants += [v for e in (4, 16) for v in both(f"experts{e}", models[e], blocks[seq])]
+        variants += [v for s in (seq // 2, seq * 2) for v in both(f"seq{s}", models[8], blocks[s])]
+    notes, demo = [], (DEMO / "config.json").is_file()
+    if demo and not args.quick:
         n = args.demo_batch * args.steps
         demo_blocks = make_text_blocks(work / f"demo-text-s{args.demo_seq}-n{n}", DEMO, seq=args.demo_seq, n_blocks=n)
-        variants += [
-            {"case": "demo", "impl": i, "model": DEMO, "data": demo_blocks, "batch": args.demo_batch} for i in IMPLS
-        ]
+        variants += both("demo", DEMO, demo_blocks, batch=args.demo_batch)
     elif not args.quick:
         notes.append(f"demo: skipped, {DEMO.relative_to(ROOT)} does not exist (python -m scripts.make_demo_model).")
-    return {"variants": variants, "notes": notes, "tokenizer": DEMO if (DEMO / "config.json").is_file() else models[8]}
+    return {"variants": variants, "notes": notes, "tokenizer": DEMO if demo else models[8]}
 
 
 def make_text_blocks(out: Path, model_dir: Path, *, seq: int, n_blocks: int, seed: int = 0) -> Path:
@@ -77,17 +78,12 @@ def make_text_blocks(out: Path, model_dir: Path, *, seq: int, n_blocks: int, see
     if out.is_dir():
         return out
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rows: dict[str, list] = {k: [] for k in ("input_ids", "labels", "position_ids", "token_mask", "source_id")}
-    for block in build_train_dataset(harness.sample_sources(), tok, seq, seed=seed, check=False):
-        if sum(block["token_mask"]) < seq:
-            continue
-        for k in rows:
-            rows[k].append(block[k])
-        if len(rows["input_ids"]) == n_blocks:
-            break
-    if len(rows["input_ids"]) < n_blocks:
-        raise RuntimeError(f"the samples give only {len(rows['input_ids'])} full blocks of {seq} tokens")
-    return harness.save_blocks(rows, out)
+    blocks = build_train_dataset(harness.sample_sources(), tok, seq, seed=seed, check=False)
+    full = list(itertools.islice((b for b in blocks if sum(b["token_mask"]) >= seq), n_blocks))
+    if len(full) < n_blocks:
+        raise RuntimeError(f"the samples give only {len(full)} full blocks of {seq} tokens")
+    keys = ("input_ids", "labels", "position_ids", "token_mask", "source_id")
+    return harness.save_blocks({k: [b[k] for b in full] for k in keys}, out)
 
 
 def measure_training(variants: list[dict], args, after_round) -> list[dict]:
@@ -155,16 +151,8 @@ def flops_per_token(model_dir: str) -> tuple[int, dict]:
 
 
 def build_results(runs, data_runs, export, notes, args, started) -> dict:
-    metrics = {
-        "tokens_per_s": "tokens_per_s",
-        "tokens_per_cpu_s": "tokens_per_cpu_s",
-        "peak_rss_train_mb": "peak_rss_train_mb",
-        "train_rss_increment_mb": lambda r: r["peak_rss_train_mb"] - r["rss_before_train_mb"],
-        "checkpoint_bytes": "checkpoint_bytes",
-        "checkpoint_save_s": "checkpoint_save_s",
-        "cuda_peak_allocated_mb": "cuda_peak_allocated_mb",
-    }
-    summaries = {name: summarise(runs, m) for name, m in metrics.items()}
+    increment = lambda r: r["peak_rss_train_mb"] - r["rss_before_train_mb"]
+    summaries = {m: summarise(runs, increment if m == "train_rss_increment_mb" else m) for m in METRICS}
     gpu_name = next((r["gpu_name"] for r in runs if r.get("gpu_name")), None)
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if gpu_name and k in gpu_name), None)
     cases = {}
@@ -310,21 +298,14 @@ def render(res: dict) -> str:
 def scaling_tables(cases) -> list[str]:
     if not all(k in cases for k in ("experts4", "main", "experts16")):
         return []
-    out = [
-        "### Scaling with experts (top-2, seq 512)",
-        "",
-        "| experts | router_tune tokens/s | baseline tokens/s | ratio |",
-        "|---|---|---|---|",
-    ]
-    for label, case in (("4", "experts4"), ("8", "main"), ("16", "experts16")):
-        t = cases[case]["tokens_per_s"]
-        out.append(
-            f"| {label} | {fmt(t.get('router_tune'), digits=1)} | {fmt(t.get('baseline'), digits=1)} | "
-            f"{ratio(t.get('router_tune'), t.get('baseline')):.2f} |"
-        )
+    speeds = {n: cases[case]["tokens_per_s"] for n, case in (("4", "experts4"), ("8", "main"), ("16", "experts16"))}
+    out = ["### Scaling with experts (top-2, seq 512)", ""]
+    out += harness.md_table(
+        ["experts", "router_tune tokens/s", "baseline tokens/s", "ratio"],
+        ([n, *(fmt(t.get(i), digits=1) for i in IMPLS), f"{ratio(*map(t.get, IMPLS)):.2f}"] for n, t in speeds.items()),
+    )
     for impl in IMPLS:
-        a, b = cases["experts4"]["tokens_per_s"][impl]["median"], cases["experts16"]["tokens_per_s"][impl]["median"]
-        drop = 1 - b / a
+        drop = 1 - speeds["16"][impl]["median"] / speeds["4"][impl]["median"]
         out.append(
             f"\n{impl}: tokens/s from 4 to 16 experts changes by {-100 * drop:+.1f}% "
             f"(target: within 15%): {verdict('expert_scaling', abs(drop))}"
@@ -465,9 +446,8 @@ def run(args) -> dict:
 
     def write(runs, rounds):
         partial = [f"PARTIAL: {rounds} of {args.repeats} repeats done when this was written."]
-        res = build_results(
-            runs, data_runs, export, p["notes"] + (partial if rounds < args.repeats else []), args, started
-        )
+        partial = partial if rounds < args.repeats else []
+        res = build_results(runs, data_runs, export, p["notes"] + partial, args, started)
         (args.out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
         (args.out / "results.md").write_text(render(res))
         return res

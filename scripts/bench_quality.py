@@ -52,9 +52,9 @@ def models(names: list[str], work: Path = ROOT / "build" / "quality") -> dict[st
 class Probe(TrainerCallback):
     """Evaluates every `every` steps and keeps the training clock without the evaluation time."""
 
-    def __init__(self, blocks, every: int, top_k: int):
-        self.blocks, self.every, self.top_k = blocks, every, top_k
-        self.trainer, self.points, self.eval_seconds, self.start = None, [], 0.0, None
+    def __init__(self, trainer: RouterTrainer, blocks, every: int):
+        self.trainer, self.blocks, self.every = trainer, blocks, every
+        self.points, self.eval_seconds, self.start = [], 0.0, None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
@@ -66,7 +66,7 @@ class Probe(TrainerCallback):
     def measure(self, step: int) -> dict:
         begin = time.perf_counter()
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        result = evaluate_model(model, self.blocks, top_k=self.top_k, batch_size=8, progress=False)
+        result = evaluate_model(model, self.blocks, top_k=self.trainer.moe.top_k, batch_size=8, progress=False)
         self.eval_seconds += time.perf_counter() - begin
         args = self.trainer.args
         return {
@@ -79,30 +79,27 @@ class Probe(TrainerCallback):
         }
 
 
-def run_one(
-    model_dir: Path, oracle_map: dict, mode: str, steps: int, every: int, out: Path, twins=None, **overrides
-) -> dict:
-    """One training run evaluated every `every` steps; `twins` ({expert: its near-twin}) adds the
-    balanced oracle (each domain shared evenly by its expert and that expert's twin)."""
-    recipe = load_recipe(DEMO_RECIPE)
+def run_one(model_dir: Path, oracle_map: dict, twins: dict | None, mode: str, cli, **overrides) -> dict:
+    """One training run of --steps, evaluated every --eval-every steps; `twins` ({expert: its near-twin}) adds
+    the balanced oracle (each domain shared evenly by its expert and that expert's twin)."""
+    recipe, steps = load_recipe(DEMO_RECIPE), cli.steps
     settings = dict(
         model_name_or_path=str(model_dir), datasets=recipe.datasets, block_size=recipe.block_size,
         per_device_train_batch_size=recipe.per_device_train_batch_size, max_steps=steps, router_gradient=mode,
-        output_dir=str(out), routing_log_every=0, logging_steps=max(steps // 10, 1), seed=42,
+        output_dir=str(cli.work_dir / "runs"), routing_log_every=0, logging_steps=max(steps // 10, 1), seed=42,
     )  # fmt: skip
     args = harness.recipe(None, **{**settings, **overrides})  # an override may replace any of these
     trainer = RouterTrainer(args=args)
     specs = data.parse_sources(args.datasets)
     blocks = data.build_eval_blocks(specs, trainer.processing_class, args.block_size, max_blocks=EVAL_BLOCKS)
-    probe = Probe(blocks, every, trainer.moe.top_k)
-    probe.trainer = trainer
+    probe = Probe(trainer, blocks, cli.eval_every)
     trainer.add_callback(probe)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    oracle = evaluate_oracle(model, blocks, oracle_map, top_k=trainer.moe.top_k)["perplexity"]["overall"]
-    balanced = None
-    if twins:  # each domain shared evenly by its two experts: max-load / mean 1.0 by construction
-        pairs = {source: [expert, twins[expert]] for source, expert in oracle_map.items()}
-        balanced = evaluate_oracle(model, blocks, pairs, top_k=trainer.moe.top_k)["perplexity"]["overall"]
+    top_k = trainer.moe.top_k
+    oracle_ppl = lambda routing: evaluate_oracle(model, blocks, routing, top_k=top_k)["perplexity"]["overall"]
+    oracle = oracle_ppl(oracle_map)
+    # each domain shared evenly by its two experts: max-load / mean 1.0 by construction
+    balanced = oracle_ppl({source: [e, twins[e]] for source, e in oracle_map.items()}) if twins else None
     probe.points.append(probe.measure(0))
     trainer.train()
     return {**summarise(probe.points, oracle, args), "balanced_oracle_perplexity": balanced}
@@ -117,15 +114,12 @@ def summarise(points: list[dict], oracle: float, args) -> dict:
         hit = next((p for p in points if p["gap_closed"] >= mark), None)
         reach[f"{int(mark * 100)}%"] = {"tokens": hit["tokens"], "seconds": hit["seconds"]} if hit else None
     best = min(points, key=lambda p: p["perplexity"])
+    best = {"step": best["step"], "perplexity": best["perplexity"], "vs_oracle": round(best["perplexity"] - oracle, 3)}
     return {
         "learning_rate": args.learning_rate,
         "oracle_perplexity": round(oracle, 3),
         "untrained_perplexity": untrained,
-        "best": {
-            "step": best["step"],
-            "perplexity": best["perplexity"],
-            "vs_oracle": round(best["perplexity"] - oracle, 3),
-        },
+        "best": best,
         "reach": reach,
         "points": points,
     }
@@ -144,15 +138,13 @@ def mode_cost(model_dir: Path, modes: list[str], micro_batches: int = 6) -> dict
     totals = {mode: [0.0, 0.0] for mode in modes}
     for i, batch in batches:
         for mode, trainer in trainers.items():
-            model = trainer.model.train()
             t0 = time.perf_counter()
-            loss = trainer.compute_loss(model, batch)
+            loss = trainer.compute_loss(trainer.model.train(), batch)
             t1 = time.perf_counter()
             loss.backward()
-            t2 = time.perf_counter()
             if i:  # the first batch warms up
                 totals[mode][0] += t1 - t0
-                totals[mode][1] += t2 - t1
+                totals[mode][1] += time.perf_counter() - t1
     return {
         m: {"forward_s": round(f / micro_batches, 3), "backward_s": round(b / micro_batches, 3)}
         for m, (f, b) in totals.items()
@@ -213,10 +205,10 @@ def render(result: dict) -> str:
                     f"\n{name}: {mark} of the gap in {ours['seconds']:.0f} s of training against "
                     f"{ref['seconds']:.0f} s for the filed path: {ours['seconds'] / ref['seconds']:.2f}x."
                 )
-    if result.get("cost"):
+    if cost := result.get("cost"):
         lines += ["", "Seconds per micro-batch on the demo (8 x 256 tokens), forward and backward measured apart:", ""]
-        lines += ["| mode | forward | backward |", "|---|---|---|"]
-        lines += [f"| {m} | {c['forward_s']} | {c['backward_s']} |" for m, c in result["cost"].items()]
+        rows = ([m, c["forward_s"], c["backward_s"]] for m, c in cost.items())
+        lines += harness.md_table(["mode", "forward", "backward"], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -251,11 +243,10 @@ def add_args(parser) -> None:
     parser.add_argument("--modes", nargs="+", default=["sparse", "dense", "default_moe"])
     parser.add_argument("--learning-rates", nargs="+", type=float, default=[None])
     parser.add_argument(
-        "--filed-path",
-        action="store_true",
+        "--filed-path", action="store_true",
         help="also run, per model, the sparse path as issue 14 found it (raw Adam rate 2e-2, files read in order; "
         "today's other defaults), the reference of its wall-clock target",
-    )
+    )  # fmt: skip
     parser.add_argument(
         "--overload", nargs="*", type=float, default=[], metavar="COEF",
         help="also run, per model, sparse mode with router_overload_loss_coef COEF (the balance / quality trade-off)",
@@ -296,10 +287,7 @@ def run(args) -> dict:
     variants += [(f"sparse+switch={c:g}", {"router_aux_loss_coef": c}) for c in args.switch]
     plan += [(f"{name}/{label}", name, "sparse", overrides) for label, overrides in variants for name in merges]
     for key, name, mode, overrides in plan:
-        model_dir, oracle_map, twins = merges[name]
-        result["runs"][key] = run_one(
-            model_dir, oracle_map, mode, args.steps, args.eval_every, args.work_dir / "runs", twins, **overrides
-        )
+        result["runs"][key] = run_one(*merges[name], mode, args, **overrides)
         print(key, json.dumps({k: v for k, v in result["runs"][key].items() if k != "points"}), flush=True)
         (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.cost:

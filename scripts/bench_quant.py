@@ -58,8 +58,7 @@ def demo(work: Path, steps: int | None, reuse: bool, modes: list[str]) -> dict:
             )  # fmt: skip
             stamp.write_text(json.dumps(harness.provenance(OUTPUTS)))
         r = json.loads((report / "report.json").read_text())
-        before, after = r["before"]["perplexity"]["overall"], r["after"]["perplexity"]["overall"]
-        oracle = r["oracle"]["perplexity"]["overall"]
+        before, after, oracle = (r[k]["perplexity"]["overall"] for k in ("before", "after", "oracle"))
         state = json.loads((run / "router_tune.json").read_text())
         # the Trainer's own train_runtime (training loop only: no loading), from its final log line
         runtime = float(re.findall(r"'train_runtime': '([0-9.]+)'", (work / f"demo-{mode}-train.log").read_text())[-1])
@@ -121,7 +120,6 @@ def measure_scale(mode: str, model_dir: Path, seq: int, steps: int, out_dir: Pat
     peak = PeakRss().start()
     trainer.train()
     train_peak = peak.stop()
-    tokens_per_s = clock.tokens_per_s(seq, warmup=2)
     return {
         "mode": mode,
         "frozen_weight_bytes": stored_bytes(model) - routers,
@@ -134,12 +132,13 @@ def measure_scale(mode: str, model_dir: Path, seq: int, steps: int, out_dir: Pat
         "train_peak_over_loaded": train_peak - after_load,
         "seq_len": seq,
         "steps": steps,
-        "tokens_per_s": tokens_per_s,
+        "tokens_per_s": clock.tokens_per_s(seq, warmup=2),
     }
 
 
-def plan_memory(model_dir: Path, mode: str, layers: int | None, seq: int, checkpointing: bool) -> dict:
-    """The memory plan (what `train --dry-run` prints) for the scale model or its 26-layer projection."""
+def plan_memory(model_dir: Path, mode: str, layers: int | None, seq: int) -> dict:
+    """The memory plan (what `train --dry-run` prints) for the scale model or its 26-layer projection, with
+    activation checkpointing as the measured runs."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -156,7 +155,7 @@ def plan_memory(model_dir: Path, mode: str, layers: int | None, seq: int, checkp
     counts = freeze_all_but_routers(model)
     return training_memory(
         info, counts.total, counts.trainable, config.vocab_size, seq_len=seq, dtype=torch.bfloat16, quantize=mode,
-        model=model, activation_checkpointing=checkpointing,
+        model=model, activation_checkpointing=True,
     )  # fmt: skip
 
 
@@ -175,7 +174,7 @@ def scale(work: Path, model_dir: Path, seq: int, steps: int, reuse: bool, modes:
             out.write_text(json.dumps(harness.run_json(harness.module_cmd("bench_quant", *flags), timeout=None)) + "\n")
             stamp.write_text(json.dumps(harness.provenance(OUTPUTS)))
         rows[mode] = {**json.loads(out.read_text()), "git": json.loads(stamp.read_text())}
-        rows[mode]["plan_2_layers"] = plan_memory(model_dir, mode, None, seq, True)
+        rows[mode]["plan_2_layers"] = plan_memory(model_dir, mode, None, seq)
         print(f"scale {mode}: {json.dumps({k: rows[mode][k] for k in ('frozen_weight_bytes', 'peak_rss_train')})}")
     base = rows["none"]
     for mode in modes:
@@ -188,7 +187,7 @@ def scale(work: Path, model_dir: Path, seq: int, steps: int, reuse: bool, modes:
         "recipe_tokens_per_micro_batch": recipe_tokens,
         "modes": rows,
         # the plan needs no measurement: every mode, measured here or not
-        "projection_26_layers": {mode: plan_memory(model_dir, mode, 26, recipe_tokens, True) for mode in MODES},
+        "projection_26_layers": {mode: plan_memory(model_dir, mode, 26, recipe_tokens) for mode in MODES},
     }
 
 
@@ -213,8 +212,7 @@ def render(data: dict) -> str:
         f"{data.get('machine', '')}. Regenerate: `make bench-quant` (scripts/bench_quant.py). Each part names "
         "the commit it measured and whether the tree was clean.\n",
     ]
-    d = data.get("demo")
-    if d:
+    if d := data.get("demo"):
         steps = "/".join(sorted({str(r["steps"]) for r in d["modes"].values()})) + " steps"  # as the runs record
         lines += [
             f"## Demo routing quality ({d['recipe']}, {steps}, CPU; full-precision export evaluated)\n",
@@ -230,8 +228,7 @@ def render(data: dict) -> str:
                 f"{r['speed_vs_none']:.2f} |"
             )
         lines.append("")
-    s = data.get("scale")
-    if s:
+    if s := data.get("scale"):
         m0 = next(iter(s["modes"].values()))
         lines += [
             f"## Memory and speed on the scale model ({s['model']}; {m0['seq_len']} tokens per step, "
@@ -254,15 +251,15 @@ def render(data: dict) -> str:
             "",
             f"### Projection to the real 36B model (26 layers), {s['recipe_tokens_per_micro_batch']} tokens per "
             f"micro-batch ({s['recipe_for_projection']}), from the memory plan\n",
-            "| mode | weights GiB | activations GiB | dequantization buffer GiB | peak GiB | fits 24 GB GPU |",
-            "|---|---|---|---|---|---|",
         ]
-        for mode, p in s["projection_26_layers"].items():
-            lines.append(
-                f"| {mode} | {gib(p['weights_bytes'])} | {gib(p['activations_bytes'])} | "
-                f"{gib(p['dequant_bytes'])} | {gib(p['total_bytes'])} | "
-                f"{'yes' if p['total_bytes'] <= 24e9 * 0.95 else 'no'} |"
-            )
+        parts = ("weights_bytes", "activations_bytes", "dequant_bytes", "total_bytes")
+        lines += harness.md_table(
+            ["mode", "weights GiB", "activations GiB", "dequantization buffer GiB", "peak GiB", "fits 24 GB GPU"],
+            (
+                [mode, *(gib(p[k]) for k in parts), "yes" if p["total_bytes"] <= 24e9 * 0.95 else "no"]
+                for mode, p in s["projection_26_layers"].items()
+            ),
+        )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -300,10 +297,6 @@ def run(args) -> dict:
     return data
 
 
-def child(args) -> dict:
-    args.work.mkdir(parents=True, exist_ok=True)
-    return measure_scale(args.child, args.model, args.seq, args.steps, args.work / "scale-run")
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # --child MODE: measure_scale in a fresh process, in the --work that `scale` made
+    child = lambda a: measure_scale(a.child, a.model, a.seq, a.steps, a.work / "scale-run")
     harness.main("quant", __doc__, run, render, add_args, child=child)

@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -38,8 +39,7 @@ def freeze_all_but_topk_routers(model) -> int:
     """What a user writes: requires_grad by module class."""
     from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     routers = [p for m in model.modules() if isinstance(m, MixtralTopKRouter) for p in m.parameters()]
     for p in routers:
         p.requires_grad_(True)
@@ -47,8 +47,6 @@ def freeze_all_but_topk_routers(model) -> int:
 
 
 def maxrss_mb() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -241,9 +239,8 @@ def source_digest() -> str:
 
 
 def cmd(**values) -> list[str]:
-    """`python -m scripts.bench_train` with these flags (see main); `set` is a list of KEY=VALUE."""
-    settings = [a for kv in values.pop("set", []) for a in ("--set", kv)]
-    return harness.module_cmd("bench_train", *harness.flags(**values), *settings)
+    """`python -m scripts.bench_train` with these flags (see main); --set KEY=VALUE arguments go after it."""
+    return harness.module_cmd("bench_train", *harness.flags(**values))
 
 
 def main() -> None:

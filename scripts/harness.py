@@ -64,6 +64,11 @@ def md_row(cells) -> str:
     return "|" + "".join(f" {c} |" if str(c) else " |" for c in cells)
 
 
+def md_table(head, rows) -> list[str]:
+    """A markdown table's lines: the header row, its `|---|` rule and one md_row per list of cells in `rows`."""
+    return [md_row(head), "|" + "---|" * len(head), *map(md_row, rows)]
+
+
 # ---- child processes ------------------------------------------------------------------------------
 
 
