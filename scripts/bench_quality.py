@@ -170,7 +170,7 @@ def render(result: dict) -> str:
         + " | "
         + " | ".join(f"gap@{s}" for s in result["report_steps"])
         + " | 75%: tokens / s | 90%: tokens / s | best (step) | max-load/mean per layer | dead |",
-        "|" + "---|" * (9 + 2 * len(result["report_steps"])),
+        "|" + "---|" * (10 + 2 * len(result["report_steps"])),
     ]
     for name, run in result["runs"].items():
         model, mode = name.split("/")[:2]
