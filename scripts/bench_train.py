@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -47,7 +46,8 @@ def freeze_all_but_topk_routers(model) -> int:
 
 
 def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS so far, MB: VmHWM (harness.vm_hwm), not ru_maxrss, which a child inherits from its parent."""
+    return harness.vm_hwm() / 2**20
 
 
 def run(args) -> dict:
