@@ -78,6 +78,8 @@ SETTINGS = {
     "switch=0.1+twins=1": {"router_aux_loss_coef": 0.1, "router_twin_loss_coef": 1.0},
     "switch=0.01+twins=3": {"router_aux_loss_coef": 0.01, "router_twin_loss_coef": 3.0},
     "switch=0.03+twins=2": {"router_aux_loss_coef": 0.03, "router_twin_loss_coef": 2.0},
+    "switch=0.05+twins=2": {"router_aux_loss_coef": 0.05, "router_twin_loss_coef": 2.0},
+    "switch=0.1+twins=2": {"router_aux_loss_coef": 0.1, "router_twin_loss_coef": 2.0},
     # the selection bias for the balance across twin groups, the twin loss for the balance within them
     "lf-prop=0.05+fold+twins=1": {
         "balancing": "loss_free",
