@@ -219,7 +219,11 @@ def render(d: dict) -> str:
         "layer's worst twin group (experts whose outputs are far closer than the layer's typical pair, "
         "routing/twins.py); across = the worst layer with each group's load spread over its members; trained "
         "with = the worst layer of the "
-        "last training window's routing (loss-free without the fade: with the bias, which the export drops).\n",
+        "last training window's routing (loss-free without the fade: with the bias, which the export drops); "
+        "calibration = the factor the router calibration (on by default since f994383) multiplied into the routers "
+        "after the last step, - where the run did not record it (runs before e42b09c; those before f994383 trained "
+        "without it). The factor changes no token's top-k, so no balance figure, only the perplexity: the "
+        "switch=0.01+calibration rows against switch=0.01 show what it adds.\n",
         "| merge | untrained | oracle | balanced oracle (its max/mean: the floor) | twin groups (layer 0) |",
         "|---|---|---|---|---|",
     ]
