@@ -203,6 +203,12 @@ def run(args) -> dict:
     return result
 
 
+RUN_COLUMNS = (
+    "merge", "setting", "perplexity", "gap", "max/mean", "within", "across", "MaxVio", "trained with: max/mean, within",
+    "calibration", "max/mean per layer", "dead",
+)  # fmt: skip
+
+
 def worst(values: list[float]) -> str:
     return f"{max(values):.2f}" if values else "-"
 
@@ -236,9 +242,7 @@ def render(d: dict) -> str:
         )
     lines += [
         "",
-        "| merge | setting | perplexity | gap | max/mean | within | across | MaxVio | trained with: max/mean, within "
-        "| calibration | max/mean per layer | dead |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *harness.md_table(RUN_COLUMNS, []),
     ]
     merge_order = list(d["merges"])
     for key, r in sorted(d["runs"].items(), key=lambda kv: merge_order.index(kv[0].split("/", 1)[0])):

@@ -158,6 +158,11 @@ FILED_PATH_LABEL = "sparse-as-filed"
 
 
 def render(result: dict) -> str:
+    steps = result["report_steps"]
+    head = [
+        "model", "mode", "lr", "untrained", "oracle", *(f"ppl@{s}" for s in steps), *(f"gap@{s}" for s in steps),
+        "75%: tokens / s", "90%: tokens / s", "best (step)", "max-load/mean per layer", "dead",
+    ]  # fmt: skip
     lines = [
         "# Router training quality (`make bench-quality`)",
         "",
@@ -165,12 +170,7 @@ def render(result: dict) -> str:
         f" {result['threads']} threads, {result['steps']} steps, evaluated every {result['eval_every']} steps on "
         f"{EVAL_BLOCKS} held-out blocks per source. Command: `{result['command']}`.",
         "",
-        "| model | mode | lr | untrained | oracle | "
-        + " | ".join(f"ppl@{s}" for s in result["report_steps"])
-        + " | "
-        + " | ".join(f"gap@{s}" for s in result["report_steps"])
-        + " | 75%: tokens / s | 90%: tokens / s | best (step) | max-load/mean per layer | dead |",
-        "|" + "---|" * (10 + 2 * len(result["report_steps"])),
+        *harness.md_table(head, []),  # the rule row from the header's cells: a hand count once fell one short
     ]
     for name, run in result["runs"].items():
         model, mode = name.split("/")[:2]
